@@ -1,0 +1,133 @@
+"""Model configuration: SPEC section 1, with the validation every loader relies on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MetaStateError
+
+FORMAT_NAME = "metastate"
+FORMAT_VERSION = 1
+
+
+class ConfigError(MetaStateError, ValueError):
+    """A config that cannot describe a valid model."""
+
+
+def official_lora_size(d_model: int, factor: float) -> int:
+    """RWKV-7's rule for low-rank sizes: max(32, round(k*sqrt(d)/32)*32)."""
+    return max(32, round(factor * math.sqrt(d_model) / 32) * 32)
+
+
+LORA_FACTORS = {"lora_w": 2.5, "lora_a": 2.5, "lora_v": 1.7, "lora_g": 5.0}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 768
+    n_layer: int = 12
+    head_size: int = 64
+    d_att: int | None = None
+    lora_w: int | None = None
+    lora_a: int | None = None
+    lora_v: int | None = None
+    lora_g: int | None = None
+    n_param_tokens: int | None = None
+    sse_heads: int | None = None
+    tokenizer: dict | None = None
+    growth: list = field(default_factory=list)
+    # Keys this version does not model (e.g. "quantization" written by a backend): kept so
+    # a load -> save round trip loses nothing.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        # Fill defaults that depend on other fields (SPEC section 1), then validate.
+        if self.d_att is None:
+            self.d_att = self.d_model
+        for name, factor in LORA_FACTORS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, official_lora_size(self.d_model, factor))
+        if self.n_param_tokens is None:
+            self.n_param_tokens = 4 * self.d_model
+        if self.sse_heads is None and _is_pos_int(self.head_size) and _is_pos_int(self.d_att):
+            self.sse_heads = min(self.d_att // self.head_size, self.d_model // self.head_size)
+        self.growth = list(self.growth)
+        self.validate()
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def n_head(self) -> int:
+        return self.d_att // self.head_size
+
+    @property
+    def eps_group_norm(self) -> float:
+        """ln_x (GroupNorm) and SSE epsilon: N * 1e-5."""
+        return self.head_size * 1e-5
+
+    def state_bytes_per_layer(self, batch: int = 1) -> int:
+        """float32 state: att_x [d], meta_x [d], S [H, N, N]."""
+        return 4 * batch * (2 * self.d_model + self.n_head * self.head_size**2)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layer", "head_size", "d_att",
+                     "lora_w", "lora_a", "lora_v", "lora_g", "n_param_tokens"):
+            value = getattr(self, name)
+            if not _is_pos_int(value):
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if not isinstance(self.sse_heads, int) or isinstance(self.sse_heads, bool) or self.sse_heads < 0:
+            raise ConfigError(f"config field 'sse_heads' must be a non-negative integer, got {self.sse_heads!r}")
+        if self.d_att % self.head_size:
+            raise ConfigError(f"head_size {self.head_size} does not divide d_att {self.d_att}")
+        limit = min(self.d_model, self.d_att)
+        if self.sse_heads * self.head_size > limit:
+            raise ConfigError(
+                f"sse_heads * head_size = {self.sse_heads * self.head_size} exceeds "
+                f"min(d_model, d_att) = {limit}")
+        if self.tokenizer is not None and not isinstance(self.tokenizer, dict):
+            raise ConfigError(f"config field 'tokenizer' must be an object or null, got {type(self.tokenizer).__name__}")
+        if not all(isinstance(step, dict) for step in self.growth):
+            raise ConfigError("config field 'growth' must be a list of objects")
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        fields = dataclasses.asdict(self)
+        extra = fields.pop("extra")
+        out.update(fields)
+        out.update({k: v for k, v in extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        fmt = data.pop("format", FORMAT_NAME)
+        if fmt != FORMAT_NAME:
+            raise ConfigError(f"config format is {fmt!r}, expected {FORMAT_NAME!r}")
+        version = data.pop("format_version", FORMAT_VERSION)
+        if not _is_pos_int(version):
+            raise ConfigError(f"format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version {version} is newer than this library supports ({FORMAT_VERSION}); "
+                "upgrade metastate")
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Extra keys (e.g. "quantization" written by a backend) are kept out of the
+        # dataclass but must not make the config unreadable.
+        known.discard("extra")
+        extra = {k: data.pop(k) for k in list(data) if k not in known}
+        if "vocab_size" not in data:
+            raise ConfigError("config is missing required field 'vocab_size'")
+        return cls(**data, extra=extra)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_pos_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

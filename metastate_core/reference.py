@@ -1,0 +1,158 @@
+"""NumPy reference of the Meta-State model: SPEC section 2, line by line.
+
+The judge of every parity test. Runs a batch of sequences [B, T] in float64 or float32,
+with the recurrent state in and out. The WKV recurrence is pluggable: `"recurrent"` runs the
+spec's per-token update verbatim, `"chunked"` runs the sequence form of SPEC section 3
+(`metastate_core.chunked`), the design the GPU kernels follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+
+DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(.)) lies in (0.545, 1)
+LN_EPS = 1e-5
+
+
+@dataclass
+class State:
+    """Per-layer recurrent state of a batch. All zeros at the start of a sequence."""
+
+    att_x: np.ndarray   # [L, B, d]        previous ln1 output
+    meta_x: np.ndarray  # [L, B, d]        previous ln2 output
+    wkv: np.ndarray     # [L, B, H, N, N]  S, row = value index, column = key index
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, dtype=np.float64) -> "State":
+        L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
+        return cls(np.zeros((L, batch, d), dtype), np.zeros((L, batch, d), dtype),
+                   np.zeros((L, batch, H, N, N), dtype))
+
+    def copy(self) -> "State":
+        return State(self.att_x.copy(), self.meta_x.copy(), self.wkv.copy())
+
+    def astype(self, dtype) -> "State":
+        return State(self.att_x.astype(dtype), self.meta_x.astype(dtype), self.wkv.astype(dtype))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def layer_norm(x, weight, bias, eps=LN_EPS):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * weight + bias
+
+
+def group_norm(y, weight, bias, eps):
+    """y [..., H, N] normalised per head, then an affine map over the flattened H*N."""
+    mu = y.mean(-1, keepdims=True)
+    var = ((y - mu) ** 2).mean(-1, keepdims=True)
+    y = (y - mu) / np.sqrt(var + eps)
+    return y.reshape(*y.shape[:-2], -1) * weight + bias
+
+
+def l2_normalize(x, eps=1e-12):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class RecurrentWKV:
+    """The spec's per-token WKV update; keeps every state S_t so any query can read it.
+
+    w, k, v, kk, a: [B, T, H, N]; S0: [B, H, N, N]. Memory O(T N^2): reference only.
+    """
+
+    def __init__(self, S0, w, k, v, kk, a):
+        B, T, H, N = k.shape
+        self.states = np.empty((B, T, H, N, N), dtype=S0.dtype)
+        S = S0
+        for t in range(T):
+            sa = np.einsum("bhij,bhj->bhi", S, -kk[:, t])                  # uses S before decay
+            S = (S * w[:, t, :, None, :] + sa[..., :, None] * (kk[:, t] * a[:, t])[..., None, :]
+                 + v[:, t, :, :, None] * k[:, t, :, None, :])
+            self.states[:, t] = S
+        self.final_state = S
+
+    def read(self, q):
+        """S_t q_t for q [B, T, H', N], H' <= H (the first H' heads): [B, T, H', N]."""
+        heads = q.shape[2]
+        return np.einsum("bthij,bthj->bthi", self.states[:, :, :heads], q)
+
+
+def _lerp_prev(x, prev):
+    """Token shift: the previous token's value for each position ([B, T, d], prev [B, d])."""
+    return np.concatenate([prev[:, None], x[:, :-1]], axis=1)
+
+
+def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None, *,
+            dtype=np.float64, wkv: str = "recurrent", chunk_size: int = 16):
+    """Logits [B, T, V] and the state after the last token.
+
+    weights: canonical names of SPEC section 4 -> arrays; tokens: int [B, T] (or [T]).
+    The input state is not modified.
+    """
+    from .chunked import ChunkedWKV  # sibling module; imported here to keep this file standalone to read
+
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    B, T = tokens.shape
+    H, N, d = cfg.n_head, cfg.head_size, cfg.d_model
+    st = State.zeros(cfg, B, dtype) if state is None else state.astype(dtype)
+
+    def p(name):
+        return np.asarray(weights[name], dtype=dtype)
+
+    x = layer_norm(p("emb.weight")[tokens], p("blocks.0.ln0.weight"), p("blocks.0.ln0.bias"))
+    v_first = None
+    for l in range(cfg.n_layer):
+        b = f"blocks.{l}."
+        # --- time mix: exact RWKV-7 ---
+        xa = layer_norm(x, p(b + "ln1.weight"), p(b + "ln1.bias"))
+        dx = _lerp_prev(xa, st.att_x[l]) - xa
+        st.att_x[l] = xa[:, -1]
+        x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * p(b + f"att.x_{c}") for c in "rwkvag")
+        r = x_r @ p(b + "att.receptance.weight").T
+        k = x_k @ p(b + "att.key.weight").T
+        v = x_v @ p(b + "att.value.weight").T
+        w = np.exp(DECAY_SCALE * sigmoid(p(b + "att.w0") + np.tanh(x_w @ p(b + "att.w1")) @ p(b + "att.w2")))
+        a = sigmoid(p(b + "att.a0") + (x_a @ p(b + "att.a1")) @ p(b + "att.a2"))
+        g = sigmoid(x_g @ p(b + "att.g1")) @ p(b + "att.g2")
+        kk = l2_normalize((k * p(b + "att.k_k")).reshape(B, T, H, N))
+        k = k * (1 + (a - 1) * p(b + "att.k_a"))
+        if l == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * sigmoid(p(b + "att.v0") + (x_v @ p(b + "att.v1")) @ p(b + "att.v2"))
+        r, w, k, v, a = (t.reshape(B, T, H, N) for t in (r, w, k, v, a))
+        if wkv == "recurrent":
+            scan = RecurrentWKV(st.wkv[l], w, k, v, kk, a)
+        elif wkv == "chunked":
+            scan = ChunkedWKV(st.wkv[l], w, k, v, kk, a, chunk_size)
+        else:
+            raise ValueError(f"unknown wkv form {wkv!r}: expected 'recurrent' or 'chunked'")
+        st.wkv[l] = scan.final_state
+        y = group_norm(scan.read(r), p(b + "att.ln_x.weight"), p(b + "att.ln_x.bias"), cfg.eps_group_norm)
+        bonus = (r * k * p(b + "att.r_k")).sum(-1, keepdims=True) * v        # modified k
+        y = y + bonus.reshape(B, T, -1)
+        x = x + (y * g) @ p(b + "att.output.weight").T
+        # --- Meta-State layer: replaces RWKV-7's channel mix ---
+        xm = layer_norm(x, p(b + "ln2.weight"), p(b + "ln2.bias"))
+        xs = xm + (_lerp_prev(xm, st.meta_x[l]) - xm) * p(b + "meta.x_k")
+        st.meta_x[l] = xm[:, -1]
+        u = xs
+        K = cfg.sse_heads
+        if K:  # Self-State Encoder: the state after this token, read with xs as the query
+            z = scan.read(xs[..., : K * N].reshape(B, T, K, N))
+            z = z / np.sqrt((z * z).mean(-1, keepdims=True) + cfg.eps_group_norm)
+            u = xs.copy()
+            u[..., : K * N] += p(b + "meta.sse_gate")[: K * N] * z.reshape(B, T, K * N)
+        alpha = np.maximum(u @ p(b + "meta.param_keys").T, 0) ** 2
+        x = x + alpha @ p(b + "meta.param_values")
+    logits = layer_norm(x, p("ln_out.weight"), p("ln_out.bias")) @ p("head.weight").T
+    return logits, st
