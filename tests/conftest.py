@@ -1,0 +1,17 @@
+"""Shared test set-up.
+
+Triton kernels run on the CPU under Triton's interpreter; the variable must be set before
+triton is first imported, so it is set here, ahead of every test module.
+"""
+
+import os
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:
+    _has_cuda = False
+
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
