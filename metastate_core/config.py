@@ -55,6 +55,8 @@ class ModelConfig:
             self.n_param_tokens = 4 * self.d_model
         if self.sse_heads is None and _is_pos_int(self.head_size) and _is_pos_int(self.d_att):
             self.sse_heads = min(self.d_att // self.head_size, self.d_model // self.head_size)
+        if not isinstance(self.growth, (list, tuple)):
+            raise ConfigError(f"config field 'growth' must be a list, got {type(self.growth).__name__}")
         self.growth = list(self.growth)
         self.validate()
 

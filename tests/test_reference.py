@@ -178,3 +178,8 @@ def test_official_lora_rule_defaults():
     cfg = ModelConfig(vocab_size=10, d_model=768)
     assert (cfg.lora_w, cfg.lora_a, cfg.lora_v, cfg.lora_g) == (64, 64, 32, 128)
     assert cfg.n_param_tokens == 3072 and cfg.sse_heads == 12 and cfg.d_att == 768
+
+
+def test_config_rejects_a_growth_history_that_is_not_a_list():
+    with pytest.raises(ConfigError, match="'growth' must be a list"):
+        ModelConfig.from_dict({"vocab_size": 10, "d_model": 64, "growth": 5})

@@ -1,0 +1,401 @@
+"""The model directory of SPEC section 4: config.json + safetensors weights (+ tokenizer files).
+
+    DIR/config.json                    cfg.to_dict(), pretty-printed
+    DIR/model.safetensors              every tensor, canonical order (param_shapes)
+      or model-0000K-of-0000M.safetensors + model.safetensors.index.json (HF layout)
+    DIR/<extra files>                  e.g. tokenizer.model
+
+Each safetensors file repeats {"format": "metastate", "config": <json>} in its header metadata
+and carries a CRC-32 checksum that is verified on load. Saving is atomic: the directory is
+built beside the target, fsynced, then renamed (or swapped) into place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from metastate_core.config import FORMAT_NAME, ModelConfig
+from metastate_core.errors import MetaStateError
+from metastate_core.params import param_shapes
+
+from . import safetensors_io as st
+from .safetensors_io import WeightsError
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# -- dtypes and validation -------------------------------------------------------------------
+
+def dtype_name(dtype) -> str:
+    """'float32' | 'bfloat16' | 'float16' for a name or NumPy dtype; WeightsError otherwise."""
+    if isinstance(dtype, str) and dtype in NP_DTYPES:
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in NP_DTYPES:
+        raise WeightsError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    return name
+
+
+def convert_dtype(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """A new dict with every array cast to `dtype` (no copy where it already matches).
+
+    Raises WeightsError when a finite value overflows the target (e.g. |x| > 65504 in float16).
+    """
+    target = NP_DTYPES[dtype_name(dtype)]
+    out = {}
+    for name, t in tensors.items():
+        t = np.asarray(t)
+        if t.dtype == target:
+            out[name] = t
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = t.astype(target)
+        if _narrows(t.dtype, target) and not _all_finite(c) and _all_finite(t):
+            raise WeightsError(f"tensor {name!r} overflows {target.name} "
+                               f"(max |value| {float(np.max(np.abs(t.astype(np.float64)))):.6g})")
+        out[name] = c
+    return out
+
+
+def validate_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    """Check names, shapes, dtypes and finiteness against `cfg`; WeightsError names the first problem.
+
+    In memory any floating dtype passes (float64 included); saving needs SUPPORTED_DTYPES.
+    """
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"missing tensor {missing[0]!r}{more} for this config")
+    unexpected = [n for n in tensors if n not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"unexpected tensor {unexpected[0]!r}{more}: not part of a model with this config")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if not isinstance(t, np.ndarray):
+            raise WeightsError(f"tensor {name!r} is a {type(t).__name__}, expected a numpy array")
+        if t.shape != shape:
+            raise WeightsError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} for this config")
+        if not _is_float(t.dtype):
+            raise WeightsError(f"tensor {name!r} has unsupported dtype {t.dtype}; "
+                               f"supported: {', '.join(SUPPORTED_DTYPES)}")
+        if not _all_finite(t):
+            bad = np.argwhere(~np.isfinite(t))[0]
+            raise WeightsError(f"tensor {name!r} has non-finite values (NaN or Inf), first at index "
+                               f"{tuple(int(i) for i in bad)}")
+
+
+def _all_finite(t: np.ndarray) -> bool:
+    # One float64 reduction (NaN and Inf propagate) is cheaper than a boolean mask;
+    # only when it overflows do we look element by element.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(t, dtype=np.float64)
+    return bool(np.isfinite(total)) or bool(np.isfinite(t).all())
+
+
+def _is_float(d: np.dtype) -> bool:
+    return np.issubdtype(d, np.floating) or d == NP_DTYPES["bfloat16"]
+
+
+def _narrows(src: np.dtype, dst: np.dtype) -> bool:
+    """Can a finite value of src overflow to Inf in dst?"""
+    return _is_float(src) and float(ml_dtypes.finfo(dst).max) < float(ml_dtypes.finfo(src).max)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of a model directory (its config.json) or of a single .safetensors file."""
+    path = Path(path)
+    if path.is_file():
+        _, meta = st.read_header(path)
+        if "config" not in meta:
+            raise WeightsError(f"{path} has no metastate config in its header; load its model directory")
+        return _parse_config(meta["config"], f"the header config of {path}")
+    _check_model_dir(path)
+    file = path / CONFIG_FILE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is not a model directory: it has no {CONFIG_FILE}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"cannot read {file}: {e}") from e
+    return _parse_config(text, str(file))
+
+
+def _parse_config(text: str, where: str) -> ModelConfig:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise WeightsError(f"malformed {where}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_dict(data)
+    except MetaStateError as e:  # ConfigError
+        raise WeightsError(f"invalid {where}: {e}") from e
+    except (TypeError, ValueError) as e:  # e.g. a field of the wrong JSON type
+        raise WeightsError(f"malformed {where}: {e}") from e
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | None = None,
+               validate: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Read a model directory (or a single self-describing .safetensors file).
+
+    dtype None keeps the stored dtypes (bfloat16 arrays are ml_dtypes.bfloat16); otherwise
+    every tensor is cast. validate checks names, shapes and finiteness against the config.
+    Returns (cfg, tensors) with tensors in canonical order when validated.
+    """
+    target = None if dtype is None else dtype_name(dtype)
+    path = Path(path)
+    cfg = load_config(path)
+    if path.is_file():
+        tensors, _ = st.read_file(path)
+    else:
+        tensors = _read_weights(path)
+    if validate:
+        validate_tensors(cfg, tensors)
+        tensors = {name: tensors[name] for name in param_shapes(cfg)}
+    if target is not None:
+        tensors = convert_dtype(tensors, target)
+    return cfg, tensors
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise WeightsError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise WeightsError(f"{path} is neither a model directory nor a .safetensors file")
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    single, index = path / WEIGHTS_FILE, path / INDEX_FILE
+    if single.exists() and index.exists():
+        raise WeightsError(f"{path} holds both {WEIGHTS_FILE} and {INDEX_FILE}; remove the stale one")
+    if not index.exists():
+        if not single.exists():
+            raise WeightsError(f"{path} has no weights: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+        return st.read_file(single)[0]
+    weight_map, total = _read_index(path, index)
+    tensors: dict[str, np.ndarray] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        file = _inside(path, shard)
+        if not file.is_file():
+            raise WeightsError(f"shard {shard!r} listed in {INDEX_FILE} is missing from {path}")
+        part, _ = st.read_file(file)
+        for name, t in part.items():
+            if weight_map.get(name) != shard:
+                raise WeightsError(f"tensor {name!r} found in shard {shard!r} but {INDEX_FILE} maps it to "
+                                   f"{weight_map.get(name)!r}")
+            tensors[name] = t
+    absent = [n for n in weight_map if n not in tensors]
+    if absent:
+        raise WeightsError(f"tensor {absent[0]!r} listed in {INDEX_FILE} is not in shard {weight_map[absent[0]]!r}")
+    nbytes = sum(t.nbytes for t in tensors.values())
+    if total is not None and total != nbytes:
+        raise WeightsError(f"{INDEX_FILE} metadata.total_size is {total}, but the shards hold {nbytes} bytes")
+    return tensors
+
+
+def _read_index(path: Path, index: Path) -> tuple[dict[str, str], int | None]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"malformed {index}: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not (isinstance(weight_map, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise WeightsError(f"malformed {index}: 'weight_map' must map tensor names to file names")
+    meta = data.get("metadata")
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    if total is not None and not (isinstance(total, int) and not isinstance(total, bool)):
+        raise WeightsError(f"malformed {index}: metadata.total_size must be an integer")
+    for shard in dict.fromkeys(weight_map.values()):
+        _inside(path, shard)  # reject escapes before touching any file
+    return weight_map, total
+
+
+def _inside(root: Path, name: str) -> Path:
+    """root/name, refusing names that resolve outside root (absolute, '..', escaping symlinks)."""
+    if not name or os.path.isabs(name):
+        raise WeightsError(f"{INDEX_FILE} names shard {name!r} outside the model directory {root}")
+    file = (root / name).resolve()
+    if not file.is_relative_to(root.resolve()) or file == root.resolve():
+        raise WeightsError(f"{INDEX_FILE} names shard {name!r} outside the model directory {root}")
+    return file
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _shard_name(k: int, m: int) -> str:
+    return f"model-{k:05d}-of-{m:05d}.safetensors"
+
+
+def _reserved(name: str) -> bool:
+    return name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE) or (
+        name.startswith("model-") and name.endswith(".safetensors"))
+
+
+def config_json(cfg: ModelConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
+               dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
+               extra_files: dict[str, str | os.PathLike | bytes] | None = None) -> None:
+    """Write a model directory atomically: an interruption leaves the old model or none, never half.
+
+    tensors: canonical names -> arrays (param_shapes(cfg)). dtype None keeps each tensor's
+    dtype (which must then be float32, bfloat16 or float16). Above max_shard_bytes of
+    weights the model is split into shards. extra_files: file name -> source path or bytes.
+    An existing model directory at `path` is replaced as a whole.
+    """
+    target = None if dtype is None else dtype_name(dtype)
+    validate_tensors(cfg, tensors)
+    if target is None:
+        for name in param_shapes(cfg):
+            if tensors[name].dtype not in NP_DTYPES.values():
+                raise WeightsError(f"tensor {name!r} has dtype {tensors[name].dtype}, which the weight format "
+                                   f"cannot store; pass dtype= one of {', '.join(SUPPORTED_DTYPES)}")
+    if not (isinstance(max_shard_bytes, int) and max_shard_bytes > 0):
+        raise WeightsError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    extra = dict(extra_files or {})
+    for name in extra:
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name
+                or _reserved(name)):
+            raise WeightsError(f"invalid extra file name {name!r}: use a plain file name that is not "
+                               "config.json or a weight file")
+
+    path = Path(os.path.realpath(path))
+    _check_destination(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise WeightsError(f"cannot save model to {path}: {e}") from e
+    try:
+        _write_model(tmp, cfg, tensors, target, max_shard_bytes, extra)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old model (if any) is untouched
+        if isinstance(e, OSError):
+            raise WeightsError(f"cannot save model to {path}: {e}") from e
+        raise
+
+
+def _check_destination(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise WeightsError(f"cannot save model to {path}: it exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
+        raise WeightsError(f"refusing to replace {path}: it is a non-empty directory without {CONFIG_FILE}, "
+                           "not a model directory")
+
+
+def _write_model(tmp: Path, cfg, tensors, target, max_shard_bytes, extra) -> None:
+    names = list(param_shapes(cfg))
+    itemsize = {n: (NP_DTYPES[target] if target else tensors[n].dtype).itemsize for n in names}
+    shards, size = [[]], 0  # greedy in canonical order; an oversized tensor gets its own shard
+    for n in names:
+        nbytes = tensors[n].size * itemsize[n]
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes
+    text = config_json(cfg)
+    meta = {"format": FORMAT_NAME, "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
+    files = [WEIGHTS_FILE] if len(shards) == 1 else [_shard_name(k + 1, len(shards)) for k in range(len(shards))]
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        part = {n: tensors[n] for n in shard}
+        if target:
+            part = convert_dtype(part, target)
+        st.write_file(tmp / file, part, meta)
+        weight_map.update(dict.fromkeys(shard, file))
+        total += sum(t.nbytes for t in part.values())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_bytes(tmp / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+    _write_bytes(tmp / CONFIG_FILE, text.encode("utf-8"))
+    for name, source in extra.items():
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            _write_bytes(tmp / name, bytes(source))
+        else:
+            try:
+                with open(source, "rb") as src, open(tmp / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            except FileNotFoundError:
+                raise WeightsError(f"extra file {name!r}: source {source} does not exist") from None
+
+
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename tmp to path; if path exists, swap atomically where the OS can, else via a sibling."""
+    if not path.exists():
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old model
+    else:
+        # Two renames: an interruption between them leaves the old model at `old`, never half.
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -1,0 +1,225 @@
+"""A small safetensors reader/writer on NumPy, with an optional CRC-32 over header and data.
+
+File layout (compatible with the `safetensors` library):
+
+    u64 little-endian  n                  header length in bytes
+    n bytes            JSON header        {"__metadata__": {str: str}, name: {"dtype", "shape",
+                                            "data_offsets": [begin, end]}, ...}, space-padded
+                                            so that 8 + n is a multiple of 8
+    rest               data               raw little-endian tensor bytes, offsets relative to here
+
+Files written here carry `"checksum": "crc32:xxxxxxxx"` in `__metadata__`: the CRC-32 of the
+tensor entries (name, dtype, shape, offsets) followed by the whole data section. Reading
+verifies it when present, so flipped bytes raise instead of silently changing weights; files
+without it (e.g. from `safetensors.torch.save_file`) load unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+from metastate_core.errors import MetaStateError
+
+
+class WeightsError(MetaStateError, ValueError):
+    """A weight file or model directory that cannot be read or written as asked."""
+
+
+# safetensors dtype code <-> NumPy dtype (stored little-endian)
+DTYPE_CODES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2")}
+_CODE_OF = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+CHECKSUM_KEY = "checksum"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
+_READ_CHUNK = 1 << 30
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+               metadata: dict[str, str] | None = None, checksum: bool = True) -> int:
+    """Write `tensors` (in dict order) to `path`, flush and fsync. Returns the file size.
+
+    Every array must already be float32, bfloat16 or float16.
+    """
+    entries, offset = {}, 0
+    for name, t in tensors.items():
+        code = _CODE_OF.get(t.dtype.newbyteorder("="))
+        if code is None:
+            raise WeightsError(f"tensor {name!r} has dtype {t.dtype}, which the weight format cannot store "
+                               "(supported: float32, bfloat16, float16)")
+        entries[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    meta = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise WeightsError("safetensors metadata must map strings to strings")
+    if checksum:
+        meta[CHECKSUM_KEY] = "crc32:00000000"  # same length as the final value, patched below
+    head = _header_bytes(meta, entries)
+    with open(path, "wb") as f:
+        f.write(head)
+        crc = zlib.crc32(_entries_signature(entries))
+        for t in tensors.values():
+            raw = _raw_bytes(t)
+            crc = zlib.crc32(raw, crc)
+            f.write(raw)
+        if checksum:
+            meta[CHECKSUM_KEY] = f"crc32:{crc:08x}"
+            f.seek(0)
+            f.write(_header_bytes(meta, entries))
+        f.flush()
+        os.fsync(f.fileno())
+    return len(head) + offset
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
+    """The validated tensor entries (file order) and `__metadata__` of a file, without its data."""
+    with _open(path) as f:
+        entries, meta, _ = _read_header(f, os.fstat(f.fileno()).st_size, path)
+    return entries, meta
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a file (native byte order, in memory, no handle left open) and its metadata.
+
+    Raises WeightsError on a truncated or corrupted file, an unsupported dtype or a checksum
+    mismatch.
+    """
+    with _open(path) as f:
+        entries, meta, data_len = _read_header(f, os.fstat(f.fileno()).st_size, path)
+        buf = np.empty(data_len, np.uint8)
+        view, got = memoryview(buf), 0
+        while got < data_len:  # loop: one read() call may return less than asked (>2 GiB)
+            n = f.readinto(view[got:got + _READ_CHUNK])
+            if not n:
+                raise WeightsError(f"{path}: file is truncated (data ends at byte {got} of {data_len})")
+            got += n
+    if CHECKSUM_KEY in meta:
+        _verify_checksum(path, meta[CHECKSUM_KEY], entries, buf)
+    tensors = {}
+    for name, e in entries.items():
+        dtype = DTYPE_CODES[e["dtype"]]
+        begin = e["data_offsets"][0]
+        t = np.frombuffer(buf, dtype, math.prod(e["shape"]), begin).reshape(e["shape"])
+        if not t.flags.aligned or not dtype.isnative:  # foreign files need not align offsets
+            t = t.astype(dtype.newbyteorder("="))
+        tensors[name] = t
+    return tensors, meta
+
+
+# -- internals -------------------------------------------------------------------------------
+
+def _open(path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise WeightsError(f"weight file {path} does not exist") from None
+    except IsADirectoryError:
+        raise WeightsError(f"weight file {path} is a directory") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read weight file {path}: {e.strerror or e}") from e
+
+
+def _header_bytes(meta: dict, entries: dict) -> bytes:
+    header = ({"__metadata__": meta} if meta else {}) | entries
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8 + len is then a multiple of 8, as the reference library pads
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _entries_signature(entries: dict) -> bytes:
+    rows = [[name, e["dtype"], e["shape"], e["data_offsets"]] for name, e in entries.items()]
+    return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def _raw_bytes(t: np.ndarray) -> memoryview:
+    t = np.ascontiguousarray(t)
+    if t.dtype.byteorder == ">" or (t.dtype.byteorder == "=" and sys.byteorder == "big"):
+        t = t.byteswap()  # the file is little-endian
+    return memoryview(t.reshape(-1).view(np.uint8))
+
+
+def _verify_checksum(path, value: str, entries: dict, buf: np.ndarray) -> None:
+    algo, _, digest = value.partition(":")
+    if algo != "crc32" or len(digest) != 8:
+        raise WeightsError(f"{path}: unknown checksum {value!r} in header metadata")
+    crc = zlib.crc32(memoryview(buf), zlib.crc32(_entries_signature(entries)))
+    if f"{crc:08x}" != digest:
+        raise WeightsError(f"{path}: checksum mismatch (stored {digest}, computed {crc:08x}): "
+                           "the file is corrupted")
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise WeightsError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _is_nat(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
+    """Parse and check the header: returns (entries in file order, metadata, data length)."""
+    if size < 8:
+        raise WeightsError(f"{path}: file is truncated ({size} bytes, shorter than the 8-byte header length)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+        raise WeightsError(f"{path}: header length {n} runs past the end of the file ({size} bytes): "
+                           "file truncated or corrupted")
+    if n > MAX_HEADER_BYTES:
+        raise WeightsError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: header is not valid: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise WeightsError(f"{path}: header is not valid JSON ({e}): file corrupted") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise WeightsError(f"{path}: header __metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for name, e in header.items():
+        if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
+            raise WeightsError(f"{path}: header entry {name!r} needs dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if dtype not in DTYPE_CODES:
+            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
+                               f"(supported: {', '.join(DTYPE_CODES)})")
+        if not (isinstance(shape, list) and all(_is_nat(s) for s in shape)):
+            raise WeightsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nat(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise WeightsError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * DTYPE_CODES[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise WeightsError(f"{path}: tensor {name!r} data_offsets {offsets} span {offsets[1] - offsets[0]} "
+                               f"bytes, but {dtype} {shape} needs {nbytes}")
+        if offsets[1] > data_len:
+            raise WeightsError(f"{path}: tensor {name!r} data_offsets {offsets} run past the end of the "
+                               f"data section ({data_len} bytes): file truncated or corrupted")
+        spans.append((offsets[0], offsets[1], name))
+    # The tensors must tile the data section exactly: no overlap, no gap, nothing left over.
+    end, prev = 0, None
+    for begin, stop, name in sorted(spans):
+        if begin < end:
+            raise WeightsError(f"{path}: tensors {prev!r} and {name!r} overlap in the data section")
+        if begin > end:
+            raise WeightsError(f"{path}: data section has a gap of {begin - end} bytes before tensor {name!r}")
+        end, prev = stop, name
+    if end != data_len:
+        raise WeightsError(f"{path}: tensors cover {end} bytes but the data section holds {data_len}: "
+                           "data_offsets do not cover the buffer (trailing bytes or corrupted header)")
+    return header, meta, data_len
