@@ -1,0 +1,316 @@
+"""The Meta-State model in PyTorch: SPEC section 2 over whole sequences (section 3).
+
+One self-contained file in the style of mlx-lm's models/*.py. Module attributes carry the
+canonical names of SPEC section 4, so `Model.state_dict()` keys are exactly the weight format's
+tensor names. Dtypes: weights float32 / bfloat16 / float16; every matmul runs in the weight
+dtype, everything else (residual stream, norms, gates, SSE) in float32, and the WKV state and
+decay are float32 always.
+
+The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
+(`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (`ops.wkv7.triton_wkv7`, same
+signature), or any callable with that signature (tests substitute the naive recurrence).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metastate_core.config import ModelConfig
+from metastate_core.errors import MetaStateError
+from metastate_core.params import ATT_VECTORS_D, param_shapes
+
+from .ops.wkv7.torch_chunked import torch_chunked_wkv7
+
+ModelArgs = ModelConfig  # the config dataclass of SPEC section 1
+LN_EPS = 1e-5
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(MetaStateError):
+    """Tensors that do not fit the config, or a request the torch model cannot serve."""
+
+
+class State(NamedTuple):
+    """Recurrent state of a batch (the layout of `metastate_core.reference.State`), float32."""
+
+    att_x: torch.Tensor   # [L, B, d]        previous ln1 output
+    meta_x: torch.Tensor  # [L, B, d]        previous ln2 output
+    wkv: torch.Tensor     # [L, B, H, N, N]  S, row = value index, column = key index
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, device=None) -> "State":
+        L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
+        z = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
+        return cls(z(L, batch, d), z(L, batch, d), z(L, batch, H, N, N))
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """x @ W^T in the weight dtype, result float32."""
+    return F.linear(x.to(layer.weight.dtype), layer.weight).float()
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w (a LoRA factor stored [in, out]) in the weight dtype, result float32."""
+    return (x.to(w.dtype) @ w).float()
+
+
+def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """Token shift: the previous token's value at each position. x [B, T, d], prev [B, d]."""
+    return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
+
+
+def _vec(n: int, *shape) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(n, *shape))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the parameter dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), LN_EPS)
+
+
+class GroupNorm(nn.Module):
+    """ln_x: per-head normalisation of y [B, T, H, N], then an affine map over H*N, float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.eps_group_norm
+        self.weight, self.bias = _vec(cfg.d_att), _vec(cfg.d_att)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(y, y.shape[-1:], eps=self.eps)
+        return y.flatten(-2) * self.weight.float() + self.bias.float()
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mix (exact), with the WKV scan's readout handed on to the SSE."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d, A, H, N = cfg.d_model, cfg.d_att, cfg.n_head, cfg.head_size
+        self.layer, self.n_head, self.head_size = layer, H, N
+        for name in ATT_VECTORS_D:
+            setattr(self, name, _vec(d))
+        self.w0, self.w1, self.w2 = _vec(A), _vec(d, cfg.lora_w), _vec(cfg.lora_w, A)
+        self.a0, self.a1, self.a2 = _vec(A), _vec(d, cfg.lora_a), _vec(cfg.lora_a, A)
+        if layer > 0:  # layer 0 defines v_first and has no value residual
+            self.v0, self.v1, self.v2 = _vec(A), _vec(d, cfg.lora_v), _vec(cfg.lora_v, A)
+        self.g1, self.g2 = _vec(d, cfg.lora_g), _vec(cfg.lora_g, A)
+        self.k_k, self.k_a, self.r_k = _vec(A), _vec(A), _vec(H, N)
+        self.receptance, self.key, self.value = (nn.Linear(d, A, bias=False) for _ in range(3))
+        self.output = nn.Linear(A, d, bias=False)
+        self.ln_x = GroupNorm(cfg)
+
+    def forward(self, xa, prev, S0, v_first, wkv: Callable):
+        """xa [B, T, d] (ln1 output, float32), prev [B, d], S0 [B, H, N, N].
+
+        Returns the residual update [B, T, d], v_first [B, T, d_att], S_T and read(q).
+        """
+        B, T, _ = xa.shape
+        H, N = self.n_head, self.head_size
+        dx = _shift(xa, prev) - xa
+        x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * getattr(self, f"x_{c}").float() for c in "rwkvag")
+        r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)
+        w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
+        a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
+        g = _mm(torch.sigmoid(_mm(x_g, self.g1)), self.g2)
+        kk = F.normalize((k * self.k_k.float()).view(B, T, H, N), dim=-1, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a.float())
+        if self.layer == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0.float() + _mm(_mm(x_v, self.v1), self.v2))
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        r, w_raw, k, v, a = map(heads, (r, w_raw, k, v, a))
+        y, S, read = wkv(r, w_raw, k, v, kk, a, S0)
+        y = self.ln_x(y)
+        y = y + ((r * k * self.r_k.float()).sum(-1, keepdim=True) * v).flatten(-2)  # bonus
+        return _linear(y * g, self.output), v_first, S, read
+
+
+class MetaLayer(nn.Module):
+    """The Meta-State layer: token-parameter attention with the Self-State Encoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n = cfg.d_model, cfg.n_param_tokens
+        self.sse_heads, self.head_size, self.eps = cfg.sse_heads, cfg.head_size, cfg.eps_group_norm
+        self.x_k = _vec(d)
+        self.param_keys, self.param_values = _vec(n, d), _vec(n, d)
+        self.sse_gate = _vec(d)
+
+    def forward(self, xm, prev, read, use_sse: bool = True):
+        """xm [B, T, d] (ln2 output, float32), prev [B, d], read: the WKV readout. -> [B, T, d]."""
+        B, T, _ = xm.shape
+        u = xs = xm + (_shift(xm, prev) - xm) * self.x_k.float()
+        KN = self.sse_heads * self.head_size
+        if KN and use_sse:  # z_t = S_t xs_t: the state after this token as weights
+            z = read(xs[..., :KN].reshape(B, T, self.sse_heads, self.head_size))
+            z = z * torch.rsqrt((z * z).mean(-1, keepdim=True) + self.eps)
+            gated = xs[..., :KN] + self.sse_gate[:KN].float() * z.flatten(-2)
+            u = torch.cat([gated, xs[..., KN:]], dim=-1)
+        alpha = torch.relu(_mm(u, self.param_keys.T)) ** 2
+        return _mm(alpha, self.param_values)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        if layer == 0:
+            self.ln0 = LayerNorm(cfg.d_model)
+        self.ln1, self.ln2 = LayerNorm(cfg.d_model), LayerNorm(cfg.d_model)
+        self.att = TimeMix(cfg, layer)
+        self.meta = MetaLayer(cfg)
+
+
+class Model(nn.Module):
+    """Meta-State language model. Parameters start at zero: fill them with `from_tensors`.
+
+    freeze_sse_gate: the ablation baseline. Every sse_gate is held at zero and out of the
+    optimizer (requires_grad False) and the SSE readout is skipped: exact RWKV-7.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, freeze_sse_gate: bool = False):
+        super().__init__()
+        self.cfg, self.freeze_sse_gate = cfg, freeze_sse_gate
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+        self._apply_freeze()
+
+    def _apply_freeze(self):
+        if self.freeze_sse_gate:
+            for block in self.blocks:
+                block.meta.sse_gate.requires_grad_(False)
+                with torch.no_grad():
+                    block.meta.sse_gate.zero_()
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, *,
+                kernels: str | Callable = "ops", chunk_size: int = 16):
+        """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
+
+        The input state is not modified. kernels: "ops", "triton" or a callable with the
+        signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
+        chunk_size: the chunk length of the "ops" path.
+        """
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        B, T = tokens.shape
+        if state is None:
+            state = State.zeros(self.cfg, B, tokens.device)
+        wkv = self._wkv(kernels, T, chunk_size)
+        x = self.blocks[0].ln0(self.emb(tokens))
+        v_first, att_x, meta_x, wkv_out = None, [], [], []
+        for l, block in enumerate(self.blocks):
+            xa = block.ln1(x)
+            dx, v_first, S, read = block.att(xa, state.att_x[l], state.wkv[l], v_first, wkv)
+            x = x + dx
+            xm = block.ln2(x)
+            x = x + block.meta(xm, state.meta_x[l], read, use_sse=not self.freeze_sse_gate)
+            att_x.append(xa[:, -1])
+            meta_x.append(xm[:, -1])
+            wkv_out.append(S)
+        logits = _linear(self.ln_out(x), self.head)
+        return logits, State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
+
+    def _wkv(self, kernels, T: int, chunk_size: int) -> Callable:
+        """The WKV sequence function for this call."""
+        if callable(kernels):
+            return kernels
+        if kernels == "ops":
+            return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
+        if kernels != "triton":
+            raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
+        try:  # imported here: triton is needed only for these kernels
+            from .ops.wkv7 import triton_state_read, triton_wkv7, triton_wkv7_step
+        except ImportError as e:
+            raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
+        if T == 1 and not torch.is_grad_enabled():  # decode: one fused step, no checkpoints
+            return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
+        return triton_wkv7
+
+    # -- canonical tensors ----------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, tensors: dict, *, device=None, dtype=None,
+                     freeze_sse_gate: bool = False) -> "Model":
+        """A model from canonical name -> array (numpy, ml_dtypes.bfloat16 or torch).
+
+        dtype: torch dtype or name; None keeps the dtype of emb.weight (float64 becomes float32).
+        """
+        shapes = param_shapes(cfg)
+        missing = [n for n in shapes if n not in tensors]
+        extra = [n for n in tensors if n not in shapes]
+        if missing or extra:
+            what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+            raise ModelError(f"tensors do not match the config: {what} "
+                             f"({len(missing)} missing, {len(extra)} unexpected)")
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ModelError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        torch_tensors = {name: _to_torch(t) for name, t in tensors.items()}
+        dtype = _resolve_dtype(dtype, torch_tensors["emb.weight"].dtype)
+        model = cls(cfg, freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
+        model.load_state_dict(torch_tensors, strict=True)
+        model._apply_freeze()
+        return model
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """Canonical name -> numpy array (bfloat16 as ml_dtypes.bfloat16), in canonical order."""
+        state = self.state_dict()
+        return {name: _to_numpy(state[name]) for name in param_shapes(self.cfg)}
+
+
+def _decode_step(step, state_read, r, w_raw, k, v, kk, a, S0):
+    """One token through the Triton decode kernels, shaped like the sequence path."""
+    S = S0.clone(memory_format=torch.contiguous_format)  # the kernel updates S in place
+    y = step(S, r[:, 0], w_raw[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0])
+    return y[:, None].float(), S, lambda q: state_read(S, q[:, 0])[:, None].float()
+
+
+def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if default == torch.float64 else default
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"unsupported dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ModelError(f"unsupported dtype {dtype}: expected float32, bfloat16 or float16")
+    return dtype
+
+
+def _to_torch(t) -> torch.Tensor:
+    if isinstance(t, torch.Tensor):
+        return t
+    t = np.asarray(t)
+    if t.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the bits
+        return torch.from_numpy(np.ascontiguousarray(t).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(t))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def load_model(path, device="cpu", dtype=None, *, freeze_sse_gate: bool = False) -> Model:
+    """A model directory (SPEC section 4) -> Model on `device`; dtype None keeps the file's."""
+    from weights import load_model as load_weights
+
+    cfg, tensors = load_weights(Path(path))
+    return Model.from_tensors(cfg, tensors, device=device, dtype=dtype, freeze_sse_gate=freeze_sse_gate)
