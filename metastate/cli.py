@@ -1,0 +1,357 @@
+"""The `metastate` command: init, inspect, logits, convert, grow.
+
+Every failure a user can cause ends as one line `error: <message>` on stderr and a non-zero
+exit code (2 for usage errors and unavailable backends, 130 on Ctrl-C, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from metastate import __version__
+from metastate.backend import BACKENDS, DTYPES, KERNELS, compute_logits
+from metastate_core.errors import MetaStateError
+
+DISK_DTYPES = ("float32", "bfloat16", "float16")
+PTH_SUFFIXES = (".pth", ".pt")
+
+
+class CLIError(MetaStateError):
+    """Bad arguments that argparse alone cannot see."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <message>` instead of usage + traceback-like noise."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+# -- helpers --------------------------------------------------------------------------------
+@contextmanager
+def _progress(desc: str, steps: int):
+    """A coarse progress bar (load / transform / save) on a terminal; silent otherwise."""
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc=desc, unit="step", disable=None, file=sys.stderr, leave=False) as bar:
+        yield bar
+
+
+def _check_out(path: Path, force: bool) -> None:
+    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
+        raise CLIError(f"{path} already exists (pass --force to replace it)")
+
+
+def _parse_tokens(text: str) -> list[int]:
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    try:
+        tokens = [int(p) for p in parts]
+    except ValueError:
+        raise CLIError(f"--tokens expects comma-separated integers, got {text!r}") from None
+    if not tokens:
+        raise CLIError("--tokens is empty")
+    return tokens
+
+
+def _tokenizer_spec(file: Path) -> tuple[dict, str]:
+    """config.json tokenizer entry and the name the file takes inside the model directory."""
+    if file.suffix == ".model":
+        return {"type": "sentencepiece", "file": "tokenizer.model"}, "tokenizer.model"
+    if file.suffix == ".txt":
+        return {"type": "rwkv_world", "file": file.name}, file.name
+    raise CLIError(f"unknown tokenizer file {file}: expected a sentencepiece .model or an RWKV World vocab .txt")
+
+
+def _disk_dtype(tensors: dict) -> str | None:
+    """The one dtype all tensors share on disk, or None when they are mixed."""
+    names = {np.dtype(t.dtype).name for t in tensors.values()}
+    return names.pop() if len(names) == 1 else None
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.2f}{suffix}{unit}"
+        n /= 1000
+
+
+# -- sub-commands ---------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    from metastate_core.config import ModelConfig
+    from metastate_core.params import init_params
+    from weights import save_model
+
+    out = Path(args.out)
+    _check_out(out, args.force)
+    sizes = {k: getattr(args, k) for k in ("d_model", "n_layer", "head_size", "d_att", "n_param_tokens", "sse_heads")}
+    cfg = ModelConfig(vocab_size=args.vocab_size, **{k: v for k, v in sizes.items() if v is not None})
+    tensors = init_params(cfg, args.seed, np.float32)
+    save_model(out, cfg, tensors, dtype=args.dtype)
+    n = sum(t.size for t in tensors.values())
+    print(f"initialised a {cfg.n_layer}-layer model ({_human(n)} parameters, {args.dtype}) in {out}")
+    return 0
+
+
+def _param_group(name: str) -> str:
+    if name == "emb.weight":
+        return "embedding"
+    if name == "head.weight":
+        return "head"
+    if ".att." in name:
+        return "time_mix"
+    if name.endswith(("meta.param_keys", "meta.param_values")):
+        return "param_tokens"
+    if name.endswith("meta.sse_gate"):
+        return "sse_gate"
+    return "norms_and_token_shift"  # ln0/ln1/ln2/ln_out and meta.x_k
+
+
+def model_summary(path: Path) -> dict:
+    """Everything `inspect` shows, JSON-serialisable."""
+    from weights import load_model
+
+    cfg, tensors = load_model(path)
+    groups: dict[str, int] = {}
+    dtypes: dict[str, int] = {}
+    for name, t in tensors.items():
+        group = _param_group(name)
+        groups[group] = groups.get(group, 0) + int(t.size)
+        dtype = np.dtype(t.dtype).name
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    per_layer = cfg.state_bytes_per_layer(batch=1)
+    return {
+        "path": str(path),
+        "config": cfg.to_dict(),
+        "n_head": cfg.n_head,
+        "parameters": {"total": sum(groups.values()), "groups": groups},
+        "state_bytes": {"per_layer": per_layer, "total": per_layer * cfg.n_layer,
+                        "floats_per_layer": 2 * cfg.d_model + cfg.n_head * cfg.head_size**2},
+        "dtypes": dtypes,
+        "growth": cfg.growth,
+        "tokenizer": cfg.tokenizer,
+    }
+
+
+def cmd_inspect(args) -> int:
+    info = model_summary(Path(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c, p, s = info["config"], info["parameters"], info["state_bytes"]
+    print(f"model      {info['path']}")
+    print(f"shape      vocab {c['vocab_size']}, d_model {c['d_model']}, {c['n_layer']} layers, "
+          f"{info['n_head']} heads x {c['head_size']} (d_att {c['d_att']})")
+    print(f"lora       w {c['lora_w']}, a {c['lora_a']}, v {c['lora_v']}, g {c['lora_g']}")
+    print(f"meta       {c['n_param_tokens']} parameter tokens per layer, SSE reads {c['sse_heads']} heads")
+    print(f"parameters {p['total']:,} ({_human(p['total'])})")
+    for group, n in p["groups"].items():
+        print(f"  {group:<22} {n:>14,}")
+    print(f"state      {s['per_layer']:,} bytes per layer ({s['floats_per_layer']:,} float32), "
+          f"{s['total']:,} in total ({_human(s['total'], 'B')}), batch 1")
+    print("dtypes     " + ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items()))
+    tok = info["tokenizer"]
+    print(f"tokenizer  {json.dumps(tok) if tok else 'none (token ids only)'}")
+    print(f"growth     {'none' if not info['growth'] else ''}")
+    for step in info["growth"]:
+        print(f"  {json.dumps(step)}")
+    return 0
+
+
+def cmd_logits(args) -> int:
+    model = Path(args.model)
+    if args.tokens is not None:
+        tokens = _parse_tokens(args.tokens)
+    else:
+        from metastate_core.tokenizers import load_tokenizer
+        from weights import load_config
+
+        tokenizer = load_tokenizer(model, load_config(model).tokenizer)
+        if tokenizer is None:
+            raise CLIError(f"{model} has no tokenizer: pass token ids with --tokens")
+        tokens = tokenizer.encode(args.text)
+        if not tokens:
+            raise CLIError("--text encodes to no tokens")
+    logits = compute_logits(model, tokens, args.backend, args.kernels, args.dtype)
+    out = Path(args.out)
+    np.save(out, logits.astype(np.float32))
+    print(f"wrote logits {list(logits.shape)} float32 ({args.backend}) to {out}")
+    return 0
+
+
+def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
+    """(cfg, tensors, tokenizer files to copy {name: path}) of a .pth or a model directory,
+    tensors in `dtype` (None: as stored)."""
+    from weights import convert_dtype, import_official_pth, load_model
+
+    extra: dict[str, Path] = {}
+    if src.is_dir() or src.suffix == ".safetensors":  # a model directory or one self-describing file
+        cfg, tensors = load_model(src, dtype=dtype)
+        tok = cfg.tokenizer
+        if tokenizer_file is None and tok and tok.get("file") and src.is_dir():
+            path = src / tok["file"]
+            if not path.is_file():
+                raise CLIError(f"tokenizer file {path} named in {src / 'config.json'} is missing")
+            extra[tok["file"]] = path
+    elif src.suffix in PTH_SUFFIXES:
+        cfg, tensors = import_official_pth(src)
+        if dtype is not None:
+            tensors = convert_dtype(tensors, dtype)
+        beside = src.parent / "rwkv_vocab_v20230424.txt"
+        if tokenizer_file is None and beside.is_file():
+            tokenizer_file = str(beside)
+    elif not src.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(src))
+    else:
+        raise CLIError(f"{src} is neither an official RWKV-7 .pth checkpoint nor a model directory")
+    if tokenizer_file is not None:
+        file = Path(tokenizer_file)
+        if not file.is_file():
+            raise FileNotFoundError(2, "No such file or directory", str(file))
+        spec, name = _tokenizer_spec(file)
+        cfg = cfg.replace(tokenizer=spec)
+        extra = {name: file}
+    return cfg, tensors, extra
+
+
+def cmd_convert(args) -> int:
+    from weights import export_official_pth, save_model
+
+    src = Path(args.src)
+    out = Path(args.to_pth or args.out)
+    to_pth = args.to_pth is not None or out.suffix in PTH_SUFFIXES
+    if out.resolve() == src.resolve():
+        raise CLIError("--out must differ from the source")
+    _check_out(out, args.force)
+    with _progress("convert", 2) as bar:
+        cfg, tensors, extra = _load_source(src, args.tokenizer, args.dtype)
+        bar.update()
+        if to_pth:
+            export_official_pth(cfg, tensors, out)
+        else:
+            save_model(out, cfg, tensors, extra_files=extra or None)
+        bar.update()
+    kind = "official .pth" if to_pth else "model directory"
+    what = f"{kind}, {_disk_dtype(tensors) or 'mixed dtypes'}"
+    print(f"converted {src} -> {out} [{what}]")
+    if to_pth and cfg.tokenizer:
+        print("note: the .pth format holds no tokenizer; keep the vocab file beside it")
+    return 0
+
+
+def cmd_grow(args) -> int:
+    from metastate_core.growth import grow
+    from weights import save_model
+
+    steps = {"param_tokens": args.param_tokens, "heads": args.heads, "layers": args.layers,
+             "sse_heads": args.sse_heads}
+    if all(v is None for v in steps.values()):
+        raise CLIError("nothing to grow: give at least one of --param-tokens, --heads, --layers, --sse-heads")
+    src, out = Path(args.src), Path(args.out)
+    if out.resolve() == src.resolve():
+        raise CLIError("--out must differ from the source")
+    _check_out(out, args.force)
+    with _progress("grow", 3) as bar:
+        cfg, tensors, extra = _load_source(src, None, None)
+        dtype = _disk_dtype(tensors)
+        bar.update()
+        cfg, tensors = grow(cfg, tensors, **steps, layer_position=args.layer_position, rng=args.seed)
+        bar.update()
+        save_model(out, cfg, tensors, dtype=dtype, extra_files=extra or None)
+        bar.update()
+    print(f"grew {src} -> {out}: d_att {cfg.d_att} ({cfg.n_head} heads), {cfg.n_layer} layers, "
+          f"{cfg.n_param_tokens} parameter tokens, SSE {cfg.sse_heads} heads")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metastate", description="Meta-State: RWKV-7 with a Self-State Encoder.")
+    parser.add_argument("--version", action="version", version=f"metastate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="write a freshly initialised model")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--vocab-size", type=int, required=True)
+    for flag in ("--d-model", "--n-layer", "--head-size", "--d-att", "--n-param-tokens", "--sse-heads"):
+        p.add_argument(flag, type=int, help="default: SPEC section 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DISK_DTYPES, default="float32")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("inspect", help="show config, sizes, dtypes, growth history")
+    p.add_argument("model", help="model directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("logits", help="compute logits [T, V] of a sequence, saved with np.save")
+    p.add_argument("--model", required=True, help="model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokens", help="token ids, e.g. 1,2,3")
+    src.add_argument("--text", help="text, encoded with the model's tokenizer")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
+    p.add_argument("--kernels", choices=KERNELS, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="compute dtype (numpy: float64 by default; bfloat16 rounds the weights)")
+    p.add_argument("--out", required=True, help="output .npy file (float32 [T, V])")
+    p.set_defaults(func=cmd_logits)
+
+    p = sub.add_parser("convert", help="import an official .pth, re-save a model, or export to .pth")
+    p.add_argument("src", help="official RWKV-7 .pth checkpoint, model directory or .safetensors file")
+    p.add_argument("--out", help="model directory, or a .pth file to export to")
+    p.add_argument("--to-pth", metavar="OUT.pth", help="export to the official .pth format")
+    p.add_argument("--dtype", choices=DISK_DTYPES, help="dtype on disk (default: keep)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer to bundle: RWKV World vocab .txt or sentencepiece .model")
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("grow", help="grow a model without changing its logits (SPEC section 5)")
+    p.add_argument("src", help="model directory (or anything convert reads)")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--param-tokens", type=int, help="new number of parameter tokens per layer")
+    p.add_argument("--heads", type=int, help="new number of WKV heads")
+    p.add_argument("--layers", type=int, help="new number of layers")
+    p.add_argument("--sse-heads", type=int, help="new number of heads the SSE reads")
+    p.add_argument("--layer-position", choices=("end", "after0"), default="end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_grow)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: already printed
+        return e.code if isinstance(e.code, int) else 0
+    if args.command == "convert" and (args.out is None) == (args.to_pth is None):
+        print("error: convert needs exactly one of --out and --to-pth", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except MetaStateError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except OSError as e:  # FileNotFoundError, PermissionError, IsADirectoryError, disk full, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The `metastate` command end to end on a tiny model (d_model 32, vocab 50).
+
+Logits are judged against `metastate_core.reference.forward` in float64 called directly on the
+tensors the test wrote, at the tolerances of SPEC section 6.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import metastate.backend as backend_mod
+from metastate.cli import main
+from metastate_core.config import ModelConfig
+from metastate_core.params import param_shapes, random_params
+from metastate_core.reference import forward
+from weights import load_model, save_model
+
+TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
+CONSOLE_SCRIPT = Path(sys.executable).with_name("metastate")
+
+
+def rel_rms(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2))
+
+
+def tiny_config(**kw):
+    return ModelConfig(**{"vocab_size": 50, "d_model": 32, "n_layer": 2, "head_size": 16,
+                          "n_param_tokens": 64, "sse_heads": 1, **kw})
+
+
+def reference_logits(tensors, cfg, tokens=TOKENS):
+    logits, _ = forward(tensors, cfg, np.array(tokens)[None], dtype=np.float64)
+    return logits[0]
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_error(rc, err, *fragments):
+    assert rc != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A non-trivial random model (every path active, SSE gates non-zero), float32 on disk."""
+    cfg = tiny_config()
+    tensors = random_params(cfg, 0, np.float32)
+    path = tmp_path_factory.mktemp("cli") / "model"
+    save_model(path, cfg, tensors)
+    return path, cfg, tensors
+
+
+def logits_of(model_dir, tmp_path, capsys, *extra, tokens=TOKENS):
+    out = tmp_path / f"logits-{len(list(tmp_path.iterdir()))}.npy"
+    rc, _, err = run(["logits", "--model", model_dir, "--tokens", ",".join(map(str, tokens)),
+                      "--out", out, *extra], capsys)
+    assert rc == 0, err
+    return np.load(out)
+
+
+# -- happy paths ----------------------------------------------------------------------------
+def test_init_then_inspect(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    rc, _, err = run(["init", "--out", out, "--vocab-size", 50, "--d-model", 32, "--n-layer", 3,
+                      "--head-size", 16, "--n-param-tokens", 48, "--seed", 7], capsys)
+    assert rc == 0, err
+    cfg, tensors = load_model(out)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.head_size, cfg.n_param_tokens) == (50, 32, 3, 16, 48)
+    shapes = param_shapes(cfg)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
+    assert all(t.dtype == np.float32 for t in tensors.values())
+    # RWKV-7 init: output projections zero, so every fresh block is the identity
+    assert not tensors["blocks.1.att.output.weight"].any() and not tensors["blocks.2.meta.param_values"].any()
+
+    rc, text, err = run(["inspect", out, "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(text)
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    assert info["parameters"]["total"] == total
+    assert sum(info["parameters"]["groups"].values()) == total
+    assert info["parameters"]["groups"]["embedding"] == 50 * 32
+    assert info["parameters"]["groups"]["param_tokens"] == 3 * 2 * 48 * 32
+    # float32, batch 1: att_x [32] + meta_x [32] + S [2 heads, 16, 16] = 576 floats
+    assert info["state_bytes"]["per_layer"] == 4 * 576
+    assert info["state_bytes"]["total"] == 3 * 4 * 576
+    assert info["dtypes"] == {"float32": len(shapes)}
+    assert info["tokenizer"] is None and info["growth"] == []
+
+    rc, text, err = run(["inspect", out], capsys)
+    assert rc == 0, err
+    assert f"{total:,}" in text and "2,304 bytes per layer" in text and "none (token ids only)" in text
+
+
+def test_logits_match_reference(model, tmp_path, capsys):
+    path, cfg, tensors = model
+    expected = reference_logits(tensors, cfg)
+    logits = logits_of(path, tmp_path, capsys)
+    assert logits.dtype == np.float32 and logits.shape == (len(TOKENS), cfg.vocab_size)
+    assert rel_rms(logits, expected) <= 1e-6      # float64 compute, float32 rounding only
+    logits32 = logits_of(path, tmp_path, capsys, "--dtype", "float32", "--kernels", "ops")
+    assert rel_rms(logits32, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_other_backends_match_reference(model, tmp_path, capsys, backend):
+    """Through the CLI seam, float32: SPEC section 6 kernel-path tolerance (1e-4)."""
+    path, cfg, tensors = model
+    out = tmp_path / "x.npy"
+    rc, _, err = run(["logits", "--model", path, "--tokens", ",".join(map(str, TOKENS)), "--backend", backend,
+                      "--dtype", "float32", "--out", out], capsys)
+    if rc == 2 and ("not available yet" in err or "install with" in err):
+        pytest.skip(err.strip())
+    assert rc == 0, err
+    logits = np.load(out)
+    assert logits.shape == (len(TOKENS), cfg.vocab_size)
+    assert rel_rms(logits, reference_logits(tensors, cfg)) <= 1e-4
+
+
+def test_grow_keeps_logits(model, tmp_path, capsys):
+    path, cfg, tensors = model
+    grown = tmp_path / "grown"
+    rc, _, err = run(["grow", path, "--out", grown, "--param-tokens", 80, "--heads", 3, "--layers", 3,
+                      "--sse-heads", 2, "--layer-position", "after0", "--seed", 1], capsys)
+    assert rc == 0, err
+    gcfg, gtensors = load_model(grown)
+    assert (gcfg.n_param_tokens, gcfg.d_att, gcfg.n_layer, gcfg.sse_heads) == (80, 48, 3, 2)
+    assert len(gcfg.growth) >= 4
+    assert all(t.dtype == np.float32 for t in gtensors.values())   # on-disk dtype kept
+    assert rel_rms(logits_of(grown, tmp_path, capsys), reference_logits(tensors, cfg)) <= 1e-6
+
+    rc, _, err = run(["grow", path, "--out", tmp_path / "nothing"], capsys)
+    assert_one_error(rc, err, "nothing to grow")
+
+
+def test_convert_bfloat16(model, tmp_path, capsys):
+    path, cfg, tensors = model
+    bf = tmp_path / "bf16"
+    rc, _, err = run(["convert", path, "--out", bf, "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    rc, text, err = run(["inspect", bf, "--json"], capsys)
+    assert json.loads(text)["dtypes"] == {"bfloat16": len(tensors)}
+    err_bf = rel_rms(logits_of(bf, tmp_path, capsys, "--dtype", "float32"), reference_logits(tensors, cfg))
+    assert 1e-5 < err_bf <= 3e-2    # really rounded, and still within the bfloat16 tolerance
+
+    rc, _, err = run(["convert", path, "--out", bf, "--dtype", "bfloat16"], capsys)
+    assert_one_error(rc, err, "already exists")
+    rc, _, err = run(["convert", path, "--out", bf, "--dtype", "float32", "--force"], capsys)
+    assert rc == 0, err
+
+
+def _world_vocab(path: Path) -> None:
+    """A World vocab of single bytes, 'a'..'j' first: id of 'a' is 1, of 'c' is 3."""
+    first = b"abcdefghij"
+    order = list(first) + [b for b in range(256) if b not in first]
+    with open(path, "w", encoding="utf-8") as f:
+        for i, b in enumerate(order, 1):
+            f.write(f"{i} {bytes([b])!r} 1\n")
+
+
+def test_convert_pth_round_trip_with_tokenizer(tmp_path, capsys):
+    pytest.importorskip("torch", reason="the .pth export and import need torch: pip install 'metastate[torch]'")
+    cfg = tiny_config()
+    tensors = random_params(cfg, 1, np.float32, sse=False)   # exact RWKV-7: expressible as .pth
+    src = tmp_path / "rwkv7"
+    save_model(src, cfg, tensors)
+    pth = tmp_path / "official" / "model.pth"
+    pth.parent.mkdir()
+    rc, _, err = run(["convert", src, "--out", pth], capsys)
+    assert rc == 0, err
+    _world_vocab(pth.parent / "rwkv_vocab_v20230424.txt")
+
+    back = tmp_path / "back"
+    rc, _, err = run(["convert", pth, "--out", back], capsys)
+    assert rc == 0, err
+    bcfg, _ = load_model(back)
+    assert bcfg.tokenizer == {"type": "rwkv_world", "file": "rwkv_vocab_v20230424.txt"}
+    assert (back / "rwkv_vocab_v20230424.txt").is_file()
+    expected = reference_logits(tensors, cfg)
+    assert rel_rms(logits_of(back, tmp_path, capsys), expected) <= 1e-6
+
+    # --text goes through the bundled tokenizer: "cab" -> ids 3, 1, 2
+    out = tmp_path / "text.npy"
+    rc, _, err = run(["logits", "--model", back, "--text", "cab", "--out", out], capsys)
+    assert rc == 0, err
+    assert rel_rms(np.load(out), reference_logits(tensors, cfg, [3, 1, 2])) <= 1e-6
+
+    rc, _, err = run(["convert", back, "--to-pth", tmp_path / "again.pth"], capsys)
+    assert rc == 0 and (tmp_path / "again.pth").is_file(), err
+
+    # re-saving a model directory carries its tokenizer along
+    copy = tmp_path / "copy"
+    rc, _, err = run(["convert", back, "--out", copy, "--dtype", "float16"], capsys)
+    assert rc == 0, err
+    assert (copy / "rwkv_vocab_v20230424.txt").read_bytes() == (back / "rwkv_vocab_v20230424.txt").read_bytes()
+
+
+# -- errors ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="console script not installed beside the interpreter")
+def test_console_script_errors(model, tmp_path):
+    path, _, _ = model
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "config.json").write_text("{not json")
+    cases = [(["inspect", tmp_path / "missing"], "missing"),
+             (["logits", "--model", broken, "--tokens", "1,2", "--out", tmp_path / "x.npy"], "config.json")]
+    for argv, fragment in cases:
+        proc = subprocess.run([str(CONSOLE_SCRIPT), *map(str, argv)], capture_output=True, text=True, timeout=60)
+        assert_one_error(proc.returncode, proc.stderr, fragment)
+
+
+@pytest.mark.parametrize("argv, fragments, code", [
+    (["--tokens", "1,x"], ["--tokens"], 1),
+    (["--tokens", "1,50"], ["50", "out of range"], 1),
+    (["--tokens", "-1"], ["-1"], 1),
+    (["--tokens", "1", "--backend", "cuda"], ["--backend", "cuda"], 2),
+    (["--tokens", "1", "--kernels", "triton"], ["triton", "numpy"], 1),
+    (["--text", "hello"], ["no tokenizer"], 1),
+])
+def test_logits_errors(model, tmp_path, capsys, argv, fragments, code):
+    path, _, _ = model
+    rc, _, err = run(["logits", "--model", path, "--out", tmp_path / "x.npy", *argv], capsys)
+    assert_one_error(rc, err, *fragments)
+    assert rc == code
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_convert_errors(model, tmp_path, capsys):
+    path, _, _ = model
+    rc, _, err = run(["convert", path, "--out", tmp_path / "a", "--to-pth", tmp_path / "b.pth"], capsys)
+    assert_one_error(rc, err, "exactly one of --out and --to-pth")
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text("{}")
+    rc, _, err = run(["convert", path, "--out", tmp_path / "c", "--tokenizer", vocab], capsys)
+    assert_one_error(rc, err, "unknown tokenizer file")
+    rc, _, err = run(["convert", path, "--out", path], capsys)
+    assert_one_error(rc, err, "must differ")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_missing_model_in_process(tmp_path, capsys):
+    rc, _, err = run(["logits", "--model", tmp_path / "nope", "--tokens", "1", "--out", tmp_path / "x.npy"], capsys)
+    assert_one_error(rc, err, "nope")
+
+
+# -- the backend seam -----------------------------------------------------------------------
+def test_lazy_backend_plugs_in(model, monkeypatch, capsys, tmp_path):
+    path, cfg, _ = model
+    monkeypatch.setitem(sys.modules, "backends.mlx", types.ModuleType("backends.mlx"))
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
+    assert_one_error(rc, err, "mlx backend is not available yet")
+    assert rc == 2
+
+    calls = []
+
+    def fake(model_dir, tokens, *, kernels, dtype):
+        calls.append((Path(model_dir), list(tokens), kernels, dtype))
+        return np.ones((len(tokens), cfg.vocab_size), np.float64)
+
+    module = types.ModuleType("backends.mlx")
+    module.compute_logits = fake
+    monkeypatch.setitem(sys.modules, "backends.mlx", module)
+    logits = backend_mod.compute_logits(path, [1, 2], "mlx", "metal", "float32")
+    assert calls == [(path, [1, 2], "metal", "float32")]
+    assert logits.dtype == np.float32 and logits.shape == (2, cfg.vocab_size)
+
+    monkeypatch.setattr(backend_mod.importlib.util, "find_spec", lambda name: None)
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
+    assert_one_error(rc, err, "pip install 'metastate[mlx]'")
