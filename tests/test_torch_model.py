@@ -312,8 +312,6 @@ def test_import_without_torch_names_the_extra():
     assert "pip install 'metastate[torch]'" in out.stdout, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="backends/cuda/ops/wkv7/__init__.py imports triton eagerly, "
-                   "so the ops path (torch_chunked lives in that package) needs triton too")
 def test_ops_path_runs_without_triton():
     """macOS has torch but no triton: the plain-ops model must still import and run."""
     code = ("import sys; sys.modules['triton'] = None\n"

@@ -1,0 +1,147 @@
+"""Benchmark the Triton WKV-7 kernels against flash-linear-attention (fla) on a CUDA GPU.
+
+    python bench/kernels.py [--T 4096] [--B 8] [--heads 12 32]
+
+Prints a markdown table (median times of triton.testing.do_bench):
+  - train: forward + backward of our WKV with the SSE readout of K = H heads, vs fla's
+    chunk_rwkv7 (WKV alone), bf16 inputs, N = 64;
+  - prefill: forward alone, same shapes;
+  - decode: one token at batch 1 and 64, our step (+ readout) vs fla's fused_recurrent_rwkv7.
+fla is optional: without it only our kernels are timed. A first line checks that both compute
+the same y (fla's convention: w = log decay, a = -kk, b = kk * a, state [B, H, K, V]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.cuda.ops.wkv7 import decay_log, triton_state_read, triton_wkv7, triton_wkv7_step  # noqa: E402
+
+try:
+    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+except Exception as e:  # ImportError, or an fla too new/old for this torch/triton
+    chunk_rwkv7 = fused_recurrent_rwkv7 = None
+    print(f"fla not installed ({type(e).__name__}: {e})")
+
+N = 64
+
+
+def inputs(B, T, H, dtype=torch.bfloat16, grad=False):
+    """RWKV-7-like inputs [B, T, H, N] on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda: torch.randn(B, T, H, N, device="cuda", generator=g)  # noqa: E731
+    r, w_raw, k, v = rnd(), rnd() - 1, rnd() * 0.5, rnd()
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    a = torch.sigmoid(rnd())
+    xs = [x.to(dtype).requires_grad_(grad) for x in (r, w_raw, k, v, kk, a)]
+    return xs
+
+
+def fla_args(r, w_raw, k, v, kk, a):
+    """Our inputs in fla's convention: log decay, a = -kk, b = kk * a."""
+    return r, decay_log(w_raw).to(r.dtype), k, v, -kk, kk * a
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def check_agreement():
+    xs = inputs(2, 100, 4, dtype=torch.float32)
+    y, _, _ = triton_wkv7(*xs)
+    if chunk_rwkv7 is None:
+        return None
+    y_fla, _ = chunk_rwkv7(*fla_args(*xs), scale=1.0, output_final_state=True)
+    return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
+
+
+def bench_train(B, T, H, block_rows=None, with_fla=True):
+    xs = inputs(B, T, H, grad=True)
+    q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy, gz = torch.randn_like(q), torch.randn_like(q)
+    S0 = torch.zeros(B, H, N, N, device="cuda")
+
+    def ours():
+        y, sT, read = triton_wkv7(*xs, S0, block_rows=block_rows)
+        torch.autograd.backward([y, read(q)], [gy, gz])
+
+    def ours_fwd():
+        with torch.no_grad():
+            y, sT, read = triton_wkv7(*xs, S0, block_rows=block_rows)
+            read(q)
+
+    row = {"train ours": ms(ours), "prefill ours": ms(ours_fwd)}
+    if chunk_rwkv7 is not None and with_fla:
+        leaves = [x.detach().requires_grad_() for x in xs]
+        h0 = torch.zeros(B, H, N, N, device="cuda")
+
+        def fla():
+            y, _ = chunk_rwkv7(*fla_args(*leaves), scale=1.0, initial_state=h0, output_final_state=True)
+            y.backward(gy)
+
+        def fla_fwd():
+            with torch.no_grad():
+                chunk_rwkv7(*fla_args(*leaves), scale=1.0, initial_state=h0, output_final_state=True)
+
+        row.update({"train fla": ms(fla), "prefill fla": ms(fla_fwd)})
+    return row
+
+
+def bench_decode(B, H):
+    xs = [x[:, 0] for x in inputs(B, 1, H)]
+    S = torch.zeros(B, H, N, N, device="cuda")
+    q = torch.randn(B, H, N, device="cuda", dtype=torch.bfloat16)
+    row = {"step ours": ms(lambda: triton_wkv7_step(S, *xs)),
+           "step+read ours": ms(lambda: (triton_wkv7_step(S, *xs), triton_state_read(S, q)))}
+    if fused_recurrent_rwkv7 is not None:
+        args = fla_args(*[x[:, None] for x in xs])
+        h0 = torch.zeros(B, H, N, N, device="cuda")
+        row["step fla"] = ms(lambda: fused_recurrent_rwkv7(*args, scale=1.0, initial_state=h0,
+                                                           output_final_state=True))
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
+    p.add_argument("--sweep", action="store_true", help="only time our kernels for each block_rows")
+    args = p.parse_args()
+    if args.sweep:
+        print("| block_rows | H | fwd+bwd (ms) | forward (ms) |\n|---|---|---|---|")
+        for H in args.heads:
+            for BI in (8, 16, 32, 64):
+                r = bench_train(args.B, args.T, H, block_rows=BI, with_fla=False)
+                print(f"| {BI} | {H} | {r['train ours']:.3f} | {r['prefill ours']:.3f} |", flush=True)
+        return
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    agree = check_agreement()
+    print(f"y agreement with fla (rel_rms, fp32): {agree if agree is None else f'{agree:.2e}'}")
+    print("\n| case | ours (ms) | fla (ms) | ours / fla |\n|---|---|---|---|")
+
+    def line(name, ours, fla):
+        ratio = f"{ours / fla:.2f}" if fla else "-"
+        print(f"| {name} | {ours:.3f} | {f'{fla:.3f}' if fla else '-'} | {ratio} |", flush=True)
+
+    for H in args.heads:
+        r = bench_train(args.B, args.T, H)
+        shape = f"B={args.B} T={args.T} H={H} N={N}"
+        line(f"fwd+bwd, WKV+SSE(K=H) vs WKV, {shape}", r["train ours"], r.get("train fla"))
+        line(f"forward (prefill), WKV+SSE vs WKV, {shape}", r["prefill ours"], r.get("prefill fla"))
+        torch.cuda.empty_cache()
+    for B in (1, 64):
+        r = bench_decode(B, 12)
+        line(f"decode step, B={B} H=12", r["step ours"], r.get("step fla"))
+        line(f"decode step + SSE read, B={B} H=12", r["step+read ours"], r.get("step fla"))
+
+
+if __name__ == "__main__":
+    main()
