@@ -1,4 +1,4 @@
-"""The `metastate` command: init, inspect, logits, convert, grow.
+"""The `metastate` command: init, inspect, logits, convert, grow, generate, chat, train, bench.
 
 Every failure a user can cause ends as one line `error: <message>` on stderr and a non-zero
 exit code (2 for usage errors and unavailable backends, 130 on Ctrl-C, 1 otherwise).
@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_grow)
+
+    from metastate.chat import add_parsers as add_chat_parsers  # generate, chat
+
+    add_chat_parsers(sub)
     return parser
 
 

@@ -1,0 +1,553 @@
+"""The public Python API: load a model on any backend, generate text, carry the recurrent state.
+
+    model, tokenizer = load("weights/default")                 # backend auto-selected
+    print(generate(model, tokenizer, "ROMEO.\\n", max_tokens=64, temperature=0.8, top_p=0.9))
+    for r in stream_generate(model, tokenizer, "ROMEO.\\n", max_tokens=64):
+        print(r.text, end="", flush=True)
+
+One small interface, `Engine`, sits over the three backends (NumPy reference, torch/Triton,
+MLX/Metal): `prefill` (a prompt, in pieces of `PREFILL_STEP` tokens through the sequence path,
+so memory stays flat in the prompt length) and `step` (one token). States are opaque,
+backend-native and never modified in place, so a caller can keep any earlier one. Sampling,
+stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from metastate.backend import BACKENDS, BackendError, BackendUnavailable
+from metastate_core.config import ModelConfig
+from metastate_core.errors import MetaStateError
+from metastate_core.sampling import Sampler, SamplingParams
+from metastate_core.tokenizers import StreamDecoder, Tokenizer
+
+PREFILL_STEP = 512   # prompt tokens per model call
+STATE_FORMAT = "metastate-state"
+STATE_FORMAT_VERSION = 1
+
+
+class GenerationError(MetaStateError, ValueError):
+    """A prompt or request that generation cannot serve."""
+
+
+class StateFileError(MetaStateError):
+    """A conversation state file that cannot be read, or belongs to another model."""
+
+
+def default_model_path() -> Path:
+    """weights/default/: the model shipped with the project."""
+    import weights
+
+    return Path(weights.__file__).resolve().parent / "default"
+
+
+# ------------------------------------------------------------------------------------------
+# Engines: prefill / step on each backend. Logits come back as NumPy float32 [V].
+# ------------------------------------------------------------------------------------------
+
+class Engine:
+    """A loaded model on one backend. Subclasses implement the four state methods below.
+
+    Attributes: cfg (ModelConfig), backend ("numpy" | "torch" | "mlx"), description (e.g.
+    "torch (cpu, kernels=ops)"), path (model directory or None) and fingerprint (identifies
+    config and weights, checked when a saved state is loaded).
+    """
+
+    backend = ""
+    description = ""
+    path: Path | None = None
+    fingerprint = ""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def zero_state(self):
+        """The state before any token."""
+        L, d, H, N = self.cfg.n_layer, self.cfg.d_model, self.cfg.n_head, self.cfg.head_size
+        z = np.zeros
+        return self.state_from_arrays({"att_x": z((L, d), np.float32), "meta_x": z((L, d), np.float32),
+                                       "wkv": z((L, H, N, N), np.float32)})
+
+    def prefill(self, ids: Sequence[int], state=None, step: int = PREFILL_STEP):
+        """ids [T >= 1] -> (logits of the last token [V] float32, state after all of them)."""
+        ids = self.check_ids(ids)
+        state = self.zero_state() if state is None else state
+        for start in range(0, len(ids), step):
+            logits, state = self._forward(ids[start:start + step], state)
+        return logits, state
+
+    def step(self, token: int, state):
+        """One token -> (logits [V] float32, state after it)."""
+        return self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
+
+    def check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise GenerationError("the prompt is empty: give at least one token")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise GenerationError(f"token id out of range for vocab_size {self.cfg.vocab_size}")
+        return ids
+
+    # -- backend specific -----------------------------------------------------------------
+    def _forward(self, ids: np.ndarray, state):
+        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits [V], state)."""
+        raise NotImplementedError
+
+    def state_to_arrays(self, state) -> dict[str, np.ndarray]:
+        """Backend-independent float32 copy: att_x [L, d], meta_x [L, d], wkv [L, H, N, N]."""
+        raise NotImplementedError
+
+    def state_from_arrays(self, arrays: dict[str, np.ndarray]):
+        raise NotImplementedError
+
+
+class NumpyEngine(Engine):
+    """The NumPy reference (`metastate_core.reference`): chunked prefill, recurrent decode."""
+
+    backend = "numpy"
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, dtype=np.float32):
+        super().__init__(cfg)
+        self.dtype = np.dtype(dtype)
+        self.weights = {k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()}
+        self.description = f"numpy (cpu, {self.dtype.name})"
+
+    def _forward(self, ids, state):
+        from metastate_core.reference import forward
+
+        form = "recurrent" if len(ids) == 1 else "chunked"
+        logits, state = forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
+        return logits[0, -1].astype(np.float32), state
+
+    def state_to_arrays(self, state):
+        return {k: getattr(state, k)[:, 0].astype(np.float32) for k in ("att_x", "meta_x", "wkv")}
+
+    def state_from_arrays(self, arrays):
+        from metastate_core.reference import State
+
+        return State(*(np.array(arrays[k][:, None], dtype=self.dtype) for k in ("att_x", "meta_x", "wkv")))
+
+
+class TorchEngine(Engine):
+    """backends.cuda: Triton kernels on a CUDA device, the plain-torch chunked ops elsewhere."""
+
+    backend = "torch"
+
+    def __init__(self, model, device, kernels: str):
+        super().__init__(model.cfg)
+        self.model, self.device, self.kernels = model.eval(), device, kernels
+        self.description = f"torch ({device}, kernels={kernels})"
+
+    def _forward(self, ids, state):
+        import torch
+
+        with torch.no_grad():
+            tokens = torch.as_tensor(ids, device=self.device)[None]
+            logits, state = self.model(tokens, state, kernels=self.kernels)
+            return logits[0, -1].float().cpu().numpy(), state
+
+    def state_to_arrays(self, state):
+        return {k: getattr(state, k)[:, 0].float().cpu().numpy() for k in ("att_x", "meta_x", "wkv")}
+
+    def state_from_arrays(self, arrays):
+        import torch
+
+        from backends.cuda import State
+
+        return State(*(torch.as_tensor(np.asarray(arrays[k], np.float32)[:, None].copy(), device=self.device)
+                       for k in ("att_x", "meta_x", "wkv")))
+
+
+class MLXEngine(Engine):
+    """backends.mlx: Metal kernels on Apple silicon, plain MLX ops elsewhere."""
+
+    backend = "mlx"
+
+    def __init__(self, model):
+        super().__init__(model.args)
+        import mlx.core as mx
+
+        self.model = model
+        device = "gpu" if mx.metal.is_available() else "cpu"
+        self.description = f"mlx ({device}, kernels={model.wkv_ops.name})"
+
+    def _forward(self, ids, state):
+        import mlx.core as mx
+
+        cache = self._copy(state)  # the model updates its cache in place; states stay immutable
+        logits = self.model(mx.array(ids.astype(np.int32))[None], cache)[0, -1]
+        mx.eval(logits, cache.state)
+        return np.array(logits.astype(mx.float32)), cache
+
+    def _copy(self, cache):
+        new = self.model.make_cache()
+        new.att_x, new.meta_x, new.wkv = list(cache.att_x), list(cache.meta_x), list(cache.wkv)
+        return new
+
+    def state_to_arrays(self, state):
+        return {k: np.stack([np.array(t[0]) for t in getattr(state, k)]).astype(np.float32)
+                for k in ("att_x", "meta_x", "wkv")}
+
+    def state_from_arrays(self, arrays):
+        import mlx.core as mx
+
+        cache = self.model.make_cache()
+        for k in ("att_x", "meta_x", "wkv"):
+            setattr(cache, k, [mx.array(np.asarray(a, np.float32)[None]) for a in arrays[k]])
+        return cache
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------
+
+def select_backend() -> tuple[str, str]:
+    """(backend, kernels) for this machine: MLX + Metal on Apple silicon, torch + Triton on an
+    NVIDIA GPU, else torch on the CPU (plain ops); NumPy when torch is not installed."""
+    import importlib.util
+
+    if platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return "mlx", "auto"
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        return "torch", "triton" if torch.cuda.is_available() else "ops"
+    return "numpy", "ops"
+
+
+def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str | None = None,
+         device: str | None = None) -> tuple[Engine, Tokenizer | None]:
+    """(model, tokenizer) from a model directory; `path` None is the shipped weights/default/.
+
+    backend: "auto" (see `select_backend`), "numpy", "torch" or "mlx". kernels: "auto" or the
+    backend's own ("ops", "triton", "metal"). dtype: None keeps the stored weights (numpy:
+    float32 compute), or "float32" / "bfloat16" / "float16". tokenizer is None for a model
+    without one.
+    """
+    from metastate_core.tokenizers import load_tokenizer
+    from weights import load_config
+
+    if path is None:
+        path = default_model_path()
+        if not path.is_dir():
+            raise GenerationError(f"no model given and the default model {path} is missing; pass a model directory")
+    path = Path(path)
+    cfg = load_config(path)  # fails fast, with a clear message, on a missing or broken directory
+    if backend == "auto":
+        backend, auto_kernels = select_backend()
+        kernels = auto_kernels if kernels == "auto" else kernels
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    engine = _LOADERS[backend](path, kernels, dtype, device)
+    engine.path = path.resolve()
+    engine.fingerprint = model_fingerprint(path, engine.cfg)
+    return engine, load_tokenizer(path, cfg.tokenizer)
+
+
+def _load_numpy(path, kernels, dtype, device):
+    from weights import load_model
+
+    if kernels not in ("auto", "ops"):
+        raise BackendError(f"kernels {kernels!r} are not available on the numpy backend (use auto or ops)")
+    if dtype not in (None, "float32", "float64"):
+        raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float32 or float64)")
+    cfg, tensors = load_model(path)
+    return NumpyEngine(cfg, tensors, np.float64 if dtype == "float64" else np.float32)
+
+
+def _load_torch(path, kernels, dtype, device):
+    try:
+        import torch
+
+        from backends.cuda import load_model
+    except ImportError as e:
+        raise BackendUnavailable(f"the torch backend cannot be imported ({e}): pip install 'metastate[torch]'") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kernels == "auto":
+        kernels = "triton" if str(device).startswith("cuda") else "ops"
+    if kernels not in ("ops", "triton"):
+        raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
+    return TorchEngine(load_model(path, device=device, dtype=dtype), device, kernels)
+
+
+def _load_mlx(path, kernels, dtype, device):
+    try:
+        from backends.mlx import load as mlx_load
+    except ImportError as e:
+        raise BackendUnavailable(f"the mlx backend cannot be imported ({e}): pip install 'metastate[mlx]'") from None
+    if kernels not in ("auto", "ops", "metal"):
+        raise BackendError(f"kernels {kernels!r} are not available on the mlx backend (use auto, ops or metal)")
+    model, _ = mlx_load(path, kernels=kernels, dtype=dtype)
+    return MLXEngine(model)
+
+
+_LOADERS = {"numpy": _load_numpy, "torch": _load_torch, "mlx": _load_mlx}
+
+
+def model_fingerprint(path, cfg: ModelConfig) -> str:
+    """sha256 over the model's shape config and the checksums (or sizes) of its weight files."""
+    from weights.safetensors_io import read_header
+
+    shape = {k: v for k, v in cfg.to_dict().items() if k not in cfg.extra}
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for f in files:
+        _, meta = read_header(f)
+        h.update(f"{f.name}:{meta.get('checksum') or f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    """One piece of a streamed generation (mlx-lm style).
+
+    text: new text (never ends inside a UTF-8 character; may be ""). token: the id this piece
+    adds, None on the last piece. finish_reason: None while going on, then "length", "stop"
+    (a stop string was produced; the text stops before it) or "eos". state / logits: the
+    model state after the prompt and every token so far, and the next token's logits [V].
+    """
+
+    text: str
+    token: int | None
+    finish_reason: str | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    state: object
+    logits: np.ndarray
+
+
+class _StopMatcher:
+    """Holds back text that may be the start of a stop string; reports the first full match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.buf += text
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[:min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:  # the longest tail of buf that begins some stop string
+            for n in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if s.startswith(self.buf[-n:]):
+                    keep = n
+                    break
+        out, self.buf = (self.buf[:-keep], self.buf[-keep:]) if keep else (self.buf, "")
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def _sampler(sampler: Sampler | SamplingParams | None, params: dict) -> Sampler:
+    if isinstance(sampler, Sampler):
+        if params:
+            raise GenerationError("pass either a sampler or sampling parameters, not both")
+        return sampler
+    if isinstance(sampler, SamplingParams):
+        return Sampler(sampler)
+    return Sampler(SamplingParams(**params))
+
+
+def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
+                    max_tokens: int = 256, *, sampler: Sampler | SamplingParams | None = None,
+                    stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None, state=None,
+                    prefill_step: int = PREFILL_STEP, **sampling) -> Iterator[Response]:
+    """Yield the continuation of `prompt` piece by piece; the last piece has `finish_reason`.
+
+    prompt: text, or token ids. sampler or keyword sampling parameters (temperature, top_p,
+    top_k, min_p, presence_penalty, frequency_penalty, seed; see SamplingParams; default
+    temperature 1). stop: strings that end generation (excluded from the text). stop_ids:
+    token ids that end it (default: the tokenizer's end-of-text id). state: the model state
+    to continue from (e.g. `Response.state` of an earlier call), None for a fresh start.
+    Penalties count the generated tokens. The prompt is prefilled in pieces of prefill_step.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise GenerationError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    sampler = _sampler(sampler, sampling)
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise GenerationError("this model has no tokenizer: pass the prompt as token ids")
+        if not prompt:
+            raise GenerationError("the prompt is empty: give some text")
+        prompt = tokenizer.encode(prompt)
+    ids = model.check_ids(prompt)
+    if stop and tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer")
+    if stop_ids is None:
+        eos = getattr(tokenizer, "eos_id", None)
+        stop_ids = () if eos is None else (eos,)
+    stop_ids = {int(i) for i in stop_ids}
+
+    t0 = time.perf_counter()
+    logits, state = model.prefill(ids, state, prefill_step)
+    t1 = time.perf_counter()
+    prompt_tps = len(ids) / max(t1 - t0, 1e-9)
+    decoder = StreamDecoder(tokenizer, context=ids.tolist()) if tokenizer is not None else None
+    matcher = _StopMatcher(stop)
+    counts = np.zeros(model.cfg.vocab_size, np.int64)
+    n, reason = 0, "length"
+
+    def piece(text, token, finish):
+        tps = n / max(time.perf_counter() - t1, 1e-9)
+        return Response(text, token, finish, len(ids), prompt_tps, n, tps, state, logits)
+
+    while n < max_tokens:
+        token = sampler(logits, counts)
+        if token in stop_ids:
+            reason = "eos"
+            break
+        counts[token] += 1
+        logits, state = model.step(token, state)
+        n += 1
+        text, hit = matcher.push(decoder.push(token)) if decoder else ("", False)
+        if hit:
+            yield piece(text, token, None)
+            yield piece("", None, "stop")
+            return
+        yield piece(text, token, None)
+    rest = matcher.push(decoder.flush())[0] + matcher.flush() if decoder else ""
+    yield piece(rest, None, reason)
+
+
+def generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
+             max_tokens: int = 256, *, verbose: bool = False, **kwargs) -> str:
+    """The text `stream_generate` produces (token ids joined by spaces without a tokenizer).
+    verbose prints it as it comes, then the speeds."""
+    out, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        piece = last.text if tokenizer is not None else ("" if last.token is None else f"{last.token} ")
+        out.append(piece)
+        if verbose:
+            print(piece, end="", flush=True)
+    if verbose and last is not None:
+        print(f"\nprefill: {last.prompt_tps:.1f} tok/s, decode: {last.generation_tps:.1f} tok/s")
+    return "".join(out).rstrip(" ") if tokenizer is None else "".join(out)
+
+
+def encode_continuation(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of `text` as it continues a document: without the space SentencePiece puts in front
+    of every text it encodes (its dummy prefix), which would add one at each chat turn."""
+    ids = tokenizer.encode(text)
+    sp = getattr(tokenizer, "sp", None)
+    if sp is None or not ids or not sp.encode("a", out_type=str)[0].startswith("\u2581"):
+        return ids
+    first = sp.id_to_piece(ids[0])
+    if not first.startswith("\u2581"):
+        return ids
+    rest = first[1:]
+    if not rest:
+        return ids[1:]
+    if sp.piece_to_id(rest) != sp.unk_id():
+        return [sp.piece_to_id(rest)] + ids[1:]
+    out = []  # the piece without its space is not in the vocabulary: spell it out
+    for ch in rest:
+        i = sp.piece_to_id(ch)
+        if i == sp.unk_id():
+            byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode()]
+            i = byte_ids if sp.unk_id() not in byte_ids else [sp.unk_id()]
+        out += i if isinstance(i, list) else [i]
+    return out + ids[1:]
+
+
+def context_warning(cfg: ModelConfig, n_tokens: int) -> str | None:
+    """A warning when `n_tokens` exceeds the longest context seen in training (config.json's
+    "train_ctx_len", if recorded). RWKV has no hard limit, so this never stops generation."""
+    limit = cfg.extra.get("train_ctx_len")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < n_tokens:
+        return (f"the context ({n_tokens} tokens) is longer than any seen in training ({limit}); "
+                "the output may degrade")
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and loading a state
+# ------------------------------------------------------------------------------------------
+
+def save_state(path, model: Engine, state, logits: np.ndarray | None = None, *,
+               n_tokens: int = 0, meta: dict[str, str] | None = None) -> None:
+    """Write a state (and the next token's logits) to a safetensors file, atomically.
+
+    Tensors, float32 whatever the backend: att_x [L, d], meta_x [L, d], wkv [L, H, N, N] and,
+    if given, logits [V]. Metadata: format "metastate-state", format_version, model (path),
+    model_fingerprint, backend (informational), n_tokens (tokens the state has read), plus `meta`.
+    """
+    from weights.safetensors_io import write_file
+
+    path = Path(path)
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in model.state_to_arrays(state).items()}
+    if logits is not None:
+        tensors["logits"] = np.ascontiguousarray(logits, np.float32)
+    info = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
+            "model": str(model.path or ""), "model_fingerprint": model.fingerprint,
+            "backend": model.backend, "n_tokens": str(int(n_tokens)), **(meta or {})}
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
+    except OSError as e:
+        raise StateFileError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        write_file(tmp, tensors, info)
+        os.replace(tmp, path)   # readers see the old file or the new one, never half of it
+    except OSError as e:
+        raise StateFileError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(path, model: Engine) -> tuple[object, np.ndarray | None, dict[str, str]]:
+    """(state, logits or None, metadata) from a file of `save_state`; it must belong to `model`."""
+    from weights.safetensors_io import read_file
+
+    if not Path(path).is_file():
+        raise StateFileError(f"state file {path} does not exist")
+    try:
+        tensors, meta = read_file(path)
+    except MetaStateError as e:
+        raise StateFileError(f"cannot load state: {e}") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise StateFileError(f"{path} is not a metastate state file")
+    if meta.get("format_version") != str(STATE_FORMAT_VERSION):
+        raise StateFileError(f"{path} has state format version {meta.get('format_version')!r}, "
+                             f"this version reads {STATE_FORMAT_VERSION}")
+    if model.fingerprint and meta.get("model_fingerprint") != model.fingerprint:
+        raise StateFileError(f"{path} was saved with another model ({meta.get('model') or 'unknown'}); "
+                             "load it with that model")
+    cfg = model.cfg
+    L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
+    shapes = {"att_x": (L, d), "meta_x": (L, d), "wkv": (L, H, N, N)}
+    for name, shape in shapes.items():
+        if name not in tensors or tensors[name].shape != shape:
+            got = tensors[name].shape if name in tensors else "missing"
+            raise StateFileError(f"{path}: state tensor {name!r} is {got}, this model needs {shape}")
+    logits = tensors.get("logits")
+    if logits is not None and logits.shape != (cfg.vocab_size,):
+        raise StateFileError(f"{path}: logits have shape {logits.shape}, expected ({cfg.vocab_size},)")
+    state = model.state_from_arrays({k: tensors[k] for k in shapes})
+    return state, None if logits is None else np.array(logits, np.float32), meta

