@@ -1,0 +1,164 @@
+"""`metastate bench`: prefill / decode speed of any backend, and training speed of torch.
+
+    metastate bench --model DIR --backend torch --prompt-len 512 --decode 64
+    metastate bench --size 768,12,65536 --backend torch --train --batch 8 --seq-len 1024
+
+Every figure is a median over repeats, taken after a warm-up. Speed claims in docs/ come
+from this command or bench/kernels.py, never from tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from metastate_core.errors import MetaStateError
+
+
+class BenchError(MetaStateError):
+    """Bad benchmark arguments."""
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("bench", help="measure prefill/decode (any backend) or training (torch) speed")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory (default: the shipped model)")
+    src.add_argument("--size", metavar="D,L,V", help="a freshly initialised model of d_model D, L layers, "
+                     "vocab V (head size 64) instead of a directory")
+    p.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch", "mlx"))
+    p.add_argument("--kernels", default="auto", choices=("auto", "ops", "triton", "metal"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
+    p.add_argument("--prompt-len", type=int, default=512, help="prefill length (generation mode)")
+    p.add_argument("--decode", type=int, default=32, help="decode steps (generation mode)")
+    p.add_argument("--train", action="store_true", help="measure forward+backward+AdamW (torch)")
+    p.add_argument("--batch", type=int, default=4, help="training batch")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+def _median_time(fn, repeats: int, sync=lambda: None) -> float:
+    fn()  # warm-up: compilation, allocator
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_memory_mib(backend: str) -> float | None:
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    if platform.system() == "Linux":
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+    return None
+
+
+def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats) -> dict:
+    from metastate.api import load
+
+    engine, _ = load(path, backend, kernels=kernels, dtype=dtype)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, engine.cfg.vocab_size, prompt_len)
+    prefill_s = _median_time(lambda: engine.prefill(prompt), repeats)
+    _, state = engine.prefill(prompt)
+
+    def decode_loop():
+        st = state
+        for tok in rng.integers(0, engine.cfg.vocab_size, decode):
+            _, st = engine.step(int(tok), st)
+
+    decode_s = _median_time(decode_loop, repeats)
+    return {"mode": "generation", "engine": engine.description, "prompt_len": prompt_len,
+            "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": decode / decode_s,
+            "peak_memory_mib": _peak_memory_mib(engine.backend)}
+
+
+def bench_training(path, kernels, dtype, batch, seq_len, repeats) -> dict:
+    try:
+        import torch
+
+        from backends.cuda import load_model
+    except ImportError as e:
+        raise BenchError(f"training benchmarks need the torch backend ({e}): pip install 'metastate[torch]'") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if kernels == "auto":
+        kernels = "triton" if device == "cuda" else "ops"
+    model = load_model(path, device=device, dtype=dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    V = model.cfg.vocab_size
+    tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
+
+    def train_step():
+        logits, _ = model(tokens[:, :-1], kernels=kernels)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def forward_only():
+        with torch.no_grad():
+            model(tokens[:, :-1], kernels=kernels)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = batch * seq_len
+    return {"mode": "training", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "kernels": kernels, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "batch": batch, "seq_len": seq_len,
+            "forward_tok_s": n / _median_time(forward_only, repeats, sync),
+            "train_tok_s": n / _median_time(train_step, repeats, sync),
+            "peak_memory_mib": _peak_memory_mib("torch")}
+
+
+def _sized_model(size: str, tmp: Path) -> Path:
+    from metastate_core.config import ModelConfig
+    from metastate_core.params import init_params
+    from weights import save_model
+
+    try:
+        d, L, V = (int(x) for x in size.split(","))
+    except ValueError:
+        raise BenchError(f"--size expects D,L,V (e.g. 768,12,65536), got {size!r}") from None
+    cfg = ModelConfig(vocab_size=V, d_model=d, n_layer=L, head_size=64)
+    save_model(tmp / "model", cfg, init_params(cfg, 0))
+    return tmp / "model"
+
+
+def cmd_bench(args) -> int:
+    for name in ("prompt_len", "decode", "batch", "seq_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _sized_model(args.size, Path(tmp)) if args.size else args.model
+        if args.train:
+            if args.backend not in ("auto", "torch"):
+                raise BenchError("--train measures the torch backend only")
+            result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats)
+        else:
+            result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
+                                      args.decode, args.repeats)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value:,.1f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    return 0
+
+
