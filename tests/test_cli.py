@@ -281,3 +281,20 @@ def test_lazy_backend_plugs_in(model, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(backend_mod.importlib.util, "find_spec", lambda name: None)
     rc, _, err = run(["logits", "--model", path, "--tokens", "1", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
     assert_one_error(rc, err, "pip install 'metastate[mlx]'")
+
+
+def test_bench_reports_speeds(tmp_path, capsys):
+    import json
+
+    from metastate.cli import main
+
+    assert main(["bench", "--size", "64,1,50", "--backend", "numpy", "--prompt-len", "8",
+                 "--decode", "2", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["prompt_len"] == 8
+    assert main(["bench", "--size", "64,1,50", "--train", "--batch", "1", "--seq-len", "8",
+                 "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_tok_s"] > 0 and result["kernels"] == "ops"
+    assert main(["bench", "--size", "64,1", "--repeats", "1"]) == 1
+    assert "--size expects D,L,V" in capsys.readouterr().err
