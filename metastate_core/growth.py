@@ -42,7 +42,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import MetaStateError
-from .params import init_layer, param_shapes
+from .params import init_layer, param_shapes, shape_mismatch
 
 # Std of the new param_values rows, in units of 1/sqrt(d): "small random" (SPEC 5.1).
 LAYER_POSITIONS = ("end", "after0")
@@ -55,18 +55,9 @@ class GrowthError(MetaStateError, ValueError):
 # -- helpers ---------------------------------------------------------------------------------
 
 def _check_tensors(cfg: ModelConfig, tensors: dict) -> None:
-    shapes = param_shapes(cfg)
-    missing = [name for name in shapes if name not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise GrowthError(f"tensors do not match the config: missing {missing[0]!r}{more}")
-    unknown = [name for name in tensors if name not in shapes]
-    if unknown:
-        raise GrowthError(f"tensors do not match the config: unexpected tensor {unknown[0]!r}")
-    for name, shape in shapes.items():
-        if tuple(np.shape(tensors[name])) != shape:
-            raise GrowthError(f"tensor {name!r} has shape {tuple(np.shape(tensors[name]))}, "
-                              f"the config expects {shape}")
+    problem = shape_mismatch(cfg, tensors)
+    if problem:
+        raise GrowthError(f"tensors do not match the config: {problem}")
 
 
 def _is_noop(what: str, current: int, target) -> bool:

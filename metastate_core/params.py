@@ -122,3 +122,21 @@ def random_params(cfg: ModelConfig, rng: np.random.Generator | int = 0, dtype=np
         if name.endswith("meta.sse_gate"):
             p[name] = rng.normal(0.0, 0.5, p[name].shape) if sse else np.zeros_like(p[name])
     return {name: t.astype(dtype) for name, t in p.items()}
+
+
+def shape_mismatch(cfg: ModelConfig, tensors: dict) -> str | None:
+    """The first way `tensors` differ from `param_shapes(cfg)` in names or shapes, or None.
+
+    Each caller raises it as its own error type.
+    """
+    expected = param_shapes(cfg)
+    for names, what in (([n for n in expected if n not in tensors], "missing tensor {!r}"),
+                        ([n for n in tensors if n not in expected], "unexpected tensor {!r}")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            return what.format(names[0]) + more
+    for name, shape in expected.items():
+        actual = tuple(np.shape(tensors[name]))
+        if actual != shape:
+            return f"tensor {name!r} has shape {list(actual)}, expected {list(shape)}"
+    return None

@@ -291,7 +291,7 @@ def test_shrinking_and_bad_requests_raise():
         grow(cfg, p, d_model=64)
     with pytest.raises(GrowthError, match="head_size cannot grow"):
         grow(cfg, p, head_size=16)
-    with pytest.raises(GrowthError, match="missing 'blocks.1.meta.sse_gate'"):
+    with pytest.raises(GrowthError, match="missing tensor 'blocks.1.meta.sse_gate'"):
         grow_heads(cfg, {k: v for k, v in p.items() if k != "blocks.1.meta.sse_gate"}, 4)
     with pytest.raises(GrowthError, match="has shape"):
         grow_heads(cfg.replace(d_att=32), p, 5)

@@ -280,7 +280,7 @@ def test_to_tensors_round_trip(meta, dtype):
 
 def test_from_tensors_rejects_bad_tensors(meta):
     p, _ = meta
-    with pytest.raises(ModelError, match="missing 'blocks.1.att.v0'"):
+    with pytest.raises(ModelError, match="missing tensor 'blocks.1.att.v0'"):
         Model.from_tensors(CFG, {n: t for n, t in p.items() if n != "blocks.1.att.v0"})
     with pytest.raises(ModelError, match="blocks.0.att.r_k"):
         Model.from_tensors(CFG, {**p, "blocks.0.att.r_k": np.zeros((2, 16))})

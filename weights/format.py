@@ -26,7 +26,7 @@ import numpy as np
 
 from metastate_core.config import FORMAT_NAME, ModelConfig
 from metastate_core.errors import MetaStateError
-from metastate_core.params import param_shapes
+from metastate_core.params import param_shapes, shape_mismatch
 
 from . import safetensors_io as st
 from .safetensors_io import WeightsError
@@ -80,21 +80,12 @@ def validate_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
 
     In memory any floating dtype passes (float64 included); saving needs SUPPORTED_DTYPES.
     """
-    expected = param_shapes(cfg)
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"missing tensor {missing[0]!r}{more} for this config")
-    unexpected = [n for n in tensors if n not in expected]
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise WeightsError(f"unexpected tensor {unexpected[0]!r}{more}: not part of a model with this config")
-    for name, shape in expected.items():
-        t = tensors[name]
+    problem = shape_mismatch(cfg, tensors)
+    if problem:
+        raise WeightsError(f"{problem} for this config")
+    for name, t in tensors.items():
         if not isinstance(t, np.ndarray):
             raise WeightsError(f"tensor {name!r} is a {type(t).__name__}, expected a numpy array")
-        if t.shape != shape:
-            raise WeightsError(f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} for this config")
         if not _is_float(t.dtype):
             raise WeightsError(f"tensor {name!r} has unsupported dtype {t.dtype}; "
                                f"supported: {', '.join(SUPPORTED_DTYPES)}")

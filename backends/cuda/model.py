@@ -23,7 +23,7 @@ from torch import nn
 
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
-from metastate_core.params import ATT_VECTORS_D, param_shapes
+from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
 from .ops.wkv7.torch_chunked import torch_chunked_wkv7
 
@@ -248,16 +248,9 @@ class Model(nn.Module):
 
         dtype: torch dtype or name; None keeps the dtype of emb.weight (float64 becomes float32).
         """
-        shapes = param_shapes(cfg)
-        missing = [n for n in shapes if n not in tensors]
-        extra = [n for n in tensors if n not in shapes]
-        if missing or extra:
-            what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
-            raise ModelError(f"tensors do not match the config: {what} "
-                             f"({len(missing)} missing, {len(extra)} unexpected)")
-        for name, shape in shapes.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ModelError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        problem = shape_mismatch(cfg, tensors)
+        if problem:
+            raise ModelError(f"tensors do not match the config: {problem}")
         torch_tensors = {name: _to_torch(t) for name, t in tensors.items()}
         dtype = _resolve_dtype(dtype, torch_tensors["emb.weight"].dtype)
         model = cls(cfg, freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
