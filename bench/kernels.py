@@ -22,7 +22,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.cuda.ops.wkv7 import decay_log, triton_state_read, triton_wkv7, triton_wkv7_step  # noqa: E402
+from backends.cuda.ops.wkv7 import (chunk_wkv7, decay_log, triton_state_read, triton_wkv7,  # noqa: E402
+                                    triton_wkv7_step)
 
 try:
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
@@ -53,28 +54,33 @@ def ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def check_agreement():
+def check_agreement(algorithm="sequential"):
     xs = inputs(2, 100, 4, dtype=torch.float32)
-    y, _, _ = triton_wkv7(*xs)
+    y, _, _ = (chunk_wkv7 if algorithm == "chunk" else triton_wkv7)(*xs)
     if chunk_rwkv7 is None:
         return None
     y_fla, _ = chunk_rwkv7(*fla_args(*xs), scale=1.0, output_final_state=True)
     return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
 
 
-def bench_train(B, T, H, block_rows=None, with_fla=True):
+def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_size=16):
     xs = inputs(B, T, H, grad=True)
     q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy, gz = torch.randn_like(q), torch.randn_like(q)
     S0 = torch.zeros(B, H, N, N, device="cuda")
 
+    if algorithm == "chunk":
+        wkv = lambda *a: chunk_wkv7(*a, chunk_size=chunk_size)  # noqa: E731
+    else:
+        wkv = lambda *a: triton_wkv7(*a, block_rows=block_rows)  # noqa: E731
+
     def ours():
-        y, sT, read = triton_wkv7(*xs, S0, block_rows=block_rows)
+        y, sT, read = wkv(*xs, S0)
         torch.autograd.backward([y, read(q)], [gy, gz])
 
     def ours_fwd():
         with torch.no_grad():
-            y, sT, read = triton_wkv7(*xs, S0, block_rows=block_rows)
+            y, sT, read = wkv(*xs, S0)
             read(q)
 
     row = {"train ours": ms(ours), "prefill ours": ms(ours_fwd)}
@@ -114,6 +120,9 @@ def main():
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
     p.add_argument("--sweep", action="store_true", help="only time our kernels for each block_rows")
+    p.add_argument("--algorithm", choices=("sequential", "chunk"), default="sequential")
+    p.add_argument("--chunk-size", type=int, default=16, help="chunk algorithm: 16, 32 or 64")
+    p.add_argument("--no-decode", action="store_true")
     args = p.parse_args()
     if args.sweep:
         print("| block_rows | H | fwd+bwd (ms) | forward (ms) |\n|---|---|---|---|")
@@ -123,7 +132,7 @@ def main():
                 print(f"| {BI} | {H} | {r['train ours']:.3f} | {r['prefill ours']:.3f} |", flush=True)
         return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    agree = check_agreement()
+    agree = check_agreement(args.algorithm)
     print(f"y agreement with fla (rel_rms, fp32): {agree if agree is None else f'{agree:.2e}'}")
     print("\n| case | ours (ms) | fla (ms) | ours / fla |\n|---|---|---|---|")
 
@@ -132,12 +141,13 @@ def main():
         print(f"| {name} | {ours:.3f} | {f'{fla:.3f}' if fla else '-'} | {ratio} |", flush=True)
 
     for H in args.heads:
-        r = bench_train(args.B, args.T, H)
-        shape = f"B={args.B} T={args.T} H={H} N={N}"
+        r = bench_train(args.B, args.T, H, algorithm=args.algorithm, chunk_size=args.chunk_size)
+        shape = f"B={args.B} T={args.T} H={H} N={N} ({args.algorithm}"
+        shape += f", C={args.chunk_size})" if args.algorithm == "chunk" else ")"
         line(f"fwd+bwd, WKV+SSE(K=H) vs WKV, {shape}", r["train ours"], r.get("train fla"))
         line(f"forward (prefill), WKV+SSE vs WKV, {shape}", r["prefill ours"], r.get("prefill fla"))
         torch.cuda.empty_cache()
-    for B in (1, 64):
+    for B in () if args.no_decode else (1, 64):
         r = bench_decode(B, 12)
         line(f"decode step, B={B} H=12", r["step ours"], r.get("step fla"))
         line(f"decode step + SSE read, B={B} H=12", r["step+read ours"], r.get("step fla"))

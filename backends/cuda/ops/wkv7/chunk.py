@@ -1,0 +1,702 @@
+"""WKV-7 over a sequence in chunks on tensor cores (Triton), forward and backward.
+
+The algorithm of `metastate_core/chunked.py` (read its docstring). Per head, chunk of C tokens
+starting from state S (row = value index), alpha = -kk, beta = kk * a, G = in-chunk cumsum of
+log w, Gp = G - log w, g = G[C-1] (the chunk's total log decay):
+
+    A = alpha e^Gp,  Bh = beta e^-G,  Kh = k e^-G,  Q = q e^G                      [C, N]
+    M = tril(A Bh^T, -1),  P = tril(A Kh^T, -1),  Tinv = (I - M)^-1                [C, C]
+    W = Tinv A,  Uv = Tinv P V,  U = W S^T + Uv                                     [C, N]
+    S' = S diag(e^g) + U^T Bend + V^T Kend,   Bend = beta e^(g-G),  Kend = k e^(g-G)
+    O  = Q S^T + tril(Q Bh^T) U + tril(Q Kh^T) V                                    (each readout)
+
+Kernels (forward):
+  _prep_kernel   grid (B*H, chunks)       G, W, Uv, Tinv per chunk (pass 1, parallel)
+  _state_kernel  grid (B*H, N/BV)         over chunks: U, S at each chunk start, S_T (pass 2)
+  _read_kernel   grid (B*K, chunks, N/BV) O for a query, y (q = r) or z (q = xs) (pass 3)
+
+Backward, reverse mode through the same formulas (derivation in `reference_backward`):
+  _read_bwd_kernel grid (B*K, chunks)     per readout (q, dO): dq = dQ e^G and its chunk-local
+        terms dG += dQ*Q, dU += tril(Q Bh^T)^T dO, dV += tril(Q Kh^T)^T dO,
+        dBh += tril(dO U^T)^T Q, dKh += tril(dO V^T)^T Q, with
+        dQ = dO S + tril(dO U^T) Bh + tril(dO V^T) Kh. The SSE readout's runs first (its dq
+        is needed before dy is known), the r readout's adds to the same buffers.
+  _dstate_kernel grid (B*H, N/BV)         reverse over chunks: dS at each chunk end and
+        dU += Bend dS'^T;  dS = dS' diag(e^g) + dU^T W + dy^T Q_r + dz^T Q_z.
+  _bwd_kernel    grid (B*H, chunks)       every chunk-local gradient, given dS' and dU:
+        dW = dU S, dWt = Tinv^T dW, dUt = Tinv^T dU, dM = tril(dWt W^T + dUt Uv^T, -1),
+        dP = tril(dUt V^T, -1), dA = dWt + dM Bh + dP Kh, dBh += dM^T A, dKh += dP^T A, ...
+        then log space: dG -> d log w by a reverse cumulative sum.
+
+Range: log w >= -0.6065, so for C <= 64 every e^-G < 1e17 and every product above that pairs
+a large factor with a small one stays <= 1 in size: float32 throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import DECAY_SCALE
+
+CHUNK_SIZES = (16, 32, 64)
+_DECAY = tl.constexpr(DECAY_SCALE)
+# tl.dot precision on a GPU: "ieee" is exact float32 (the tests' 1e-4); "tf32x3" is near it on
+# tensor cores and "tf32" faster still: to be measured (docs/kernels.md). The interpreter
+# ignores it (numpy matmul in float32).
+DOT_PRECISION = "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: chunk-local WY factors
+
+
+@triton.jit
+def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_ptr,
+                 T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    t = c * C + rows
+    m = (t < T)[:, None]
+    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
+    x = tl.load(w_ptr + io, mask=m, other=0.0).to(tl.float32)
+    logw = tl.where(m, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0)  # padding: log w = 0
+    G = tl.cumsum(logw, axis=0)
+    kk = tl.load(kk_ptr + io, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + io, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + io, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + io, mask=m, other=0.0).to(tl.float32)
+    A = -kk * tl.exp(G - logw)
+    ig = tl.exp(-G)
+    Bh = kk * a * ig
+    Kh = k * ig
+    strict = rows[:, None] > rows[None, :]
+    M = tl.where(strict, tl.dot(A, tl.trans(Bh), input_precision=PREC), 0.0)
+    P = tl.where(strict, tl.dot(A, tl.trans(Kh), input_precision=PREC), 0.0)
+    # Forward substitution: Tinv[t] = e_t + sum_{s<t} M[t, s] Tinv[s] (rows >= t are still e_t).
+    Ti = (rows[:, None] == rows[None, :]).to(tl.float32)
+    for s in range(1, C):
+        sel = rows[:, None] == s
+        m_row = tl.sum(tl.where(sel, M, 0.0), axis=0)
+        Ti = tl.where(sel, Ti + tl.sum(m_row[:, None] * Ti, axis=0)[None, :], Ti)
+    Wf = tl.dot(Ti, A, input_precision=PREC)
+    Uv = tl.dot(Ti, tl.dot(P, v, input_precision=PREC), input_precision=PREC)
+    co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
+    tl.store(g_ptr + co, G)
+    tl.store(wf_ptr + co, Wf)
+    tl.store(uv_ptr + co, Uv)
+    tl.store(ti_ptr + (bh * NC + c) * C * C + rows[:, None] * C + rows[None, :], Ti)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: the state carry over chunks
+
+
+@triton.jit
+def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
+                  u_ptr, states_ptr, sT_ptr,
+                  T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                  HAS_S0: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1) * BV + tl.arange(0, BV)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    soff = vb[:, None] * N + cols[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + bh * N * N + soff)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    for c in range(NC):
+        tl.store(states_ptr + (bh * NC + c) * N * N + soff, S)
+        t = c * C + rows
+        m = (t < T)[:, None]
+        io = (b * T * H + h) * N + t[:, None] * H * N
+        cb = (bh * NC + c) * C * N + rows[:, None] * N
+        kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
+        G = tl.load(g_ptr + cb + cols[None, :])
+        g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
+        Wf = tl.load(wf_ptr + cb + cols[None, :])
+        U = tl.dot(Wf, tl.trans(S), input_precision=PREC) + tl.load(uv_ptr + cb + vb[None, :])
+        tl.store(u_ptr + cb + vb[None, :], U)
+        e = tl.exp(g[None, :] - G)  # decay to the chunk end, <= 1
+        S = (S * tl.exp(g)[None, :] + tl.dot(tl.trans(U), kk * a * e, input_precision=PREC)
+             + tl.dot(tl.trans(v), k * e, input_precision=PREC))
+    tl.store(sT_ptr + bh * N * N + soff, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 3: readout O = S_t q_t
+
+
+@triton.jit
+def _read_kernel(q_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr, o_ptr,
+                 T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
+                 BV: tl.constexpr, PREC: tl.constexpr):
+    bk = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    vb = tl.program_id(2) * BV + tl.arange(0, BV)
+    b = bk // K
+    h = bk % K
+    bh = b * H + h
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    t = c * C + rows
+    m = (t < T)[:, None]
+    io = (b * T * H + h) * N + t[:, None] * H * N
+    qo = (b * T * K + h) * N + t[:, None] * K * N
+    cb = (bh * NC + c) * C * N + rows[:, None] * N
+    G = tl.load(g_ptr + cb + cols[None, :])
+    q = tl.load(q_ptr + qo + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
+    S = tl.load(states_ptr + (bh * NC + c) * N * N + vb[:, None] * N + cols[None, :])
+    U = tl.load(u_ptr + cb + vb[None, :])
+    Q = q * tl.exp(G)
+    ig = tl.exp(-G)
+    causal = rows[:, None] >= rows[None, :]
+    Dq = tl.where(causal, tl.dot(Q, tl.trans(kk * a * ig), input_precision=PREC), 0.0)
+    Eq = tl.where(causal, tl.dot(Q, tl.trans(k * ig), input_precision=PREC), 0.0)
+    O = (tl.dot(Q, tl.trans(S), input_precision=PREC) + tl.dot(Dq, U, input_precision=PREC)
+         + tl.dot(Eq, v, input_precision=PREC))
+    tl.store(o_ptr + qo + vb[None, :], O.to(o_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr,
+                     dq_ptr, dg_ptr, du_ptr, dv_ptr, dbh_ptr, dkh_ptr,
+                     T, NC, KADD, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                     C: tl.constexpr, PREC: tl.constexpr):
+    """dq for a readout, and its chunk-local terms stored into (h >= KADD) or added to
+    (h < KADD) the buffers dG, dU, dV, dBh, dKh [B, H, NC, C, N]."""
+    bk = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = bk // K
+    h = bk % K
+    bh = b * H + h
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    t = c * C + rows
+    m = (t < T)[:, None]
+    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
+    qo = (b * T * K + h) * N + t[:, None] * K * N + cols[None, :]
+    co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
+    G = tl.load(g_ptr + co)
+    q = tl.load(q_ptr + qo, mask=m, other=0.0).to(tl.float32)
+    dO = tl.load(do_ptr + qo, mask=m, other=0.0).to(tl.float32)
+    kk = tl.load(kk_ptr + io, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + io, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + io, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + io, mask=m, other=0.0).to(tl.float32)
+    S = tl.load(states_ptr + (bh * NC + c) * N * N + cols[:, None] * N + cols[None, :])
+    U = tl.load(u_ptr + co)
+    eg = tl.exp(G)
+    ig = tl.exp(-G)
+    Q = q * eg
+    Bh = kk * a * ig
+    Kh = k * ig
+    causal = rows[:, None] >= rows[None, :]
+    DU = tl.where(causal, tl.dot(dO, tl.trans(U), input_precision=PREC), 0.0)
+    DV = tl.where(causal, tl.dot(dO, tl.trans(v), input_precision=PREC), 0.0)
+    dQ = (tl.dot(dO, S, input_precision=PREC) + tl.dot(DU, Bh, input_precision=PREC)
+          + tl.dot(DV, Kh, input_precision=PREC))
+    tl.store(dq_ptr + qo, dQ * eg, mask=m)
+    Dq = tl.where(causal, tl.dot(Q, tl.trans(Bh), input_precision=PREC), 0.0)
+    Eq = tl.where(causal, tl.dot(Q, tl.trans(Kh), input_precision=PREC), 0.0)
+    dG = dQ * Q
+    dU = tl.dot(tl.trans(Dq), dO, input_precision=PREC)
+    dV = tl.dot(tl.trans(Eq), dO, input_precision=PREC)
+    dBh = tl.dot(tl.trans(DU), Q, input_precision=PREC)
+    dKh = tl.dot(tl.trans(DV), Q, input_precision=PREC)
+    if h < KADD:
+        dG += tl.load(dg_ptr + co)
+        dU += tl.load(du_ptr + co)
+        dV += tl.load(dv_ptr + co)
+        dBh += tl.load(dbh_ptr + co)
+        dKh += tl.load(dkh_ptr + co)
+    tl.store(dg_ptr + co, dG)
+    tl.store(du_ptr + co, dU)
+    tl.store(dv_ptr + co, dV)
+    tl.store(dbh_ptr + co, dBh)
+    tl.store(dkh_ptr + co, dKh)
+
+
+@triton.jit
+def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, du_ptr,
+                   dsT_ptr, dstates_ptr, ds0_ptr,
+                   T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
+                   BV: tl.constexpr, HAS_DST: tl.constexpr, HAS_Z: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dS' at every chunk end (dstates) and dU += Bend dS'^T in place, last chunk first."""
+    bh = tl.program_id(0).to(tl.int64)
+    vb = tl.program_id(1) * BV + tl.arange(0, BV)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    soff = vb[:, None] * N + cols[None, :]
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + bh * N * N + soff)
+    else:
+        dS = tl.zeros([BV, N], dtype=tl.float32)
+    for ci in range(NC):
+        c = NC - 1 - ci
+        tl.store(dstates_ptr + (bh * NC + c) * N * N + soff, dS)
+        t = c * C + rows
+        m = (t < T)[:, None]
+        io = (b * T * H + h) * N + t[:, None] * H * N
+        cb = (bh * NC + c) * C * N + rows[:, None] * N
+        G = tl.load(g_ptr + cb + cols[None, :])
+        g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
+        kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dU = (tl.load(du_ptr + cb + vb[None, :])
+              + tl.dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), input_precision=PREC))
+        tl.store(du_ptr + cb + vb[None, :], dU)
+        eg = tl.exp(G)
+        r = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
+        dS = (dS * tl.exp(g)[None, :]
+              + tl.dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), input_precision=PREC)
+              + tl.dot(tl.trans(dy), r * eg, input_precision=PREC))
+        if HAS_Z:
+            mz = m & (h < K)
+            qo = (b * T * K + h) * N + t[:, None] * K * N
+            q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
+            dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)
+            dS += tl.dot(tl.trans(dz), q * eg, input_precision=PREC)
+    tl.store(ds0_ptr + bh * N * N + soff, dS)
+
+
+@triton.jit
+def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_ptr, u_ptr,
+                states_ptr, dstates_ptr, du_ptr, dg_ptr, dv_acc_ptr, dbh_ptr, dkh_ptr,
+                dw_ptr, dk_ptr, dv_ptr, dkk_ptr, da_ptr,
+                T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, C)
+    cols = tl.arange(0, N)
+    t = c * C + rows
+    m = (t < T)[:, None]
+    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
+    co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
+    so = (bh * NC + c) * N * N + cols[:, None] * N + cols[None, :]
+    x = tl.load(w_ptr + io, mask=m, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-x))
+    logw = tl.where(m, sig * _DECAY, 0.0)
+    kk = tl.load(kk_ptr + io, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + io, mask=m, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + io, mask=m, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + io, mask=m, other=0.0).to(tl.float32)
+    G = tl.load(g_ptr + co)
+    g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
+    S = tl.load(states_ptr + so)
+    dSn = tl.load(dstates_ptr + so)
+    U = tl.load(u_ptr + co)
+    dU = tl.load(du_ptr + co)
+    dG = tl.load(dg_ptr + co)
+    dV = tl.load(dv_acc_ptr + co)
+    dBh = tl.load(dbh_ptr + co)
+    dKh = tl.load(dkh_ptr + co)
+    beta = kk * a
+    # Through S' = S diag(e^g) + U^T Bend + V^T Kend (S's own gradient is _dstate_kernel's).
+    e = tl.exp(g[None, :] - G)
+    Bend = beta * e
+    Kend = k * e
+    dg = tl.exp(g) * tl.sum(dSn * S, axis=0)
+    dBend = tl.dot(U, dSn, input_precision=PREC)
+    dKend = tl.dot(v, dSn, input_precision=PREC)
+    dV += tl.dot(Kend, tl.trans(dSn), input_precision=PREC)
+    dbeta = dBend * e
+    dk = dKend * e
+    t1 = dBend * Bend + dKend * Kend
+    dg += tl.sum(t1, axis=0)
+    dG -= t1
+    # Through U = W S^T + Uv, W = Tinv A, Uv = Tinv P V, Tinv = (I - M)^-1.
+    Wf = tl.load(wf_ptr + co)
+    Uv = tl.load(uv_ptr + co)
+    Ti = tl.load(ti_ptr + (bh * NC + c) * C * C + rows[:, None] * C + rows[None, :])
+    dW = tl.dot(dU, S, input_precision=PREC)
+    dWt = tl.dot(tl.trans(Ti), dW, input_precision=PREC)
+    dUt = tl.dot(tl.trans(Ti), dU, input_precision=PREC)
+    strict = rows[:, None] > rows[None, :]
+    dM = tl.where(strict, tl.dot(dWt, tl.trans(Wf), input_precision=PREC)
+                  + tl.dot(dUt, tl.trans(Uv), input_precision=PREC), 0.0)
+    dP = tl.where(strict, tl.dot(dUt, tl.trans(v), input_precision=PREC), 0.0)
+    ig = tl.exp(-G)
+    egp = tl.exp(G - logw)
+    A = -kk * egp
+    Bh = beta * ig
+    Kh = k * ig
+    P = tl.where(strict, tl.dot(A, tl.trans(Kh), input_precision=PREC), 0.0)
+    dV += tl.dot(tl.trans(P), dUt, input_precision=PREC)
+    dA = dWt + tl.dot(dM, Bh, input_precision=PREC) + tl.dot(dP, Kh, input_precision=PREC)
+    dBh += tl.dot(tl.trans(dM), A, input_precision=PREC)
+    dKh += tl.dot(tl.trans(dP), A, input_precision=PREC)
+    # Through A = alpha e^Gp, Bh = beta e^-G, Kh = k e^-G, then log space.
+    dbeta += dBh * ig
+    dk += dKh * ig
+    dG -= dBh * Bh + dKh * Kh
+    dGp = dA * A
+    dG += dGp + tl.where(rows[:, None] == C - 1, dg[None, :], 0.0)
+    dlogw = tl.cumsum(dG, axis=0, reverse=True) - dGp
+    tl.store(dw_ptr + io, dlogw * _DECAY * sig * (1.0 - sig), mask=m)
+    tl.store(dk_ptr + io, dk, mask=m)
+    tl.store(dv_ptr + io, dV, mask=m)
+    tl.store(dkk_ptr + io, dbeta * a - dA * egp, mask=m)
+    tl.store(da_ptr + io, dbeta * kk, mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _block_v(N: int, device: torch.device) -> int:
+    """Value rows of S per program in the sequential passes: 32 on a GPU (B*H*N/32 programs,
+    a [32, N] state block), all N under the interpreter (its cost is per operation)."""
+    return min(N, 32) if device.type == "cuda" else N
+
+
+class ChunkSaved:
+    """What pass 1 and 2 leave for the readouts and the backward pass.
+
+    G, W, Uv, U [B, H, NC, C, N] f32; Tinv [B, H, NC, C, C] f32; states [B, H, NC, N, N] f32
+    (each chunk's initial state); the inputs k, v, kk, a, w_raw [B, T, H, N] as given.
+    """
+
+    def __init__(self, C, T, BV, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states):
+        self.C, self.T, self.BV = C, T, BV
+        self.w_raw, self.k, self.v, self.kk, self.a = w_raw, k, v, kk, a
+        self.G, self.W, self.Uv, self.Tinv, self.U, self.states = G, W, Uv, Tinv, U, states
+
+
+def chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0=None, chunk_size: int = 16, block_v: int | None = None):
+    """Passes 1-3 for the query r.
+
+    Args: r, w_raw, k, v, kk, a [B, T, H, N] contiguous, any float dtype; S0 [B, H, N, N]
+        float32 or None; chunk_size C in (16, 32, 64).
+    Returns: y [B, T, H, N] (dtype of r), S_T [B, H, N, N] f32, saved (ChunkSaved).
+    """
+    B, T, H, N = k.shape
+    C = chunk_size
+    NC = triton.cdiv(T, C)
+    BV = block_v or _block_v(N, k.device)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    G, W, Uv, U = (torch.empty(B, H, NC, C, N, **f32) for _ in range(4))
+    Tinv = torch.empty(B, H, NC, C, C, **f32)
+    states = torch.empty(B, H, NC, N, N, **f32)
+    sT = torch.empty(B, H, N, N, **f32)
+    _prep_kernel[(B * H, NC)](w_raw, k, v, kk, a, G, W, Uv, Tinv, T, NC, H=H, N=N, C=C,
+                              PREC=DOT_PRECISION, num_warps=4)
+    _state_kernel[(B * H, N // BV)](k, v, kk, a, S0 if S0 is not None else sT, G, W, Uv, U, states, sT,
+                                    T, NC, H=H, N=N, C=C, BV=BV, HAS_S0=S0 is not None,
+                                    PREC=DOT_PRECISION, num_warps=4)
+    saved = ChunkSaved(C, T, BV, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states)
+    return chunk_wkv7_read(saved, r), sT, saved
+
+
+def chunk_wkv7_read(saved: ChunkSaved, q):
+    """Pass 3: z_t = S_t q_t for q [B, T, K, N] (contiguous, K <= H, the first K heads): dtype of q."""
+    B, T, H, N = saved.k.shape
+    K = q.shape[2]
+    NC = saved.states.shape[2]
+    out = torch.empty_like(q)
+    _read_kernel[(B * K, NC, N // saved.BV)](
+        q, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states, out,
+        T, NC, H=H, K=K, N=N, C=saved.C, BV=saved.BV, PREC=DOT_PRECISION, num_warps=4)
+    return out
+
+
+def chunk_wkv7_read_bwd(saved: ChunkSaved, q, dO, acc=None):
+    """Backward of one readout: returns dq [B, T, K, N] f32 and `acc`, the chunk-local gradient
+    buffers (dG, dU, dV, dBh, dKh, each [B, H, NC, C, N] f32) with this readout's terms stored
+    (acc None) or added (acc from an earlier readout over its first acc.K heads)."""
+    B, T, H, N = saved.k.shape
+    K = q.shape[2]
+    NC = saved.states.shape[2]
+    if acc is None:
+        acc = _Acc([torch.empty_like(saved.G) for _ in range(5)], 0)
+    dq = torch.empty(B, T, K, N, device=q.device, dtype=torch.float32)
+    _read_bwd_kernel[(B * K, NC)](
+        q, dO, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states,
+        dq, *acc.bufs, T, NC, acc.K, H=H, K=K, N=N, C=saved.C, PREC=DOT_PRECISION, num_warps=4)
+    acc.K = max(acc.K, K)
+    return dq, acc
+
+
+class _Acc:
+    def __init__(self, bufs, K):
+        self.bufs, self.K = bufs, K
+
+
+def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=None):
+    """Gradients (f32) of r, w_raw, k, v, kk, a and S0 given dy (readout r), optionally dz
+    (readout q, its chunk-local terms already in `acc` from chunk_wkv7_read_bwd) and dS_T."""
+    B, T, H, N = saved.k.shape
+    C, NC, BV = saved.C, saved.states.shape[2], saved.BV
+    dr, acc = chunk_wkv7_read_bwd(saved, r, dy, acc)
+    dG, dU, dV_acc, dBh, dKh = acc.bufs
+    has_z = dz is not None
+    K = q.shape[2] if has_z else 1
+    dstates = torch.empty_like(saved.states)
+    dS0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
+    _dstate_kernel[(B * H, N // BV)](
+        r, dy, q if has_z else r, dz if has_z else dy, saved.kk, saved.a, saved.G, saved.W, dU,
+        dS_T if dS_T is not None else dS0, dstates, dS0,
+        T, NC, H=H, K=K, N=N, C=C, BV=BV, HAS_DST=dS_T is not None, HAS_Z=has_z,
+        PREC=DOT_PRECISION, num_warps=4)
+    dw, dk, dv, dkk, da = (torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5))
+    _bwd_kernel[(B * H, NC)](
+        saved.w_raw, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.W, saved.Uv, saved.Tinv,
+        saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, dw, dk, dv, dkk, da,
+        T, NC, H=H, N=N, C=C, PREC=DOT_PRECISION, num_warps=4)
+    return dr, dw, dk, dv, dkk, da, dS0
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd (the two-function pattern of sequential.py) and the public entry point
+
+
+class _Shared:
+    """What the sequence pass and its readout share: pass 1-2 results, the readout's query and,
+    during backward, dz and its chunk-local gradient buffers (the readout's backward runs first)."""
+
+    def __init__(self, C, BV):
+        self.C, self.BV = C, BV
+        self.saved = None
+        self.q = None
+        self.dz = None
+        self.acc = None
+
+
+class _ChunkWKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w_raw, k, v, kk, a, S0, shared):
+        y, sT, shared.saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, shared.C, shared.BV)
+        ctx.save_for_backward(r, w_raw, k, v, kk, a)
+        ctx.shared = shared
+        ctx.has_s0 = S0 is not None
+        # `link` carries no value: the readout consumes it, so autograd runs the readout's
+        # backward (which leaves dz in `shared`) before this one.
+        return y, sT, sT.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, dy, dS_T, _dlink):
+        r, w_raw, k, v, kk, a = ctx.saved_tensors  # (version-checked) same tensors as sh.saved's
+        sh = ctx.shared
+        dz, acc = sh.dz, sh.acc
+        sh.dz = sh.acc = None
+        grads = chunk_wkv7_bwd(sh.saved, r, dy.contiguous(), dS_T.contiguous(),
+                               sh.q if dz is not None else None, dz, acc)
+        dr, dw, dk, dv, dkk, da, dS0 = grads
+        out = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, dkk, da), (r, w_raw, k, v, kk, a))]
+        return (*out, dS0 if ctx.has_s0 else None, None)
+
+
+class _ChunkRead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, link, shared):
+        shared.q = q
+        ctx.shared = shared
+        return chunk_wkv7_read(shared.saved, q)
+
+    @staticmethod
+    def backward(ctx, dz):
+        sh = ctx.shared
+        sh.dz = dz.contiguous()
+        dq, sh.acc = chunk_wkv7_read_bwd(sh.saved, sh.q, sh.dz)
+        return dq.to(sh.q.dtype), torch.zeros((), device=dz.device), None
+
+
+def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None):
+    """WKV-7 over a sequence by the chunked (WY) kernels: same contract as `triton_wkv7`.
+
+    Args:
+        r, w_raw, k, v, kk, a: [B, T, H, N], float32/bfloat16/float16. w_raw is the decay
+            pre-activation: log w = -0.6065306597126334 * sigmoid(w_raw), in float32.
+        S0: [B, H, N, N] float32 initial state (row = value index), zeros if None.
+        chunk_size: tokens per chunk, 16, 32 or 64 (tl.dot needs >= 16; 1/Gamma overflows
+            float32 past 64).
+        block_v: value rows of S per program in the sequential passes (a power of two in
+            [16, N]); default by device.
+    Returns:
+        y [B, T, H, N] = S_t r_t (dtype of r), S_T [B, H, N, N] float32, and
+        read(q): q [B, T, K, N], K <= H -> z [B, T, K, N] = S_t q_t over the first K heads
+        (dtype of q), at most once; the backward pass adds both readouts' state gradients.
+    """
+    # Imported here: triton_ops may import this module to offer the chunked path.
+    from .triton_ops import WKV7InputError, _check_inputs, _check_query, _check_state
+
+    names = ("r", "w_raw", "k", "v", "kk", "a")
+    _check_inputs(names, (r, w_raw, k, v, kk, a), 4)
+    B, T, H, N = k.shape
+    if T == 0:
+        raise WKV7InputError("sequence length T must be at least 1")
+    if chunk_size not in CHUNK_SIZES:
+        raise WKV7InputError(f"chunk_size = {chunk_size} is not supported; expected one of {CHUNK_SIZES}")
+    BV = block_v or _block_v(N, k.device)
+    if not 16 <= BV <= N or BV & (BV - 1):
+        raise WKV7InputError(f"block_v = {BV} must be a power of two in [16, N = {N}]")
+    if S0 is not None:
+        _check_state(S0, B, H, N, k.device)
+        S0 = S0.contiguous()
+    r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
+    shared = _Shared(chunk_size, BV)
+    y, sT, link = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
+
+    def read(q):
+        if shared.q is not None:
+            raise WKV7InputError("read(q) may be called once per chunk_wkv7 call")
+        _check_query(q, B, (B, T), H, N)
+        if q.device != k.device:
+            raise WKV7InputError(f"query is on {q.device}, the inputs on {k.device}")
+        return _ChunkRead.apply(q.contiguous(), link, shared)
+
+    return y, sT, read
+
+
+# ---------------------------------------------------------------------------------------------
+# The same forward and backward in plain torch ops (any dtype, float64 in tests): the executable
+# derivation the kernels follow line by line. No autograd; not a production path.
+
+
+def _chunks(x, C):
+    """[B, T, H, N] -> [B, H, NC, C, N], zero padded at the end (identity steps)."""
+    B, T, H, N = x.shape
+    NC = -(-T // C)
+    x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, NC * C - T))
+    return x.view(B, NC, C, H, N).permute(0, 3, 1, 2, 4)
+
+
+def _unchunk(x, T):
+    B, H, NC, C, N = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, N)[:, :T]
+
+
+def _tr(x):
+    return x.transpose(-1, -2)
+
+
+def reference_forward(r, w_raw, k, v, kk, a, S0, C):
+    """Passes 1-3 in torch, in the dtype of the inputs: (y, S_T, saved dict)."""
+    B, T, H, N = k.shape
+    logw = _chunks(DECAY_SCALE * torch.sigmoid(w_raw), C)
+    k, v, kk, a = (_chunks(x, C) for x in (k, v, kk, a))
+    G = logw.cumsum(-2)
+    A, Bh, Kh = -kk * torch.exp(G - logw), kk * a * torch.exp(-G), k * torch.exp(-G)
+    M, P = torch.tril(A @ _tr(Bh), -1), torch.tril(A @ _tr(Kh), -1)
+    eye = torch.eye(C, dtype=k.dtype)
+    Ti = torch.linalg.solve_triangular(eye - M, eye.expand_as(M), upper=False, unitriangular=True)
+    W, Uv = Ti @ A, Ti @ P @ v
+    g = G[..., -1:, :]
+    Bend, Kend = kk * a * torch.exp(g - G), k * torch.exp(g - G)
+    S, states, Us = S0, [], []
+    for c in range(G.shape[2]):
+        states.append(S)
+        Us.append(W[:, :, c] @ _tr(S) + Uv[:, :, c])
+        S = S * torch.exp(g[:, :, c]) + _tr(Us[-1]) @ Bend[:, :, c] + _tr(v[:, :, c]) @ Kend[:, :, c]
+    sv = dict(C=C, T=T, logw=logw, sig=_chunks(torch.sigmoid(w_raw), C), k=k, v=v, kk=kk, a=a,
+              G=G, A=A, Bh=Bh, Kh=Kh, P=P, Ti=Ti, W=W, Uv=Uv, U=torch.stack(Us, 2),
+              states=torch.stack(states, 2))
+    return reference_read(sv, r), S, sv
+
+
+def reference_read(sv, q):
+    """Pass 3 for q [B, T, K, N]."""
+    K = q.shape[2]
+    Q = _chunks(q, sv["C"]) * torch.exp(sv["G"][:, :K])
+    O = (Q @ _tr(sv["states"][:, :K]) + torch.tril(Q @ _tr(sv["Bh"][:, :K])) @ sv["U"][:, :K]
+         + torch.tril(Q @ _tr(sv["Kh"][:, :K])) @ sv["v"][:, :K])
+    return _unchunk(O, sv["T"])
+
+
+def _reference_read_bwd(sv, q, dO):
+    """One readout's backward: dq [B, T, K, N] and its chunk-local terms (dG, dU, dV, dBh, dKh)."""
+    K = q.shape[2]
+    C = sv["C"]
+    G, Bh, Kh, U, v = (sv[n][:, :K] for n in ("G", "Bh", "Kh", "U", "v"))
+    Q, dO = _chunks(q, C) * torch.exp(G), _chunks(dO, C)
+    DU, DV = torch.tril(dO @ _tr(U)), torch.tril(dO @ _tr(v))
+    dQ = dO @ sv["states"][:, :K] + DU @ Bh + DV @ Kh
+    terms = (dQ * Q, _tr(torch.tril(Q @ _tr(Bh))) @ dO, _tr(torch.tril(Q @ _tr(Kh))) @ dO,
+             _tr(DU) @ Q, _tr(DV) @ Q)
+    return _unchunk(dQ * torch.exp(G), sv["T"]), terms
+
+
+def reference_backward(sv, r, dy, dS_T, q=None, dz=None):
+    """Gradients of r, w_raw, k, v, kk, a, S0 (and q if given) for dy, dz, dS_T."""
+    C, T = sv["C"], sv["T"]
+    H = r.shape[2]
+    dr, (dG, dU, dV, dBh, dKh) = _reference_read_bwd(sv, r, dy)
+    dq = None
+    if dz is not None:  # the SSE readout's terms land on its first K heads
+        K = q.shape[2]
+        dq, terms = _reference_read_bwd(sv, q, dz)
+        for acc, t in zip((dG, dU, dV, dBh, dKh), terms):
+            acc[:, :K] += t
+    G, W, S_all = sv["G"], sv["W"], sv["states"]
+    g = G[..., -1:, :]
+    e = torch.exp(g - G)
+    Qr = _chunks(r, C) * torch.exp(G)
+    dyc = _chunks(dy, C)
+    # Reverse over chunks: dS' (gradient at each chunk end) and dU += Bend dS'^T.
+    dS, dSn = dS_T, torch.empty_like(S_all)
+    for c in reversed(range(G.shape[2])):
+        dSn[:, :, c] = dS
+        dU[:, :, c] += (sv["kk"] * sv["a"] * e)[:, :, c] @ _tr(dS)
+        dS = dS * torch.exp(g[:, :, c]) + _tr(dU[:, :, c]) @ W[:, :, c] + _tr(dyc[:, :, c]) @ Qr[:, :, c]
+        if dz is not None:
+            K = q.shape[2]
+            Qz = _chunks(q, C)[:, :, c] * torch.exp(G[:, :K, c])
+            dS[:, :K] += _tr(_chunks(dz, C)[:, :, c]) @ Qz
+    # Chunk-local gradients, every chunk at once.
+    S, v, kk, a, k = S_all, sv["v"], sv["kk"], sv["a"], sv["k"]
+    beta = kk * a
+    Bend, Kend = beta * e, k * e
+    dg = torch.exp(g) * (dSn * S).sum(-2, keepdim=True)
+    dBend, dKend = sv["U"] @ dSn, v @ dSn
+    dV = dV + Kend @ _tr(dSn)
+    dbeta, dk = dBend * e, dKend * e
+    t1 = dBend * Bend + dKend * Kend
+    dg = dg + t1.sum(-2, keepdim=True)
+    dG = dG - t1
+    dW = dU @ S
+    dWt, dUt = _tr(sv["Ti"]) @ dW, _tr(sv["Ti"]) @ dU
+    dM = torch.tril(dWt @ _tr(W) + dUt @ _tr(sv["Uv"]), -1)
+    dP = torch.tril(dUt @ _tr(v), -1)
+    A = sv["A"]
+    dV = dV + _tr(sv["P"]) @ dUt
+    dA = dWt + dM @ sv["Bh"] + dP @ sv["Kh"]
+    dBh = dBh + _tr(dM) @ A
+    dKh = dKh + _tr(dP) @ A
+    ig = torch.exp(-G)
+    dbeta = dbeta + dBh * ig
+    dk = dk + dKh * ig
+    dG = dG - dBh * sv["Bh"] - dKh * sv["Kh"]
+    dGp = dA * A
+    dG = dG + dGp
+    dG[..., -1:, :] += dg
+    dlogw = dG.flip(-2).cumsum(-2).flip(-2) - dGp
+    sig = sv["sig"]
+    dw = dlogw * DECAY_SCALE * sig * (1 - sig)
+    dkk = dbeta * a - dA * torch.exp(G - sv["logw"])
+    out = [_unchunk(x, T) for x in (dw, dk, dV, dkk, dbeta * kk)]
+    return (dr, *out, dS, dq)

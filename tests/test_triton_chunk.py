@@ -1,0 +1,195 @@
+"""Chunked (WY, tensor-core) WKV-7 kernels vs the plain-torch twin (naive_wkv7) and the NumPy
+float64 references (RecurrentWKV, ChunkedWKV).
+
+On a machine without CUDA the kernels run under Triton's interpreter (tests/conftest.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from backends.cuda.ops.wkv7 import DECAY_SCALE, WKV7InputError, decay_log, naive_wkv7  # noqa: E402
+from backends.cuda.ops.wkv7.chunk import (  # noqa: E402
+    chunk_wkv7,
+    chunk_wkv7_fwd,
+    chunk_wkv7_read,
+    reference_backward,
+    reference_forward,
+)
+from metastate_core.chunked import ChunkedWKV  # noqa: E402
+from metastate_core.errors import MetaStateError  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("r", "w_raw", "k", "v", "kk", "a", "S0", "q")
+
+
+def rel_rms(x, ref):
+    x, ref = (torch.as_tensor(t).double().cpu() for t in (x, ref))
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def make_inputs(B, T, H, N, K, seed=0):
+    """RWKV-7-like inputs (unit-norm kk, a in (0, 1)), non-zero S0, a query and cotangents."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r, k, v = rnd(B, T, H, N), rnd(B, T, H, N) * 0.5, rnd(B, T, H, N)
+    w_raw = rnd(B, T, H, N) * 2 - 1
+    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    a = torch.sigmoid(rnd(B, T, H, N))
+    S0 = rnd(B, H, N, N) * 0.3
+    q = rnd(B, T, max(K, 1), N)
+    cot = rnd(B, T, H, N), rnd(B, T, max(K, 1), N), rnd(B, H, N, N)  # dy, dz, dS_T
+    return [x.to(DEV) for x in (r, w_raw, k, v, kk, a, S0, q)], [x.to(DEV) for x in cot]
+
+
+def recurrence64(r, w_raw, k, v, kk, a, S0, q):
+    """SPEC section 2's recurrence with the decay in float64 too (naive_wkv7 keeps it float32)."""
+    S, ys, zs = S0, [], []
+    w = torch.exp(DECAY_SCALE * torch.sigmoid(w_raw))
+    for t in range(k.shape[1]):
+        sa = torch.einsum("bhij,bhj->bhi", S, -kk[:, t])
+        S = (S * w[:, t, :, None, :] + sa[..., None] * (kk[:, t] * a[:, t])[..., None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
+        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+        zs.append(torch.einsum("bhij,bhj->bhi", S[:, :q.shape[2]], q[:, t]))
+    return torch.stack(ys, 1), torch.stack(zs, 1), S
+
+
+def naive_grads(ins, cot, K, dtype=torch.float64, fn=naive_wkv7):
+    """Values and gradients of <y,dy> + <z,dz> + <S_T,dS_T> by autograd through `fn`."""
+    ins = [x.detach().to(dtype).clone().requires_grad_() for x in ins]
+    y, z, sT = fn(*ins[:7], ins[7] if K else None)
+    dy, dz, dS = (c.to(y.dtype) for c in cot)
+    loss = (y * dy).sum() + (sT * dS).sum() + ((z * dz).sum() if K else 0)
+    loss.backward()
+    return (y, z, sT), [x.grad for x in ins[:7 + bool(K)]]
+
+
+@pytest.mark.parametrize("B,T,H,N,C", [(2, 45, 2, 64, 16), (2, 64, 2, 32, 32), (1, 45, 2, 32, 64)])
+def test_forward_and_readout_values(B, T, H, N, C):
+    # T = 45: partial last chunk (masked tail); C = 64 > T: one partial chunk.
+    (r, w_raw, k, v, kk, a, S0, q), _ = make_inputs(B, T, H, N, K=1)
+    y, sT, saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, chunk_size=C)
+    z = chunk_wkv7_read(saved, q)
+    y_n, z_n, sT_n = naive_wkv7(*(x.double() for x in (r, w_raw, k, v, kk, a, S0, q)))
+    for out, ref in ((y, y_n), (z, z_n), (sT, sT_n)):
+        assert rel_rms(out, ref) <= 1e-4
+    # The float64 NumPy chunked reference (an independent port of the same algorithm).
+    npy = lambda x: x.double().cpu().numpy()  # noqa: E731
+    w = np.exp(npy(decay_log(w_raw)))
+    ref = ChunkedWKV(npy(S0), w, npy(k), npy(v), npy(kk), npy(a), chunk_size=C)
+    y_ref = ref.read(npy(r))
+    assert rel_rms(y, y_ref) <= 1e-4
+    assert rel_rms(z, ref.read(npy(q))) <= 1e-4
+    assert rel_rms(sT, ref.final_state) <= 1e-4
+    assert rel_rms(saved.states, ref.states[:, :, :-1]) <= 1e-4  # each chunk's initial state
+
+
+@pytest.mark.parametrize("T,C,K", [(45, 16, 1), (37, 32, 2)])
+def test_reference_backward_is_exact_in_float64(T, C, K):
+    # The explicit chunked backward (the kernels' derivation) vs autograd of the recurrence.
+    B, H, N = 2, 2, 16
+    ins, cot = make_inputs(B, T, H, N, K, seed=1)
+    (y_n, z_n, sT_n), grads_n = naive_grads(ins, cot, K, fn=recurrence64)
+    r, w_raw, k, v, kk, a, S0, q = (x.double().cpu() for x in ins)
+    dy, dz, dS = (x.double().cpu() for x in cot)
+    y, sT, sv = reference_forward(r, w_raw, k, v, kk, a, S0, C)
+    assert rel_rms(y, y_n) <= 1e-10 and rel_rms(sT, sT_n) <= 1e-10
+    grads = reference_backward(sv, r, dy, dS, q, dz)
+    errs = {n: rel_rms(g, gn) for n, g, gn in zip(NAMES, grads, grads_n)}
+    assert all(e <= 1e-12 for e in errs.values()), errs  # measured ~1e-15
+
+
+def check_autograd(B, T, H, N, K, C, seed=0, w_shift=0.0, **kw):
+    ins, cot = make_inputs(B, T, H, N, K, seed)
+    ins[1] = ins[1] + w_shift
+    (y_n, z_n, sT_n), grads_n = naive_grads(ins, cot, K)
+    x = [t.detach().clone().requires_grad_() for t in ins]
+    y, sT, read = chunk_wkv7(*x[:7], chunk_size=C, **kw)
+    dy, dz, dS = cot
+    loss = (y * dy).sum() + (sT * dS).sum()
+    if K:
+        z = read(x[7][:, :, :K])
+        loss = loss + (z * dz).sum()
+        assert rel_rms(z, z_n) <= 1e-4
+    loss.backward()
+    assert rel_rms(y, y_n) <= 1e-4 and rel_rms(sT, sT_n) <= 1e-4
+    errs = {n: rel_rms(t.grad, gn) for n, t, gn in zip(NAMES, x, grads_n)}
+    assert all(e <= 1e-3 for e in errs.values()), errs
+
+
+def test_autograd_n64_t45_c16_partial_readout():
+    # Masked tail; K = 1 < H: the SSE readout's state gradient reaches head 0 only.
+    check_autograd(2, 45, 2, 64, K=1, C=16)
+
+
+def test_autograd_n32_t64_c32_full_readout_value_blocks():
+    # T a multiple of C; K = H; two value blocks per head in the sequential passes.
+    check_autograd(1, 64, 2, 32, K=2, C=32, seed=2, block_v=16)
+
+
+def test_autograd_c64_strongest_decay_without_readout():
+    # w -> exp(-0.6065) everywhere: e^-G reaches e^38.8 within a 64-token chunk; two chunks.
+    check_autograd(1, 100, 2, 16, K=0, C=64, seed=3, w_shift=8.0)
+
+
+def test_readout_unused_in_loss():
+    ins, cot = make_inputs(1, 20, 2, 16, K=1, seed=4)
+    x = [t.detach().clone().requires_grad_() for t in ins[:7]]
+    y, sT, read = chunk_wkv7(*x)
+    read(ins[7])  # z dropped: the loss does not depend on it
+    (y * cot[0]).sum().backward()
+    _, grads_n = naive_grads(ins, (cot[0], cot[1], torch.zeros_like(cot[2])), K=0)
+    for t, gn in zip(x, grads_n):
+        assert rel_rms(t.grad, gn) <= 1e-3
+
+
+def test_batch_rows_do_not_leak_and_prefill_carry():
+    B, T, H, N = 2, 40, 2, 16
+    ins, _ = make_inputs(B, T, H, N, K=2, seed=5)
+    y, sT, read = chunk_wkv7(*ins[:7])
+    z = read(ins[7])
+    for b in range(B):
+        y1, sT1, read1 = chunk_wkv7(*[t[b:b + 1] for t in ins[:7]])
+        # Same programs, same arithmetic per sequence: identical, not merely close.
+        assert torch.equal(y[b:b + 1], y1) and torch.equal(sT[b:b + 1], sT1)
+        assert torch.equal(z[b:b + 1], read1(ins[7][b:b + 1]))
+    # Prefill 21 tokens (a partial chunk), then the rest from the carried state.
+    _, S, _ = chunk_wkv7(*[t[:, :21] for t in ins[:6]], ins[6])
+    y2, sT2, _ = chunk_wkv7(*[t[:, 21:] for t in ins[:6]], S)
+    assert rel_rms(y2, y[:, 21:]) <= 1e-5 and rel_rms(sT2, sT) <= 1e-5
+
+
+def test_bfloat16_inputs():
+    B, T, H, N = 1, 24, 2, 16
+    ins, cot = make_inputs(B, T, H, N, K=2, seed=6)
+    bf = [t.bfloat16() for t in ins[:6]] + [ins[6], ins[7].bfloat16()]
+    # Reference: float32 math on the same bf16-rounded inputs, so only the kernel's rounding counts.
+    (y_n, z_n, sT_n), grads_n = naive_grads(bf, cot, K=2, dtype=torch.float32)
+    x = [t.detach().clone().requires_grad_() for t in bf]
+    y, sT, read = chunk_wkv7(*x[:7])
+    z = read(x[7])
+    ((y.float() * cot[0]).sum() + (z.float() * cot[1]).sum() + (sT * cot[2]).sum()).backward()
+    assert y.dtype == z.dtype == torch.bfloat16 and sT.dtype == torch.float32
+    for out, ref in ((y, y_n), (z, z_n), (sT, sT_n)):
+        assert rel_rms(out, ref) <= 3e-2
+    for t, gn in zip(x, grads_n):
+        assert t.grad.dtype == t.dtype and rel_rms(t.grad, gn) <= 3e-2
+
+
+def test_input_errors():
+    ins, _ = make_inputs(1, 4, 2, 16, K=1)
+    with pytest.raises(WKV7InputError, match="chunk_size"):
+        chunk_wkv7(*ins[:6], chunk_size=8)
+    with pytest.raises(WKV7InputError, match="block_v"):
+        chunk_wkv7(*ins[:6], block_v=8)
+    with pytest.raises(MetaStateError, match="shape"):
+        chunk_wkv7(ins[0][:, :, :1], *ins[1:6])
+    _, _, read = chunk_wkv7(*ins[:6])
+    with pytest.raises(WKV7InputError, match="K <= 2"):
+        read(torch.zeros(1, 4, 3, 16, device=DEV))
+    read(ins[7])
+    with pytest.raises(WKV7InputError, match="once"):
+        read(ins[7])
