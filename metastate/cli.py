@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from metastate.chat import add_parsers as add_chat_parsers  # generate, chat
 
     add_chat_parsers(sub)
+    from metastate.train_cmd import add_parsers as add_train_parsers  # prepare-data, train
+
+    add_train_parsers(sub)
     from metastate.bench import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)

@@ -1,8 +1,8 @@
 """`metastate prepare-data` and `metastate train` (torch backend).
 
     metastate prepare-data --corpus shakespeare --vocab-size 2048 --out data/shakespeare
-    metastate train --config configs/small.toml --max-steps 2000 --out runs/small
-    torchrun --nproc_per_node 8 -m metastate train --config configs/small.toml   # DDP (--fsdp: FSDP2)
+    metastate train --config configs/ablation.toml --max-steps 2000 --out runs/small
+    torchrun --nproc_per_node 8 $(which metastate) train --config configs/ablation.toml   # DDP (--fsdp: FSDP2)
 
 Every TrainConfig field is a flag (`--seq-len`, `--freeze-sse-gate`, ...); flags override the
 config file. `--resume` alone continues the latest checkpoint in --out; `--resume DIR` a given one.

@@ -279,6 +279,9 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model folder is an ordinary folder
     except OSError as e:
         raise WeightsError(f"cannot save model to {path}: {e}") from e
     try:

