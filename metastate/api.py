@@ -300,6 +300,7 @@ _LOADERS = {"numpy": _load_numpy, "torch": _load_torch, "mlx": _load_mlx}
 
 def model_fingerprint(path, cfg: ModelConfig) -> str:
     """sha256 over the model's shape config and the checksums (or sizes) of its weight files."""
+    from weights import WeightsError
     from weights.safetensors_io import read_header
 
     shape = {k: v for k, v in cfg.to_dict().items() if k not in cfg.extra}
@@ -307,8 +308,11 @@ def model_fingerprint(path, cfg: ModelConfig) -> str:
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     for f in files:
-        _, meta = read_header(f)
-        h.update(f"{f.name}:{meta.get('checksum') or f.stat().st_size}".encode())
+        try:
+            checksum = read_header(f)[1].get("checksum")
+        except WeightsError:  # e.g. MLX-quantized weights (uint32), which only MLX reads
+            checksum = None
+        h.update(f"{f.name}:{checksum or f.stat().st_size}".encode())
     return h.hexdigest()
 
 

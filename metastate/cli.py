@@ -228,6 +228,8 @@ def cmd_convert(args) -> int:
     if out.resolve() == src.resolve():
         raise CLIError("--out must differ from the source")
     _check_out(out, args.force)
+    if args.quantize:
+        return _convert_quantized(src, out, args)
     with _progress("convert", 2) as bar:
         cfg, tensors, extra = _load_source(src, args.tokenizer, args.dtype)
         bar.update()
@@ -241,6 +243,21 @@ def cmd_convert(args) -> int:
     print(f"converted {src} -> {out} [{what}]")
     if to_pth and cfg.tokenizer:
         print("note: the .pth format holds no tokenizer; keep the vocab file beside it")
+    return 0
+
+
+def _convert_quantized(src: Path, out: Path, args) -> int:
+    """MLX quantization (mx.quantize of the large matrices), recorded in config.json as mlx-lm does."""
+    if out.suffix in PTH_SUFFIXES or args.to_pth or args.tokenizer:
+        raise CLIError("--quantize writes an MLX model directory: use it with --out DIR, without --to-pth/--tokenizer")
+    if not src.is_dir():
+        raise CLIError("--quantize needs a model directory as the source (convert a .pth first)")
+    try:
+        from backends.mlx import convert as mlx_convert
+    except ImportError as e:
+        raise CLIError(f"--quantize needs the mlx backend ({e}): pip install 'metastate[mlx]'") from None
+    mlx_convert(src, out, bits=args.quantize, group_size=args.group_size, dtype=args.dtype)
+    print(f"converted {src} -> {out} [MLX, {args.quantize}-bit, group size {args.group_size}]")
     return 0
 
 
@@ -309,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DISK_DTYPES, help="dtype on disk (default: keep)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="tokenizer to bundle: RWKV World vocab .txt or sentencepiece .model")
+    p.add_argument("--quantize", type=int, choices=(4, 8), help="MLX: quantize the large matrices to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128), help="quantization group size")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=cmd_convert)
 

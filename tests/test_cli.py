@@ -298,3 +298,18 @@ def test_bench_reports_speeds(tmp_path, capsys):
     assert result["train_tok_s"] > 0 and result["kernels"] == "ops"
     assert main(["bench", "--size", "64,1", "--repeats", "1"]) == 1
     assert "--size expects D,L,V" in capsys.readouterr().err
+
+
+def test_convert_quantize_for_mlx(model, tmp_path, capsys):
+    pytest.importorskip("mlx.core", reason="the mlx extra is not installed")
+    path, cfg, tensors = model
+    q = tmp_path / "q8"
+    rc, out, err = run(["convert", path, "--out", q, "--quantize", "8", "--group-size", "32"], capsys)
+    assert rc == 0, err
+    assert json.loads((q / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 8}
+    err_q = rel_rms(logits_of(q, tmp_path, capsys, "--backend", "mlx"), reference_logits(tensors, cfg))
+    assert 1e-5 < err_q <= 5e-2     # really quantized, and close
+    rc, _, err = run(["logits", "--model", q, "--tokens", "1,2", "--out", tmp_path / "x.npy"], capsys)
+    assert_one_error(rc, err, "MLX-quantized", "--backend mlx")
+    rc, _, err = run(["convert", path, "--out", tmp_path / "q.pth", "--quantize", "4"], capsys)
+    assert_one_error(rc, err, "--quantize writes an MLX model directory")

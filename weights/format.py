@@ -157,6 +157,11 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
     target = None if dtype is None else dtype_name(dtype)
     path = Path(path)
     cfg = load_config(path)
+    quantized = cfg.extra.get("quantization")
+    if quantized:
+        bits = quantized.get("bits", "?") if isinstance(quantized, dict) else "?"
+        raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: only the mlx backend "
+                           "reads them (--backend mlx)")
     if path.is_file():
         tensors, _ = st.read_file(path)
     else:
