@@ -9,11 +9,9 @@ from this command or bench/kernels.py, never from tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -102,7 +102,7 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
     if tokens.ndim == 1:
         tokens = tokens[None]
     B, T = tokens.shape
-    H, N, d = cfg.n_head, cfg.head_size, cfg.d_model
+    H, N = cfg.n_head, cfg.head_size
     st = State.zeros(cfg, B, dtype) if state is None else state.astype(dtype)
 
     def p(name):

@@ -17,7 +17,8 @@ from metastate_core.reference import forward  # noqa: E402
 from metastate_core.sampling import Sampler, SamplingParams  # noqa: E402
 
 from backends.mlx import generate, load, quantize, save, stream_generate  # noqa: E402
-from backends.mlx.model import _unit_lower_inverse, from_weights  # noqa: E402
+from backends.mlx.model import from_weights  # noqa: E402
+from backends.mlx.wkv import _unit_lower_inverse  # noqa: E402
 
 V = 150
 RWKV7 = ModelConfig(vocab_size=V, d_model=64, n_layer=2, head_size=16, n_param_tokens=128)
@@ -223,7 +224,7 @@ def test_metal_kernels_in_the_model_through_cpu_harness(monkeypatch):
     import shutil
 
     from backends.mlx import kernels as metal
-    from backends.mlx.model import metal_ops
+    from backends.mlx.wkv import metal_ops
 
     if not mx.metal.is_available():
         harness = pytest.importorskip("metal_harness")

@@ -153,7 +153,7 @@ def mlx_path(kernels: str):
         model, _ = mlx.load(model_dir, kernels="ops")
         if kernels == "metal":
             from backends.mlx import kernels as metal
-            from backends.mlx.model import metal_ops
+            from backends.mlx.wkv import metal_ops
 
             if not mx.metal.is_available():  # run the same kernel sources on the CPU
                 if shutil.which("g++") is None:

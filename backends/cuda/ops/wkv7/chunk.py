@@ -644,7 +644,6 @@ def _reference_read_bwd(sv, q, dO):
 def reference_backward(sv, r, dy, dS_T, q=None, dz=None):
     """Gradients of r, w_raw, k, v, kk, a, S0 (and q if given) for dy, dz, dS_T."""
     C, T = sv["C"], sv["T"]
-    H = r.shape[2]
     dr, (dG, dU, dV, dBh, dKh) = _reference_read_bwd(sv, r, dy)
     dq = None
     if dz is not None:  # the SSE readout's terms land on its first K heads
