@@ -231,6 +231,9 @@ def cmd_chat(args) -> int:
         raise ChatError(f"{args.model or 'the model'} has no tokenizer, so it cannot chat")
     template = _template(args, model, tokenizer)
     session = ChatSession(model, tokenizer, template, sampling, args.max_tokens)
+    # Ctrl-C must stop an answer even when we were started with SIGINT ignored (a background
+    # job of a non-interactive shell inherits SIG_IGN, and Python then keeps it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become surrogates we can report
         sys.stdin.reconfigure(errors="surrogateescape")
     who = f"you are {template.user}" + (f", the model is {template.assistant}" if template.assistant else "")
