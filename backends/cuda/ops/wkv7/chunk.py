@@ -543,7 +543,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         (dtype of q), at most once; the backward pass adds both readouts' state gradients.
     """
     # Imported here: triton_ops may import this module to offer the chunked path.
-    from .triton_ops import WKV7InputError, _check_inputs, _check_query, _check_state
+    from .triton_ops import WKV7InputError, _check_inputs, _check_state, check_read_once
 
     names = ("r", "w_raw", "k", "v", "kk", "a")
     _check_inputs(names, (r, w_raw, k, v, kk, a), 4)
@@ -563,11 +563,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
     y, sT, link = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
     def read(q):
-        if shared.q is not None:
-            raise WKV7InputError("read(q) may be called once per chunk_wkv7 call")
-        _check_query(q, B, (B, T), H, N)
-        if q.device != k.device:
-            raise WKV7InputError(f"query is on {q.device}, the inputs on {k.device}")
+        check_read_once(shared, q, B, T, H, N, k.device, "chunk_wkv7")
         return _ChunkRead.apply(q.contiguous(), link, shared)
 
     return y, sT, read

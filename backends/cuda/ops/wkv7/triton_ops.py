@@ -60,6 +60,15 @@ def _check_query(q, B, T_shape, H, N, dtype_ok=_DTYPES):
         raise WKV7InputError(f"query has dtype {q.dtype}; expected float32, bfloat16 or float16")
 
 
+def check_read_once(shared, q, B, T, H, N, device, name):
+    """A sequence kernel's read(q): called at most once, with a query [B, T, K <= H, N] on `device`."""
+    if shared.q is not None:
+        raise WKV7InputError(f"read(q) may be called once per {name} call")
+    _check_query(q, B, (B, T), H, N)
+    if q.device != device:
+        raise WKV7InputError(f"query is on {q.device}, the inputs on {device}")
+
+
 def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None):
     """WKV-7 over a sequence, differentiable, with a readout of the same states for a query.
 
@@ -90,11 +99,7 @@ def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None
     y, sT, link = _WKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
     def read(q):
-        if shared.q is not None:
-            raise WKV7InputError("read(q) may be called once per triton_wkv7 call")
-        _check_query(q, B, (B, T), H, N)
-        if q.device != k.device:
-            raise WKV7InputError(f"query is on {q.device}, the inputs on {k.device}")
+        check_read_once(shared, q, B, T, H, N, k.device, "triton_wkv7")
         return _Read.apply(q.contiguous(), link, w_raw, k, v, kk, a, shared)
 
     return y, sT, read
