@@ -39,6 +39,12 @@ class State:
         return State(self.att_x.astype(dtype), self.meta_x.astype(dtype), self.wkv.astype(dtype))
 
 
+def rel_rms(a, b) -> float:
+    """SPEC section 6's parity metric, rms(a - b) / rms(b), in float64 (numpy or torch inputs)."""
+    a, b = (np.asarray(t.detach().cpu().double() if hasattr(t, "detach") else t, np.float64) for t in (a, b))
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 

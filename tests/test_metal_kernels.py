@@ -23,9 +23,7 @@ from metastate_core.reference import DECAY_SCALE, RecurrentWKV, sigmoid  # noqa:
 B, T, H, N = 2, 37, 2, 32   # T = 2 * 16 + 5: the last segment is partial
 
 
-def rel_rms(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def to_np(x):

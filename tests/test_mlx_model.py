@@ -26,9 +26,7 @@ RWKV7 = ModelConfig(vocab_size=V, d_model=64, n_layer=2, head_size=16, n_param_t
 META = ModelConfig(vocab_size=V, d_model=64, n_layer=2, head_size=16, d_att=96, sse_heads=2, n_param_tokens=128)
 
 
-def rel_rms(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def tokens(B, T, seed=1):

@@ -25,8 +25,7 @@ SHAPES = [
 ]
 
 
-def rel_rms(a, b):
-    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - b) ** 2) / np.mean(np.asarray(b, np.float64) ** 2)))
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 @pytest.fixture(scope="module")

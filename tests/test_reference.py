@@ -9,8 +9,7 @@ from metastate_core.params import param_shapes, random_params
 from metastate_core.reference import RecurrentWKV, State, forward, l2_normalize
 
 
-def rel_rms(a, b):
-    return float(np.sqrt(np.mean((np.asarray(a) - b) ** 2) / np.mean(np.asarray(b) ** 2)))
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def small_config(**kw):
@@ -183,3 +182,10 @@ def test_official_lora_rule_defaults():
 def test_config_rejects_a_growth_history_that_is_not_a_list():
     with pytest.raises(ConfigError, match="'growth' must be a list"):
         ModelConfig.from_dict({"vocab_size": 10, "d_model": 64, "growth": 5})
+
+
+def test_rel_rms_is_the_spec_metric():
+    torch = pytest.importorskip("torch")
+    assert rel_rms([1.0, -2.0], [1.0, -2.0]) == 0.0
+    assert rel_rms([2.0, 0.0], [1.0, 1.0]) == pytest.approx(1.0)  # rms([1, -1]) / rms([1, 1])
+    assert rel_rms(torch.tensor([3.0]), np.array([2.0])) == pytest.approx(0.5)

@@ -43,9 +43,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def rel_rms(a, b):
-    a, b = (np.asarray(t.detach().double() if isinstance(t, torch.Tensor) else t, np.float64) for t in (a, b))
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def tokens(batch=2, length=T, seed=1, vocab=CFG.vocab_size):

@@ -25,9 +25,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("r", "w_raw", "k", "v", "kk", "a")
 
 
-def rel_rms(x, ref):
-    x, ref = (torch.as_tensor(t).double().cpu() for t in (x, ref))
-    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def make_inputs(B, T, H, N, seed=0, dtype=torch.float32):
