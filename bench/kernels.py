@@ -1,6 +1,8 @@
 """Benchmark the Triton WKV-7 kernels against flash-linear-attention (fla) on a CUDA GPU.
 
-    python bench/kernels.py [--T 4096] [--B 8] [--heads 12 32]
+    python bench/kernels.py [--T 4096] [--B 8] [--heads 12 32] [--algorithm chunk ...]
+    python bench/kernels.py --sweep 16/32/tf32/4 32/32/tf32/8 ... --heads 12
+
 
 Prints a markdown table (median times of triton.testing.do_bench):
   - train: forward + backward of our WKV with the SSE readout of K = H heads, vs fla's
@@ -14,6 +16,7 @@ the same y (fla's convention: w = log decay, a = -kk, b = kk * a, state [B, H, K
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -54,23 +57,23 @@ def ms(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def check_agreement(algorithm="sequential"):
+def check_agreement(algorithm="sequential", chunk_kw=None):
     xs = inputs(2, 100, 4, dtype=torch.float32)
-    y, _, _ = (chunk_wkv7 if algorithm == "chunk" else triton_wkv7)(*xs)
+    y, _, _ = chunk_wkv7(*xs, **(chunk_kw or {})) if algorithm == "chunk" else triton_wkv7(*xs)
     if chunk_rwkv7 is None:
         return None
     y_fla, _ = chunk_rwkv7(*fla_args(*xs), scale=1.0, output_final_state=True)
     return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
 
 
-def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_size=16):
+def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None):
     xs = inputs(B, T, H, grad=True)
     q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy, gz = torch.randn_like(q), torch.randn_like(q)
     S0 = torch.zeros(B, H, N, N, device="cuda")
 
     if algorithm == "chunk":
-        wkv = lambda *a: chunk_wkv7(*a, chunk_size=chunk_size)  # noqa: E731
+        wkv = lambda *a: chunk_wkv7(*a, **(chunk_kw or {}))  # noqa: E731
     else:
         wkv = lambda *a: triton_wkv7(*a, block_rows=block_rows)  # noqa: E731
 
@@ -114,34 +117,75 @@ def bench_decode(B, H):
     return row
 
 
+def parse_config(text):
+    """'C/BV/precision/warps' -> chunk_wkv7 keyword arguments."""
+    C, BV, prec, warps = text.split("/")
+    return dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps))
+
+
+def sweep(args):
+    """fla, our sequential kernel and each chunk configuration side by side, per H."""
+    print("| H | kernel | fwd+bwd (ms) | forward (ms) | fwd+bwd / fla |\n|---|---|---|---|---|")
+    results = []
+    for H in args.heads:
+        ref = bench_train(args.B, args.T, H, with_fla=True)
+        fla = ref.get("train fla")
+        rows = [("fla chunk_rwkv7 (WKV only)", fla, ref.get("prefill fla")),
+                ("ours sequential (WKV+SSE)", ref["train ours"], ref["prefill ours"])]
+        for name, tr, pf in rows:
+            print(f"| {H} | {name} | {tr or float('nan'):.3f} | {pf or float('nan'):.3f} | "
+                  f"{f'{tr / fla:.2f}' if fla and tr else '-'} |", flush=True)
+        for text in args.sweep:
+            try:
+                r = bench_train(args.B, args.T, H, with_fla=False, algorithm="chunk",
+                                chunk_kw=parse_config(text))
+            except Exception as e:  # a configuration that does not compile or fit
+                print(f"| {H} | chunk {text} | failed: {type(e).__name__}: {str(e)[:80]} | | |", flush=True)
+                continue
+            tr, pf = r["train ours"], r["prefill ours"]
+            rows.append((f"chunk {text}", tr, pf))
+            print(f"| {H} | chunk {text} (WKV+SSE) | {tr:.3f} | {pf:.3f} | "
+                  f"{f'{tr / fla:.2f}' if fla else '-'} |", flush=True)
+            torch.cuda.empty_cache()
+        results.append({"H": H, "rows": rows})
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
-    p.add_argument("--sweep", action="store_true", help="only time our kernels for each block_rows")
+    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS",
+                   help="time fla, the sequential kernel and these chunk configurations")
     p.add_argument("--algorithm", choices=("sequential", "chunk"), default="sequential")
     p.add_argument("--chunk-size", type=int, default=16, help="chunk algorithm: 16, 32 or 64")
+    p.add_argument("--block-v", type=int, default=None, help="chunk algorithm: value rows per program")
+    p.add_argument("--precision", default=None, help="chunk algorithm: ieee, tf32x3 or tf32")
+    p.add_argument("--num-warps", type=int, default=None, help="chunk algorithm: warps per program")
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
-    if args.sweep:
-        print("| block_rows | H | fwd+bwd (ms) | forward (ms) |\n|---|---|---|---|")
-        for H in args.heads:
-            for BI in (8, 16, 32, 64):
-                r = bench_train(args.B, args.T, H, block_rows=BI, with_fla=False)
-                print(f"| {BI} | {H} | {r['train ours']:.3f} | {r['prefill ours']:.3f} |", flush=True)
-        return
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    agree = check_agreement(args.algorithm)
+    if args.sweep:
+        results = sweep(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
+    chunk_kw = dict(chunk_size=args.chunk_size, block_v=args.block_v, precision=args.precision,
+                    num_warps=args.num_warps)
+    agree = check_agreement(args.algorithm, chunk_kw)
     print(f"y agreement with fla (rel_rms, fp32): {agree if agree is None else f'{agree:.2e}'}")
     print("\n| case | ours (ms) | fla (ms) | ours / fla |\n|---|---|---|---|")
+    results = []
 
     def line(name, ours, fla):
         ratio = f"{ours / fla:.2f}" if fla else "-"
+        results.append({"case": name, "ours_ms": ours, "fla_ms": fla})
         print(f"| {name} | {ours:.3f} | {f'{fla:.3f}' if fla else '-'} | {ratio} |", flush=True)
 
     for H in args.heads:
-        r = bench_train(args.B, args.T, H, algorithm=args.algorithm, chunk_size=args.chunk_size)
+        r = bench_train(args.B, args.T, H, algorithm=args.algorithm, chunk_kw=chunk_kw)
         shape = f"B={args.B} T={args.T} H={H} N={N} ({args.algorithm}"
         shape += f", C={args.chunk_size})" if args.algorithm == "chunk" else ")"
         line(f"fwd+bwd, WKV+SSE(K=H) vs WKV, {shape}", r["train ours"], r.get("train fla"))
@@ -151,6 +195,8 @@ def main():
         r = bench_decode(B, 12)
         line(f"decode step, B={B} H=12", r["step ours"], r.get("step fla"))
         line(f"decode step + SSE read, B={B} H=12", r["step+read ours"], r.get("step fla"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from backends.cuda.ops.wkv7 import DECAY_SCALE, WKV7InputError, decay_log, naive_wkv7  # noqa: E402
 from backends.cuda.ops.wkv7.chunk import (  # noqa: E402
+    Launch,
     chunk_wkv7,
     chunk_wkv7_fwd,
     chunk_wkv7_read,
@@ -69,7 +70,7 @@ def naive_grads(ins, cot, K, dtype=torch.float64, fn=naive_wkv7):
 def test_forward_and_readout_values(B, T, H, N, C):
     # T = 45: partial last chunk (masked tail); C = 64 > T: one partial chunk.
     (r, w_raw, k, v, kk, a, S0, q), _ = make_inputs(B, T, H, N, K=1)
-    y, sT, saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, chunk_size=C)
+    y, sT, saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, Launch.resolve(k.device, k.dtype, N, C))
     z = chunk_wkv7_read(saved, q)
     y_n, z_n, sT_n = naive_wkv7(*(x.double() for x in (r, w_raw, k, v, kk, a, S0, q)))
     for out, ref in ((y, y_n), (z, z_n), (sT, sT_n)):
@@ -183,6 +184,10 @@ def test_input_errors():
         chunk_wkv7(*ins[:6], chunk_size=8)
     with pytest.raises(WKV7InputError, match="block_v"):
         chunk_wkv7(*ins[:6], block_v=8)
+    with pytest.raises(WKV7InputError, match="precision"):
+        chunk_wkv7(*ins[:6], precision="fp16")
+    with pytest.raises(WKV7InputError, match="num_warps"):
+        chunk_wkv7(*ins[:6], num_warps=3)
     with pytest.raises(MetaStateError, match="shape"):
         chunk_wkv7(ins[0][:, :, :1], *ins[1:6])
     _, _, read = chunk_wkv7(*ins[:6])
@@ -191,3 +196,21 @@ def test_input_errors():
     read(ins[7])
     with pytest.raises(WKV7InputError, match="once"):
         read(ins[7])
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="tl.dot precision exists only on a GPU (the interpreter multiplies in float32)")
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+def test_dot_precision_on_gpu(precision):
+    # float32 inputs: "ieee" and "tf32x3" keep SPEC section 6's 1e-4 (values) and 1e-3
+    # (gradients); "tf32" (the bfloat16 default) keeps the bfloat16 bound 3e-2.
+    bound = (1e-4, 1e-3) if precision != "tf32" else (3e-2, 3e-2)
+    ins, cot = make_inputs(2, 100, 2, 64, K=2, seed=7)
+    (y_n, z_n, sT_n), grads_n = naive_grads(ins, cot, 2)
+    x = [t.detach().clone().requires_grad_() for t in ins]
+    y, sT, read = chunk_wkv7(*x[:7], precision=precision)
+    z = read(x[7])
+    ((y * cot[0]).sum() + (z * cot[1]).sum() + (sT * cot[2]).sum()).backward()
+    for out, ref in ((y, y_n), (z, z_n), (sT, sT_n)):
+        assert rel_rms(out, ref) <= bound[0]
+    errs = {n: rel_rms(t.grad, gn) for n, t, gn in zip(NAMES, x, grads_n)}
+    assert all(e <= bound[1] for e in errs.values()), errs

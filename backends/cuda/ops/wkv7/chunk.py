@@ -41,11 +41,11 @@ import triton.language as tl
 from .naive import DECAY_SCALE
 
 CHUNK_SIZES = (16, 32, 64)
+# tl.dot input precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee" is
+# float32 FMA on CUDA cores; "tf32x3" float32-accurate on tensor cores (three TF32 products);
+# "tf32" one TF32 product (10-bit mantissa, ~1e-3 relative: below bfloat16 input rounding).
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DECAY = tl.constexpr(DECAY_SCALE)
-# tl.dot precision on a GPU: "ieee" is exact float32 (the tests' 1e-4); "tf32x3" is near it on
-# tensor cores and "tf32" faster still: to be measured (docs/kernels.md). The interpreter
-# ignores it (numpy matmul in float32).
-DOT_PRECISION = "ieee"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,10 +369,36 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
 # Launchers
 
 
-def _block_v(N: int, device: torch.device) -> int:
-    """Value rows of S per program in the sequential passes: 32 on a GPU (B*H*N/32 programs,
-    a [32, N] state block), all N under the interpreter (its cost is per operation)."""
-    return min(N, 32) if device.type == "cuda" else N
+class Launch:
+    """Launch parameters of one chunk_wkv7 call (none changes a result beyond rounding).
+
+    C: chunk size; BV: value rows of S per program in the sequential passes (B*H*N/BV
+    programs, a [BV, N] state block each); prec: tl.dot input precision; warps: num_warps of
+    every kernel.
+    """
+
+    def __init__(self, C, BV, prec, warps):
+        self.C, self.BV, self.prec, self.warps = C, BV, prec, warps
+
+    @classmethod
+    def resolve(cls, device, dtype, N, chunk_size=16, block_v=None, precision=None, num_warps=None):
+        """Defaults by device and input dtype: on a GPU BV = 32 and float32 inputs get "tf32x3"
+        (SPEC section 6's 1e-4 for float32), bfloat16/float16 "tf32"; under the interpreter one
+        block per head (its cost is per operation, not per element)."""
+        from .triton_ops import WKV7InputError
+
+        if chunk_size not in CHUNK_SIZES:
+            raise WKV7InputError(f"chunk_size = {chunk_size} is not supported; expected one of {CHUNK_SIZES}")
+        BV = block_v or (min(N, 32) if device.type == "cuda" else N)
+        if not 16 <= BV <= N or BV & (BV - 1):
+            raise WKV7InputError(f"block_v = {BV} must be a power of two in [16, N = {N}]")
+        prec = precision or ("tf32x3" if dtype == torch.float32 else "tf32")
+        if prec not in PRECISIONS:
+            raise WKV7InputError(f"precision = {prec!r} is not one of {PRECISIONS}")
+        warps = num_warps or 4
+        if warps not in (1, 2, 4, 8, 16):
+            raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
+        return cls(chunk_size, BV, prec, warps)
 
 
 class ChunkSaved:
@@ -382,34 +408,34 @@ class ChunkSaved:
     (each chunk's initial state); the inputs k, v, kk, a, w_raw [B, T, H, N] as given.
     """
 
-    def __init__(self, C, T, BV, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states):
-        self.C, self.T, self.BV = C, T, BV
+    def __init__(self, launch, T, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states):
+        self.launch, self.C, self.T = launch, launch.C, T
         self.w_raw, self.k, self.v, self.kk, self.a = w_raw, k, v, kk, a
         self.G, self.W, self.Uv, self.Tinv, self.U, self.states = G, W, Uv, Tinv, U, states
 
 
-def chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0=None, chunk_size: int = 16, block_v: int | None = None):
+def chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0=None, launch: Launch | None = None):
     """Passes 1-3 for the query r.
 
     Args: r, w_raw, k, v, kk, a [B, T, H, N] contiguous, any float dtype; S0 [B, H, N, N]
-        float32 or None; chunk_size C in (16, 32, 64).
+        float32 or None; launch: Launch (default: Launch.resolve for these inputs).
     Returns: y [B, T, H, N] (dtype of r), S_T [B, H, N, N] f32, saved (ChunkSaved).
     """
     B, T, H, N = k.shape
-    C = chunk_size
+    L = launch or Launch.resolve(k.device, k.dtype, N)
+    C, BV, PREC, NW = L.C, L.BV, L.prec, L.warps
     NC = triton.cdiv(T, C)
-    BV = block_v or _block_v(N, k.device)
     f32 = dict(device=k.device, dtype=torch.float32)
     G, W, Uv, U = (torch.empty(B, H, NC, C, N, **f32) for _ in range(4))
     Tinv = torch.empty(B, H, NC, C, C, **f32)
     states = torch.empty(B, H, NC, N, N, **f32)
     sT = torch.empty(B, H, N, N, **f32)
     _prep_kernel[(B * H, NC)](w_raw, k, v, kk, a, G, W, Uv, Tinv, T, NC, H=H, N=N, C=C,
-                              PREC=DOT_PRECISION, num_warps=4)
+                              PREC=PREC, num_warps=NW)
     _state_kernel[(B * H, N // BV)](k, v, kk, a, S0 if S0 is not None else sT, G, W, Uv, U, states, sT,
                                     T, NC, H=H, N=N, C=C, BV=BV, HAS_S0=S0 is not None,
-                                    PREC=DOT_PRECISION, num_warps=4)
-    saved = ChunkSaved(C, T, BV, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states)
+                                    PREC=PREC, num_warps=NW)
+    saved = ChunkSaved(L, T, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states)
     return chunk_wkv7_read(saved, r), sT, saved
 
 
@@ -419,9 +445,12 @@ def chunk_wkv7_read(saved: ChunkSaved, q):
     K = q.shape[2]
     NC = saved.states.shape[2]
     out = torch.empty_like(q)
-    _read_kernel[(B * K, NC, N // saved.BV)](
+    L = saved.launch
+    # One program per (b, h, chunk) covers all N value rows: narrower blocks would recompute
+    # the C x C factors per block.
+    _read_kernel[(B * K, NC, 1)](
         q, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states, out,
-        T, NC, H=H, K=K, N=N, C=saved.C, BV=saved.BV, PREC=DOT_PRECISION, num_warps=4)
+        T, NC, H=H, K=K, N=N, C=L.C, BV=N, PREC=L.prec, num_warps=L.warps)
     return out
 
 
@@ -437,7 +466,8 @@ def chunk_wkv7_read_bwd(saved: ChunkSaved, q, dO, acc=None):
     dq = torch.empty(B, T, K, N, device=q.device, dtype=torch.float32)
     _read_bwd_kernel[(B * K, NC)](
         q, dO, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states,
-        dq, *acc.bufs, T, NC, acc.K, H=H, K=K, N=N, C=saved.C, PREC=DOT_PRECISION, num_warps=4)
+        dq, *acc.bufs, T, NC, acc.K, H=H, K=K, N=N, C=saved.C, PREC=saved.launch.prec,
+        num_warps=saved.launch.warps)
     acc.K = max(acc.K, K)
     return dq, acc
 
@@ -451,7 +481,8 @@ def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=Non
     """Gradients (f32) of r, w_raw, k, v, kk, a and S0 given dy (readout r), optionally dz
     (readout q, its chunk-local terms already in `acc` from chunk_wkv7_read_bwd) and dS_T."""
     B, T, H, N = saved.k.shape
-    C, NC, BV = saved.C, saved.states.shape[2], saved.BV
+    L = saved.launch
+    C, NC, BV = L.C, saved.states.shape[2], L.BV
     dr, acc = chunk_wkv7_read_bwd(saved, r, dy, acc)
     dG, dU, dV_acc, dBh, dKh = acc.bufs
     has_z = dz is not None
@@ -462,12 +493,12 @@ def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=Non
         r, dy, q if has_z else r, dz if has_z else dy, saved.kk, saved.a, saved.G, saved.W, dU,
         dS_T if dS_T is not None else dS0, dstates, dS0,
         T, NC, H=H, K=K, N=N, C=C, BV=BV, HAS_DST=dS_T is not None, HAS_Z=has_z,
-        PREC=DOT_PRECISION, num_warps=4)
+        PREC=L.prec, num_warps=L.warps)
     dw, dk, dv, dkk, da = (torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5))
     _bwd_kernel[(B * H, NC)](
         saved.w_raw, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.W, saved.Uv, saved.Tinv,
         saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, dw, dk, dv, dkk, da,
-        T, NC, H=H, N=N, C=C, PREC=DOT_PRECISION, num_warps=4)
+        T, NC, H=H, N=N, C=C, PREC=L.prec, num_warps=L.warps)
     return dr, dw, dk, dv, dkk, da, dS0
 
 
@@ -479,8 +510,8 @@ class _Shared:
     """What the sequence pass and its readout share: pass 1-2 results, the readout's query and,
     during backward, dz and its chunk-local gradient buffers (the readout's backward runs first)."""
 
-    def __init__(self, C, BV):
-        self.C, self.BV = C, BV
+    def __init__(self, launch):
+        self.launch = launch
         self.saved = None
         self.q = None
         self.dz = None
@@ -490,7 +521,7 @@ class _Shared:
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w_raw, k, v, kk, a, S0, shared):
-        y, sT, shared.saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, shared.C, shared.BV)
+        y, sT, shared.saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, shared.launch)
         ctx.save_for_backward(r, w_raw, k, v, kk, a)
         ctx.shared = shared
         ctx.has_s0 = S0 is not None
@@ -526,7 +557,8 @@ class _ChunkRead(torch.autograd.Function):
         return dq.to(sh.q.dtype), torch.zeros((), device=dz.device), None
 
 
-def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None):
+def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None,
+               precision: str | None = None, num_warps: int | None = None):
     """WKV-7 over a sequence by the chunked (WY) kernels: same contract as `triton_wkv7`.
 
     Args:
@@ -537,6 +569,9 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
             float32 past 64).
         block_v: value rows of S per program in the sequential passes (a power of two in
             [16, N]); default by device.
+        precision: tl.dot input precision on a GPU, "ieee", "tf32x3" or "tf32"; default
+            "tf32x3" for float32 inputs, "tf32" for bfloat16/float16 (see `Launch.resolve`).
+        num_warps: of every kernel (default 4).
     Returns:
         y [B, T, H, N] = S_t r_t (dtype of r), S_T [B, H, N, N] float32, and
         read(q): q [B, T, K, N], K <= H -> z [B, T, K, N] = S_t q_t over the first K heads
@@ -550,16 +585,12 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
     B, T, H, N = k.shape
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
-    if chunk_size not in CHUNK_SIZES:
-        raise WKV7InputError(f"chunk_size = {chunk_size} is not supported; expected one of {CHUNK_SIZES}")
-    BV = block_v or _block_v(N, k.device)
-    if not 16 <= BV <= N or BV & (BV - 1):
-        raise WKV7InputError(f"block_v = {BV} must be a power of two in [16, N = {N}]")
+    launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
-    shared = _Shared(chunk_size, BV)
+    shared = _Shared(launch)
     y, sT, link = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
     def read(q):
