@@ -151,6 +151,28 @@ def sweep(args):
     return results
 
 
+def bench_model(size, batch, seq_len, repeats=5):
+    """Whole-model training and forward throughput (metastate bench's measurement), bf16, with
+    the model's Triton default (chunked kernels) and with the sequential kernel, one run."""
+    import tempfile
+
+    from backends.cuda.ops.wkv7 import triton_wkv7 as sequential
+    from metastate.bench import _sized_model, bench_training
+
+    print(f"\n| model {size}, B={batch} T={seq_len}, bf16 | forward tok/s | fwd+bwd+AdamW tok/s | peak MiB |"
+          "\n|---|---|---|---|")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _sized_model(size, Path(tmp))
+        for name, kernels in (("triton (chunked)", "triton"), ("sequential kernel", sequential)):
+            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats)
+            rows.append({"kernels": name, **{k: v for k, v in r.items() if k != "kernels"}})
+            print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
+                  flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=4096)
@@ -164,11 +186,22 @@ def main():
     p.add_argument("--precision", default=None, help="chunk algorithm: ieee, tf32x3 or tf32")
     p.add_argument("--num-warps", type=int, default=None, help="chunk algorithm: warps per program")
     p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--model", metavar="D,L,V", help="with --sweep: also time a whole model of this size "
+                   "(B=8, T=1024, bf16), chunked vs sequential kernels")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if args.sweep:
-        results = sweep(args)
+        results = {"sweep": sweep(args)}
+        if not args.no_decode:
+            print("\n| decode, H=12 | ours (ms) | fla (ms) |\n|---|---|---|")
+            for B in (1, 64):
+                r = bench_decode(B, 12)
+                results[f"decode B={B}"] = r
+                for name in ("step ours", "step+read ours"):
+                    print(f"| {name}, B={B} | {r[name]:.4f} | {r.get('step fla', float('nan')):.4f} |", flush=True)
+        if args.model:
+            results["model"] = bench_model(args.model, 8, 1024)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         return

@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# GPU check of the Triton WKV-7 kernels: the kernel tests compiled for CUDA (no interpreter),
-# then the benchmark against flash-linear-attention. Usage: scripts/gpu_check.sh [bench args]
+# GPU check of the Triton WKV-7 kernels: bench/kernels.py against flash-linear-attention (fla-core
+# installed, or carried as wheels in bench/build/), then the kernel and model tests compiled for
+# CUDA (no interpreter). Logs and JSON go to $OUT (default ./gpu_check_out).
+# Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+if ls bench/build/*.whl >/dev/null 2>&1 && ! python3 -c "import fla" 2>/dev/null; then
+    python3 -m pip install -q --no-deps --no-index --target /tmp/gpu_check_pk bench/build/*.whl
+    export PYTHONPATH=/tmp/gpu_check_pk
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" || exit 1
-"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_wkv7.py --durations=5
-tests=$?
-"$PY" bench/kernels.py "$@"
+if [ $# -eq 0 ]; then
+    set -- --heads 12 32 --sweep 16/16/tf32/4 16/32/tf32/4 16/16/bf16/4 --model 768,12,65536
+fi
+timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
+    tests/test_triton_wkv7.py tests/test_torch_model.py -k triton \
+    2>&1 | tail -20 | tee "$OUT/tests.log"
+tests=$?
 exit $(( tests != 0 ? tests : bench ))

@@ -41,11 +41,25 @@ import triton.language as tl
 from .naive import DECAY_SCALE
 
 CHUNK_SIZES = (16, 32, 64)
-# tl.dot input precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee" is
-# float32 FMA on CUDA cores; "tf32x3" float32-accurate on tensor cores (three TF32 products);
-# "tf32" one TF32 product (10-bit mantissa, ~1e-3 relative: below bfloat16 input rounding).
-PRECISIONS = ("ieee", "tf32x3", "tf32")
+# tl.dot operand precision on a GPU. "ieee": float32 FMA on CUDA cores; "tf32x3": float32-accurate
+# on tensor cores (three TF32 products); "tf32": one TF32 product (10-bit mantissa); "bf16":
+# operands rounded to bfloat16 (8-bit mantissa, bfloat16 input rounding's size). Accumulation is
+# float32 in all. The interpreter multiplies float32 in numpy, so it ignores the first three.
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 _DECAY = tl.constexpr(DECAY_SCALE)
+
+
+@triton.jit
+def _dot(x, y, PREC: tl.constexpr):
+    """x @ y with float32 accumulation; PREC "bf16" rounds both operands to bfloat16 (tensor
+    cores at twice the TF32 rate). "bf16-rounded" is the interpreter's stand-in for it (its
+    numpy matmul cannot multiply bfloat16): the same roundings, multiplied in float32."""
+    if PREC == "bf16":
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif PREC == "bf16-rounded":
+        return tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32))
+    else:
+        return tl.dot(x, y, input_precision=PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,16 +90,16 @@ def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_p
     Bh = kk * a * ig
     Kh = k * ig
     strict = rows[:, None] > rows[None, :]
-    M = tl.where(strict, tl.dot(A, tl.trans(Bh), input_precision=PREC), 0.0)
-    P = tl.where(strict, tl.dot(A, tl.trans(Kh), input_precision=PREC), 0.0)
+    M = tl.where(strict, _dot(A, tl.trans(Bh), PREC), 0.0)
+    P = tl.where(strict, _dot(A, tl.trans(Kh), PREC), 0.0)
     # Forward substitution: Tinv[t] = e_t + sum_{s<t} M[t, s] Tinv[s] (rows >= t are still e_t).
     Ti = (rows[:, None] == rows[None, :]).to(tl.float32)
     for s in range(1, C):
         sel = rows[:, None] == s
         m_row = tl.sum(tl.where(sel, M, 0.0), axis=0)
         Ti = tl.where(sel, Ti + tl.sum(m_row[:, None] * Ti, axis=0)[None, :], Ti)
-    Wf = tl.dot(Ti, A, input_precision=PREC)
-    Uv = tl.dot(Ti, tl.dot(P, v, input_precision=PREC), input_precision=PREC)
+    Wf = _dot(Ti, A, PREC)
+    Uv = _dot(Ti, _dot(P, v, PREC), PREC)
     co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
     tl.store(g_ptr + co, G)
     tl.store(wf_ptr + co, Wf)
@@ -126,11 +140,11 @@ def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
         G = tl.load(g_ptr + cb + cols[None, :])
         g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
         Wf = tl.load(wf_ptr + cb + cols[None, :])
-        U = tl.dot(Wf, tl.trans(S), input_precision=PREC) + tl.load(uv_ptr + cb + vb[None, :])
+        U = _dot(Wf, tl.trans(S), PREC) + tl.load(uv_ptr + cb + vb[None, :])
         tl.store(u_ptr + cb + vb[None, :], U)
         e = tl.exp(g[None, :] - G)  # decay to the chunk end, <= 1
-        S = (S * tl.exp(g)[None, :] + tl.dot(tl.trans(U), kk * a * e, input_precision=PREC)
-             + tl.dot(tl.trans(v), k * e, input_precision=PREC))
+        S = (S * tl.exp(g)[None, :] + _dot(tl.trans(U), kk * a * e, PREC)
+             + _dot(tl.trans(v), k * e, PREC))
     tl.store(sT_ptr + bh * N * N + soff, S)
 
 
@@ -166,10 +180,10 @@ def _read_kernel(q_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr, o
     Q = q * tl.exp(G)
     ig = tl.exp(-G)
     causal = rows[:, None] >= rows[None, :]
-    Dq = tl.where(causal, tl.dot(Q, tl.trans(kk * a * ig), input_precision=PREC), 0.0)
-    Eq = tl.where(causal, tl.dot(Q, tl.trans(k * ig), input_precision=PREC), 0.0)
-    O = (tl.dot(Q, tl.trans(S), input_precision=PREC) + tl.dot(Dq, U, input_precision=PREC)
-         + tl.dot(Eq, v, input_precision=PREC))
+    Dq = tl.where(causal, _dot(Q, tl.trans(kk * a * ig), PREC), 0.0)
+    Eq = tl.where(causal, _dot(Q, tl.trans(k * ig), PREC), 0.0)
+    O = (_dot(Q, tl.trans(S), PREC) + _dot(Dq, U, PREC)
+         + _dot(Eq, v, PREC))
     tl.store(o_ptr + qo + vb[None, :], O.to(o_ptr.dtype.element_ty), mask=m)
 
 
@@ -211,18 +225,18 @@ def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, s
     Bh = kk * a * ig
     Kh = k * ig
     causal = rows[:, None] >= rows[None, :]
-    DU = tl.where(causal, tl.dot(dO, tl.trans(U), input_precision=PREC), 0.0)
-    DV = tl.where(causal, tl.dot(dO, tl.trans(v), input_precision=PREC), 0.0)
-    dQ = (tl.dot(dO, S, input_precision=PREC) + tl.dot(DU, Bh, input_precision=PREC)
-          + tl.dot(DV, Kh, input_precision=PREC))
+    DU = tl.where(causal, _dot(dO, tl.trans(U), PREC), 0.0)
+    DV = tl.where(causal, _dot(dO, tl.trans(v), PREC), 0.0)
+    dQ = (_dot(dO, S, PREC) + _dot(DU, Bh, PREC)
+          + _dot(DV, Kh, PREC))
     tl.store(dq_ptr + qo, dQ * eg, mask=m)
-    Dq = tl.where(causal, tl.dot(Q, tl.trans(Bh), input_precision=PREC), 0.0)
-    Eq = tl.where(causal, tl.dot(Q, tl.trans(Kh), input_precision=PREC), 0.0)
+    Dq = tl.where(causal, _dot(Q, tl.trans(Bh), PREC), 0.0)
+    Eq = tl.where(causal, _dot(Q, tl.trans(Kh), PREC), 0.0)
     dG = dQ * Q
-    dU = tl.dot(tl.trans(Dq), dO, input_precision=PREC)
-    dV = tl.dot(tl.trans(Eq), dO, input_precision=PREC)
-    dBh = tl.dot(tl.trans(DU), Q, input_precision=PREC)
-    dKh = tl.dot(tl.trans(DV), Q, input_precision=PREC)
+    dU = _dot(tl.trans(Dq), dO, PREC)
+    dV = _dot(tl.trans(Eq), dO, PREC)
+    dBh = _dot(tl.trans(DU), Q, PREC)
+    dKh = _dot(tl.trans(DV), Q, PREC)
     if h < KADD:
         dG += tl.load(dg_ptr + co)
         dU += tl.load(du_ptr + co)
@@ -266,20 +280,20 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
         kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dU = (tl.load(du_ptr + cb + vb[None, :])
-              + tl.dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), input_precision=PREC))
+              + _dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), PREC))
         tl.store(du_ptr + cb + vb[None, :], dU)
         eg = tl.exp(G)
         r = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
         dS = (dS * tl.exp(g)[None, :]
-              + tl.dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), input_precision=PREC)
-              + tl.dot(tl.trans(dy), r * eg, input_precision=PREC))
+              + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC)
+              + _dot(tl.trans(dy), r * eg, PREC))
         if HAS_Z:
             mz = m & (h < K)
             qo = (b * T * K + h) * N + t[:, None] * K * N
             q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
             dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)
-            dS += tl.dot(tl.trans(dz), q * eg, input_precision=PREC)
+            dS += _dot(tl.trans(dz), q * eg, PREC)
     tl.store(ds0_ptr + bh * N * N + soff, dS)
 
 
@@ -322,9 +336,9 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     Bend = beta * e
     Kend = k * e
     dg = tl.exp(g) * tl.sum(dSn * S, axis=0)
-    dBend = tl.dot(U, dSn, input_precision=PREC)
-    dKend = tl.dot(v, dSn, input_precision=PREC)
-    dV += tl.dot(Kend, tl.trans(dSn), input_precision=PREC)
+    dBend = _dot(U, dSn, PREC)
+    dKend = _dot(v, dSn, PREC)
+    dV += _dot(Kend, tl.trans(dSn), PREC)
     dbeta = dBend * e
     dk = dKend * e
     t1 = dBend * Bend + dKend * Kend
@@ -334,23 +348,23 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     Wf = tl.load(wf_ptr + co)
     Uv = tl.load(uv_ptr + co)
     Ti = tl.load(ti_ptr + (bh * NC + c) * C * C + rows[:, None] * C + rows[None, :])
-    dW = tl.dot(dU, S, input_precision=PREC)
-    dWt = tl.dot(tl.trans(Ti), dW, input_precision=PREC)
-    dUt = tl.dot(tl.trans(Ti), dU, input_precision=PREC)
+    dW = _dot(dU, S, PREC)
+    dWt = _dot(tl.trans(Ti), dW, PREC)
+    dUt = _dot(tl.trans(Ti), dU, PREC)
     strict = rows[:, None] > rows[None, :]
-    dM = tl.where(strict, tl.dot(dWt, tl.trans(Wf), input_precision=PREC)
-                  + tl.dot(dUt, tl.trans(Uv), input_precision=PREC), 0.0)
-    dP = tl.where(strict, tl.dot(dUt, tl.trans(v), input_precision=PREC), 0.0)
+    dM = tl.where(strict, _dot(dWt, tl.trans(Wf), PREC)
+                  + _dot(dUt, tl.trans(Uv), PREC), 0.0)
+    dP = tl.where(strict, _dot(dUt, tl.trans(v), PREC), 0.0)
     ig = tl.exp(-G)
     egp = tl.exp(G - logw)
     A = -kk * egp
     Bh = beta * ig
     Kh = k * ig
-    P = tl.where(strict, tl.dot(A, tl.trans(Kh), input_precision=PREC), 0.0)
-    dV += tl.dot(tl.trans(P), dUt, input_precision=PREC)
-    dA = dWt + tl.dot(dM, Bh, input_precision=PREC) + tl.dot(dP, Kh, input_precision=PREC)
-    dBh += tl.dot(tl.trans(dM), A, input_precision=PREC)
-    dKh += tl.dot(tl.trans(dP), A, input_precision=PREC)
+    P = tl.where(strict, _dot(A, tl.trans(Kh), PREC), 0.0)
+    dV += _dot(tl.trans(P), dUt, PREC)
+    dA = dWt + _dot(dM, Bh, PREC) + _dot(dP, Kh, PREC)
+    dBh += _dot(tl.trans(dM), A, PREC)
+    dKh += _dot(tl.trans(dP), A, PREC)
     # Through A = alpha e^Gp, Bh = beta e^-G, Kh = k e^-G, then log space.
     dbeta += dBh * ig
     dk += dKh * ig
@@ -395,6 +409,8 @@ class Launch:
         prec = precision or ("tf32x3" if dtype == torch.float32 else "tf32")
         if prec not in PRECISIONS:
             raise WKV7InputError(f"precision = {prec!r} is not one of {PRECISIONS}")
+        if prec == "bf16" and device.type != "cuda":
+            prec = "bf16-rounded"
         warps = num_warps or 4
         if warps not in (1, 2, 4, 8, 16):
             raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
