@@ -1,9 +1,10 @@
 """The PyTorch model (backends.cuda) against the NumPy reference, SPEC section 6 tolerances.
 
-CPU only: the plain-ops chunked path everywhere, the Triton kernels under Triton's
-interpreter (tests/conftest.py) when `triton_wkv7` exists.
+The plain-ops chunked path on the CPU; the Triton kernels on the GPU when there is one, else
+under Triton's interpreter (tests/conftest.py).
 """
 
+import copy
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def tokens(batch=2, length=T, seed=1, vocab=CFG.vocab_size):
 
 def run(model, toks, state=None, **kw):
     with torch.no_grad():
-        return model(torch.as_tensor(toks), state, **kw)
+        return model(torch.as_tensor(toks, device=next(model.parameters()).device), state, **kw)
 
 
 def ref_state(st: State) -> RefState:
@@ -177,7 +178,7 @@ def test_half_weights(meta, dtype):
 # -- gradients -------------------------------------------------------------------------------
 
 def loss_of(model, toks, **kw):
-    toks = torch.as_tensor(toks)
+    toks = torch.as_tensor(toks, device=next(model.parameters()).device)
     logits, _ = model(toks[:, :-1], **kw)
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), toks[:, 1:].flatten())
 
@@ -186,6 +187,12 @@ def grads_of(model, toks, **kw):
     model.zero_grad()
     loss_of(model, toks, **kw).backward()
     return {n: p.grad for n, p in model.named_parameters()}
+
+
+def on_kernel_device(model):
+    """The model where the Triton kernels run: a CUDA copy when there is a GPU, else itself
+    (the interpreter takes CPU tensors)."""
+    return copy.deepcopy(model).cuda() if torch.cuda.is_available() else model
 
 
 def test_gradient_reaches_every_parameter(meta):
@@ -328,6 +335,7 @@ def test_ops_path_runs_without_triton():
 @needs_triton
 def test_triton_logits_match_reference(meta):
     p, model = meta
+    model = on_kernel_device(model)
     toks = tokens(length=12)
     ref, ref_st = forward(p, CFG, toks)
     logits, st = run(model, toks, kernels="triton")
@@ -338,6 +346,7 @@ def test_triton_logits_match_reference(meta):
 @needs_triton
 def test_triton_prefill_then_decode(meta):
     p, model = meta
+    model = on_kernel_device(model)
     toks = tokens(length=12)
     ref, ref_st = forward(p, CFG, toks)
     logits, st = run(model, toks[:, :9], kernels="triton")
@@ -357,8 +366,8 @@ def test_triton_gradients_match_naive_recurrence(meta, kernel):
 
     p, model = meta
     toks = tokens(length=24)
-    got = grads_of(model, toks, kernels="triton" if kernel == "triton" else triton_wkv7)
-    got = {n: g.clone() for n, g in got.items()}
+    got = grads_of(on_kernel_device(model), toks, kernels="triton" if kernel == "triton" else triton_wkv7)
+    got = {n: g.cpu() for n, g in got.items()}
     naive = grads_of(model, toks, kernels=naive_kernel)
     errs = {n: rel_rms(got[n], naive[n]) for n in got}
     assert max(errs.values()) <= 1e-3, errs

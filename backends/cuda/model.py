@@ -14,6 +14,7 @@ signature (tests substitute the naive recurrence or the sequential `triton_wkv7`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -210,7 +211,7 @@ class Model(nn.Module):
         B, T = tokens.shape
         if state is None:
             state = State.zeros(self.cfg, B, tokens.device)
-        wkv = self._wkv(kernels, T, chunk_size)
+        wkv = self._wkv(kernels, T, chunk_size, tokens.device)
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
         for l, block in enumerate(self.blocks):
@@ -225,7 +226,7 @@ class Model(nn.Module):
         logits = _linear(self.ln_out(x), self.head)
         return logits, State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
 
-    def _wkv(self, kernels, T: int, chunk_size: int) -> Callable:
+    def _wkv(self, kernels, T: int, chunk_size: int, device: torch.device) -> Callable:
         """The WKV sequence function for this call."""
         if callable(kernels):
             return kernels
@@ -237,6 +238,9 @@ class Model(nn.Module):
             from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7_step
         except ImportError as e:
             raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ModelError(f"the Triton kernels run on CUDA tensors, and the model is on {device}: "
+                             "move it to a GPU or use kernels='ops'")
         if T == 1 and not torch.is_grad_enabled():  # decode: one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
         return chunk_wkv7  # 5x the sequential kernel's training speed (docs/kernels.md)

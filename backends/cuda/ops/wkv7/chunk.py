@@ -41,25 +41,19 @@ import triton.language as tl
 from .naive import DECAY_SCALE
 
 CHUNK_SIZES = (16, 32, 64)
-# tl.dot operand precision on a GPU. "ieee": float32 FMA on CUDA cores; "tf32x3": float32-accurate
-# on tensor cores (three TF32 products); "tf32": one TF32 product (10-bit mantissa); "bf16":
-# operands rounded to bfloat16 (8-bit mantissa, bfloat16 input rounding's size). Accumulation is
-# float32 in all. The interpreter multiplies float32 in numpy, so it ignores the first three.
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+# tl.dot operand precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee":
+# float32 FMA on CUDA cores; "tf32x3": float32-accurate on tensor cores (three TF32 products);
+# "tf32": one TF32 product (10-bit mantissa, below bfloat16 input rounding). Accumulation is
+# float32 in all. bfloat16 operands were measured slower (the f32 -> bf16 conversions at every
+# dot) and 4x less accurate than tf32 (docs/kernels.md), so they are not offered.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 _DECAY = tl.constexpr(DECAY_SCALE)
 
 
 @triton.jit
 def _dot(x, y, PREC: tl.constexpr):
-    """x @ y with float32 accumulation; PREC "bf16" rounds both operands to bfloat16 (tensor
-    cores at twice the TF32 rate). "bf16-rounded" is the interpreter's stand-in for it (its
-    numpy matmul cannot multiply bfloat16): the same roundings, multiplied in float32."""
-    if PREC == "bf16":
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    elif PREC == "bf16-rounded":
-        return tl.dot(x.to(tl.bfloat16).to(tl.float32), y.to(tl.bfloat16).to(tl.float32))
-    else:
-        return tl.dot(x, y, input_precision=PREC)
+    """x @ y, float32 accumulation, operands at PREC."""
+    return tl.dot(x, y, input_precision=PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,8 +403,6 @@ class Launch:
         prec = precision or ("tf32x3" if dtype == torch.float32 else "tf32")
         if prec not in PRECISIONS:
             raise WKV7InputError(f"precision = {prec!r} is not one of {PRECISIONS}")
-        if prec == "bf16" and device.type != "cuda":
-            prec = "bf16-rounded"
         warps = num_warps or 4
         if warps not in (1, 2, 4, 8, 16):
             raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
