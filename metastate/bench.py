@@ -39,6 +39,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--train", action="store_true", help="measure forward+backward+AdamW (torch)")
     p.add_argument("--batch", type=int, default=4, help="training batch")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--grad-checkpoint", action="store_true", help="training: recompute blocks in backward")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
@@ -89,7 +90,7 @@ def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats)
             "peak_memory_mib": _peak_memory_mib(engine.backend)}
 
 
-def bench_training(path, kernels, dtype, batch, seq_len, repeats) -> dict:
+def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False) -> dict:
     try:
         import torch
 
@@ -105,7 +106,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats) -> dict:
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
 
     def train_step():
-        logits, _ = model(tokens[:, :-1], kernels=kernels)
+        logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
@@ -119,7 +120,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats) -> dict:
     n = batch * seq_len
     return {"mode": "training", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "kernels": kernels, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "batch": batch, "seq_len": seq_len,
+            "batch": batch, "seq_len": seq_len, "grad_checkpoint": grad_checkpoint,
             "forward_tok_s": n / _median_time(forward_only, repeats, sync),
             "train_tok_s": n / _median_time(train_step, repeats, sync),
             "peak_memory_mib": _peak_memory_mib("torch")}
@@ -148,7 +149,8 @@ def cmd_bench(args) -> int:
         if args.train:
             if args.backend not in ("auto", "torch"):
                 raise BenchError("--train measures the torch backend only")
-            result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats)
+            result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats,
+                                    args.grad_checkpoint)
         else:
             result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
                                       args.decode, args.repeats)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
@@ -171,6 +172,15 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer)
         self.meta = MetaLayer(cfg)
 
+    def forward(self, x, att_prev, meta_prev, S0, v_first, wkv: Callable, use_sse: bool):
+        """x [B, T, d] float32 -> (x, v_first, S_T, ln1 and ln2 outputs at the last token)."""
+        xa = self.ln1(x)
+        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first, wkv)
+        x = x + dx
+        xm = self.ln2(x)
+        x = x + self.meta(xm, meta_prev, read, use_sse=use_sse)
+        return x, v_first, S, xa[:, -1], xm[:, -1]
+
 
 class Model(nn.Module):
     """Meta-State language model. Parameters start at zero: fill them with `from_tensors`.
@@ -199,12 +209,14 @@ class Model(nn.Module):
                     block.meta.sse_gate.zero_()
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, *,
-                kernels: str | Callable = "ops", chunk_size: int = 16):
+                kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
 
         The input state is not modified. kernels: "ops", "triton" or a callable with the
         signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
-        chunk_size: the chunk length of the "ops" path.
+        chunk_size: the chunk length of the "ops" path. grad_checkpoint: keep only each block's
+        input for backward and recompute the block there (activation memory of one block
+        instead of all; about one more forward pass of compute).
         """
         if tokens.dim() == 1:
             tokens = tokens[None]
@@ -214,14 +226,15 @@ class Model(nn.Module):
         wkv = self._wkv(kernels, T, chunk_size, tokens.device)
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
+        recompute = grad_checkpoint and torch.is_grad_enabled()
         for l, block in enumerate(self.blocks):
-            xa = block.ln1(x)
-            dx, v_first, S, read = block.att(xa, state.att_x[l], state.wkv[l], v_first, wkv)
-            x = x + dx
-            xm = block.ln2(x)
-            x = x + block.meta(xm, state.meta_x[l], read, use_sse=not self.freeze_sse_gate)
-            att_x.append(xa[:, -1])
-            meta_x.append(xm[:, -1])
+            args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first, wkv, not self.freeze_sse_gate)
+            if recompute:
+                x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, v_first, S, xa_last, xm_last = block(*args)
+            att_x.append(xa_last)
+            meta_x.append(xm_last)
             wkv_out.append(S)
         logits = _linear(self.ln_out(x), self.head)
         return logits, State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))

@@ -515,54 +515,65 @@ def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=Non
 
 
 class _Shared:
-    """What the sequence pass and its readout share: pass 1-2 results, the readout's query and,
-    during backward, dz and its chunk-local gradient buffers (the readout's backward runs first)."""
+    """The launch parameters the sequence pass and its readout share and, during backward, the
+    readout's q, dz and chunk-local gradient buffers (the readout's backward runs first).
+    Tensors between forward and backward travel only through autograd (save_for_backward), so
+    saved-tensor hooks, activation checkpointing among them, see every one."""
 
-    def __init__(self, launch):
-        self.launch = launch
-        self.saved = None
-        self.q = None
-        self.dz = None
-        self.acc = None
+    def __init__(self, launch, T):
+        self.launch, self.T = launch, T
+        self.read_called = False
+        self.q = self.dz = self.acc = None
 
 
 class _ChunkWKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w_raw, k, v, kk, a, S0, shared):
-        y, sT, shared.saved = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, shared.launch)
-        ctx.save_for_backward(r, w_raw, k, v, kk, a)
+        y, sT, sv = chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0, shared.launch)
+        internals = (sv.G, sv.W, sv.Uv, sv.Tinv, sv.U, sv.states)
+        ctx.save_for_backward(r, w_raw, k, v, kk, a, *internals)
+        ctx.mark_non_differentiable(*internals)
         ctx.shared = shared
         ctx.has_s0 = S0 is not None
         # `link` carries no value: the readout consumes it, so autograd runs the readout's
         # backward (which leaves dz in `shared`) before this one.
-        return y, sT, sT.new_zeros(())
+        return y, sT, sT.new_zeros(()), *internals
 
     @staticmethod
-    def backward(ctx, dy, dS_T, _dlink):
-        r, w_raw, k, v, kk, a = ctx.saved_tensors  # (version-checked) same tensors as sh.saved's
+    def backward(ctx, dy, dS_T, _dlink, *_internals):
+        r, w_raw, k, v, kk, a, *internals = ctx.saved_tensors
         sh = ctx.shared
-        dz, acc = sh.dz, sh.acc
-        sh.dz = sh.acc = None
-        grads = chunk_wkv7_bwd(sh.saved, r, dy.contiguous(), dS_T.contiguous(),
-                               sh.q if dz is not None else None, dz, acc)
+        saved = ChunkSaved(sh.launch, sh.T, w_raw, k, v, kk, a, *internals)
+        q, dz, acc = sh.q, sh.dz, sh.acc
+        sh.q = sh.dz = sh.acc = None
+        grads = chunk_wkv7_bwd(saved, r, dy.contiguous(), dS_T.contiguous(), q, dz, acc)
         dr, dw, dk, dv, dkk, da, dS0 = grads
         out = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, dkk, da), (r, w_raw, k, v, kk, a))]
         return (*out, dS0 if ctx.has_s0 else None, None)
 
 
 class _ChunkRead(torch.autograd.Function):
+    """z = S_t q_t. Its gradients for k, v, kk, a (inputs here only for the kernels) reach them
+    through _ChunkWKV7.backward, which takes this readout's chunk-local terms."""
+
     @staticmethod
-    def forward(ctx, q, link, shared):
-        shared.q = q
+    def forward(ctx, q, link, k, v, kk, a, G, U, states, shared):
+        ctx.save_for_backward(q, k, v, kk, a, G, U, states)
         ctx.shared = shared
-        return chunk_wkv7_read(shared.saved, q)
+        return chunk_wkv7_read(_read_view(shared, k, v, kk, a, G, U, states), q)
 
     @staticmethod
     def backward(ctx, dz):
+        q, *tensors = ctx.saved_tensors
         sh = ctx.shared
-        sh.dz = dz.contiguous()
-        dq, sh.acc = chunk_wkv7_read_bwd(sh.saved, sh.q, sh.dz)
-        return dq.to(sh.q.dtype), torch.zeros((), device=dz.device), None
+        sh.q, sh.dz = q, dz.contiguous()
+        dq, sh.acc = chunk_wkv7_read_bwd(_read_view(sh, *tensors), q, sh.dz)
+        return dq.to(q.dtype), torch.zeros((), device=dz.device), *([None] * 8)
+
+
+def _read_view(shared, k, v, kk, a, G, U, states):
+    """The part of ChunkSaved the readout kernels use."""
+    return ChunkSaved(shared.launch, shared.T, None, k, v, kk, a, G, None, None, None, U, states)
 
 
 def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None,
@@ -598,12 +609,12 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
-    shared = _Shared(launch)
-    y, sT, link = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
+    shared = _Shared(launch, T)
+    y, sT, link, G, _, _, _, U, states = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
     def read(q):
         check_read_once(shared, q, B, T, H, N, k.device, "chunk_wkv7")
-        return _ChunkRead.apply(q.contiguous(), link, shared)
+        return _ChunkRead.apply(q.contiguous(), link, k, v, kk, a, G, U, states, shared)
 
     return y, sT, read
 

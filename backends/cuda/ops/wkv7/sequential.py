@@ -276,6 +276,7 @@ class _Shared:
 
     def __init__(self, BI):
         self.BI = BI
+        self.read_called = False
         self.states = None
         self.q = None
         self.dz = None

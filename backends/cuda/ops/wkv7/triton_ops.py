@@ -62,11 +62,12 @@ def _check_query(q, B, T_shape, H, N, dtype_ok=_DTYPES):
 
 def check_read_once(shared, q, B, T, H, N, device, name):
     """A sequence kernel's read(q): called at most once, with a query [B, T, K <= H, N] on `device`."""
-    if shared.q is not None:
+    if shared.read_called:
         raise WKV7InputError(f"read(q) may be called once per {name} call")
     _check_query(q, B, (B, T), H, N)
     if q.device != device:
         raise WKV7InputError(f"query is on {q.device}, the inputs on {device}")
+    shared.read_called = True
 
 
 def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None):
