@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the Triton WKV-7 kernels: bench/kernels.py against flash-linear-attention (fla-core
-# installed, or carried as wheels in bench/build/), then the kernel and model tests compiled for
-# CUDA (no interpreter). Logs and JSON go to $OUT (default ./gpu_check_out).
+# installed, or carried as wheels in bench/build/), a profile of whole-model training steps
+# (bench/profile_model.py), then the kernel and model tests compiled for CUDA (no interpreter).
+# Logs and JSON go to $OUT (default ./gpu_check_out).
 # Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ if [ $# -eq 0 ]; then
 fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?
+# The profile that decides which fused elementwise kernels would pay (docs/kernels.md).
+timeout "${PROFILE_TIMEOUT:-120}" "$PY" bench/profile_model.py --json "$OUT/profile.json" 2>&1 \
+    | grep -v "^USDT\|^STAGE" | tee "$OUT/profile.log"
 timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
     tests/test_triton_wkv7.py tests/test_torch_model.py -k triton \
     2>&1 | tail -20 | tee "$OUT/tests.log"

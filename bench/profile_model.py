@@ -1,0 +1,114 @@
+"""Where a training step's time goes: torch.profiler over whole-model steps, ops grouped.
+
+    python bench/profile_model.py [--size 768,12,65536] [--batch 8] [--seq-len 1024]
+                                  [--kernels auto] [--dtype bfloat16] [--top 25] [--json OUT]
+
+Prints the top operators by self time (GPU time on CUDA, CPU time otherwise) and the share of
+each group: the WKV kernels, matmuls, elementwise arithmetic (token shift, gates, norms,
+activations: the candidates for fused kernels), reductions/norms, memory copies, the optimizer.
+A fused kernel pays when its group is a large share: this decides it before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.cuda import load_model  # noqa: E402
+from metastate.bench import _sized_model  # noqa: E402
+
+GROUPS = (  # first match wins; names as the profiler reports them (aten ops, Triton kernel names)
+    ("wkv kernels", ("_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", "_dstate_kernel",
+                     "_bwd_kernel", "_fwd_kernel", "_replay_kernel", "wkv", "chunk")),
+    ("optimizer", ("adam", "foreach", "_fused")),
+    ("matmul", ("mm", "matmul", "gemm", "linear", "sm90", "cutlass", "nvjet")),
+    ("norm / reduction", ("norm", "sum", "mean", "reduce", "softmax", "cross_entropy", "nll")),
+    ("memory copy", ("copy", "cat", "to_copy", "clone", "fill", "zero", "memcpy", "memset", "contiguous")),
+    ("elementwise", ("mul", "add", "sub", "div", "sigmoid", "tanh", "relu", "exp", "rsqrt", "pow", "where",
+                     "neg", "elementwise", "vectorized", "lerp", "sqrt", "clamp")),
+)
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, keys in GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def self_time_us(event, cuda: bool) -> float:
+    if cuda:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    return event.self_cpu_time_total
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="768,12,65536", help="D,L,V of a freshly initialised model")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--kernels", default="auto", choices=("auto", "ops", "triton"))
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", help="also write the table here")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    kernels = args.kernels if args.kernels != "auto" else ("triton" if cuda else "ops")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(_sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    V = model.cfg.vocab_size
+    tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
+
+    def step():
+        logits, _ = model(tokens[:, :-1], kernels=kernels)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if self_time_us(e, cuda) > 0]
+    total = sum(self_time_us(e, cuda) for e in events)
+    where = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"{where}, model {args.size}, B={args.batch} T={args.seq_len}, {args.dtype}, kernels={kernels}: "
+          f"{total / args.steps / 1e3:.1f} ms self time per step")
+    groups: dict[str, float] = {}
+    for e in events:
+        groups[group_of(e.key)] = groups.get(group_of(e.key), 0.0) + self_time_us(e, cuda)
+    print("\n| group | ms / step | share |\n|---|---|---|")
+    for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"| {g} | {t / args.steps / 1e3:.2f} | {t / total:.1%} |")
+    print("\n| op | group | calls / step | ms / step | share |\n|---|---|---|---|---|")
+    rows = sorted(events, key=lambda e: -self_time_us(e, cuda))[:args.top]
+    for e in rows:
+        t = self_time_us(e, cuda)
+        print(f"| {e.key[:70]} | {group_of(e.key)} | {e.count / args.steps:.0f} | {t / args.steps / 1e3:.3f} | "
+              f"{t / total:.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": where, "size": args.size, "batch": args.batch, "seq_len": args.seq_len,
+            "dtype": args.dtype, "kernels": kernels, "ms_per_step": total / args.steps / 1e3,
+            "groups_ms": {g: t / args.steps / 1e3 for g, t in groups.items()},
+            "top": [{"op": e.key, "group": group_of(e.key), "calls": e.count / args.steps,
+                     "ms": self_time_us(e, cuda) / args.steps / 1e3} for e in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
