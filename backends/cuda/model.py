@@ -28,6 +28,7 @@ from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
+from .ops.wkv7.naive import naive_wkv7_step, state_readout
 from .ops.wkv7.torch_chunked import torch_chunked_wkv7
 
 ModelArgs = ModelConfig  # the config dataclass of SPEC section 1
@@ -243,7 +244,10 @@ class Model(nn.Module):
         """The WKV sequence function for this call."""
         if callable(kernels):
             return kernels
+        decode = T == 1 and not torch.is_grad_enabled()  # one token: a plain step, no chunks
         if kernels == "ops":
+            if decode:
+                return _ops_decode
             return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
         if kernels != "triton":
             raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
@@ -254,7 +258,7 @@ class Model(nn.Module):
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ModelError(f"the Triton kernels run on CUDA tensors, and the model is on {device}: "
                              "move it to a GPU or use kernels='ops'")
-        if T == 1 and not torch.is_grad_enabled():  # decode: one fused step, no checkpoints
+        if decode:  # one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
         return chunk_wkv7  # 5x the sequential kernel's training speed (docs/kernels.md)
 
@@ -280,6 +284,12 @@ class Model(nn.Module):
         """Canonical name -> numpy array (bfloat16 as ml_dtypes.bfloat16), in canonical order."""
         state = self.state_dict()
         return {name: _to_numpy(state[name]) for name in param_shapes(self.cfg)}
+
+
+def _ops_decode(r, w_raw, k, v, kk, a, S0):
+    """One token by the plain-torch recurrence step, shaped like the sequence path."""
+    y, S = naive_wkv7_step(S0, r[:, 0], w_raw[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0])
+    return y[:, None], S, lambda q: state_readout(S, q[:, 0])[:, None]
 
 
 def _decode_step(step, state_read, r, w_raw, k, v, kk, a, S0):

@@ -30,17 +30,26 @@ def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
     """
     B, T, H, N = k.shape
     S = torch.zeros(B, H, N, N, device=k.device, dtype=torch.float32) if S0 is None else S0.float()
-    w = torch.exp(decay_log(w_raw))
-    r, k, v, kk, a = (t.float() for t in (r, k, v, kk, a))
     ys, zs = [], []
     for t in range(T):
-        sa = torch.einsum("bhij,bhj->bhi", S, -kk[:, t])
-        S = (S * w[:, t, :, None, :] + sa[..., :, None] * (kk[:, t] * a[:, t])[..., None, :]
-             + v[:, t, :, :, None] * k[:, t, :, None, :])
-        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+        y, S = naive_wkv7_step(S, r[:, t], w_raw[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
+        ys.append(y)
         if q is not None:
-            K = q.shape[2]
-            zs.append(torch.einsum("bhij,bhj->bhi", S[:, :K], q[:, t].float()))
+            zs.append(state_readout(S, q[:, t]))
     y = torch.stack(ys, 1)
     z = torch.stack(zs, 1) if q is not None else None
     return y, z, S
+
+
+def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
+    """One token: S [B, H, N, N] float32, inputs [B, H, N] -> (y [B, H, N] float32, new S)."""
+    w = torch.exp(decay_log(w_raw))
+    r, k, v, kk, a = (t.float() for t in (r, k, v, kk, a))
+    sa = torch.einsum("bhij,bhj->bhi", S, -kk)
+    S = S * w[:, :, None, :] + sa[..., :, None] * (kk * a)[:, :, None, :] + v[..., :, None] * k[:, :, None, :]
+    return torch.einsum("bhij,bhj->bhi", S, r), S
+
+
+def state_readout(S, q):
+    """z = S q over the first K heads: S [B, H, N, N], q [B, K, N] -> [B, K, N] float32."""
+    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], q.float())
