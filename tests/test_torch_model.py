@@ -407,3 +407,21 @@ def test_grad_checkpoint_same_gradients_less_memory(meta, kernels):
     # Without checkpoints autograd keeps every block's activations (and some weights); with
     # them, each block's inputs only.
     assert saved[True] < (saved[False] - weights) / 4, saved
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,autocast,expected", [
+    ("float32", False, None), ("bfloat16", False, "tf32"), ("float32", True, "tf32")])
+def test_triton_dot_precision_follows_the_weights(meta, monkeypatch, dtype, autocast, expected):
+    # float32 weights: float32-accurate dots (SPEC 1e-4); bfloat16 weights or autocast: TF32.
+    from backends.cuda.ops.wkv7 import chunk
+
+    seen = []
+    real = chunk.chunk_wkv7
+    monkeypatch.setattr(chunk, "chunk_wkv7", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    p, _ = meta
+    model = on_kernel_device(Model.from_tensors(CFG, p, dtype=dtype))
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        run(model, tokens(length=5), kernels="triton")
+    assert seen == [expected] * CFG.n_layer

@@ -260,7 +260,12 @@ class Model(nn.Module):
                              "move it to a GPU or use kernels='ops'")
         if decode:  # one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
-        return chunk_wkv7  # 5x the sequential kernel's training speed (docs/kernels.md)
+        # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
+        # bfloat16/float16 weights or autocast make them that precise, and TF32 dots suffice.
+        low = self.head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device.type)
+        precision = "tf32" if low else None  # None: float32-accurate dots for float32 inputs
+        # chunked: 5x the sequential kernel's training speed (docs/kernels.md)
+        return lambda *args: chunk_wkv7(*args, precision=precision)
 
     # -- canonical tensors ----------------------------------------------------------------
     @classmethod
