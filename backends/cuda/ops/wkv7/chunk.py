@@ -283,7 +283,7 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
               + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC)
               + _dot(tl.trans(dy), r * eg, PREC))
         if HAS_Z:
-            mz = m & (h < K)
+            mz = m & ((t * 0 + h) < K)[:, None]  # block-shaped: newer interpreters reject scalar masks
             qo = (b * T * K + h) * N + t[:, None] * K * N
             q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
             dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)

@@ -59,18 +59,19 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, y_ptr, states
         tl.store(states_ptr + (bh * NC + c) * N * N + soff, S)
         for s in range(CHUNK):
             t = c * CHUNK + s
-            m = t < T
+            mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
+            mr = (rows * 0 + t) < T
             o = base + t * H * N
-            x = tl.load(w_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            w = tl.exp(tl.where(m, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-            k = tl.load(k_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + o + rows, mask=m, other=0.0).to(tl.float32)
-            kk = tl.load(kk_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            r = tl.load(r_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
+            k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
+            kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
             sa = -tl.sum(S * kk[None, :], axis=1)
             S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
-            tl.store(y_ptr + o + rows, tl.sum(S * r[None, :], axis=1), mask=m)
+            tl.store(y_ptr + o + rows, tl.sum(S * r[None, :], axis=1), mask=mr)
     tl.store(sT_ptr + bh * N * N + soff, S)
 
 
@@ -90,27 +91,28 @@ def _replay_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, states_ptr, q_ptr, io_ptr
     qbase = b * T * K * N + h * N
     for s in range(CHUNK):
         t = c * CHUNK + s
-        m = t < T
+        mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
+        mr = (rows * 0 + t) < T
         o = base + t * H * N
         qo = qbase + t * K * N
-        x = tl.load(w_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-        w = tl.exp(tl.where(m, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-        k = tl.load(k_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + o + rows, mask=m, other=0.0).to(tl.float32)
-        kk = tl.load(kk_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+        w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
+        k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
+        kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
         sa = -tl.sum(S * kk[None, :], axis=1)
         S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
         if GRAD:
-            dz = tl.load(q_ptr + qo + rows, mask=m, other=0.0).to(tl.float32)
+            dz = tl.load(q_ptr + qo + rows, mask=mr, other=0.0).to(tl.float32)
             dq = tl.sum(S * dz[:, None], axis=0)
             if ATOMIC:
-                tl.atomic_add(io_ptr + qo + cols, dq, mask=m)
+                tl.atomic_add(io_ptr + qo + cols, dq, mask=mc)
             else:
-                tl.store(io_ptr + qo + cols, dq, mask=m)
+                tl.store(io_ptr + qo + cols, dq, mask=mc)
         else:
-            q = tl.load(q_ptr + qo + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(io_ptr + qo + rows, tl.sum(S * q[None, :], axis=1), mask=m)
+            q = tl.load(q_ptr + qo + cols, mask=mc, other=0.0).to(tl.float32)
+            tl.store(io_ptr + qo + rows, tl.sum(S * q[None, :], axis=1), mask=mr)
 
 
 @triton.jit
@@ -141,37 +143,40 @@ def _bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, q_ptr, dy_ptr, dz_ptr
         S = tl.load(states_ptr + (bh * NC + c) * N * N + soff)
         for s in range(CHUNK):
             t = c * CHUNK + s
-            m = t < T
+            mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
+            mr = (rows * 0 + t) < T
             tl.store(scratch + s * BI * N + boff, S)
             o = base + t * H * N
-            x = tl.load(w_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            w = tl.exp(tl.where(m, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-            k = tl.load(k_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + o + rows, mask=m, other=0.0).to(tl.float32)
-            kk = tl.load(kk_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
+            k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
+            kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
             sa = -tl.sum(S * kk[None, :], axis=1)
             S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
         # S is now S_t of the chunk's last token; step the adjoint back through the chunk.
         for si in range(CHUNK):
             s = CHUNK - 1 - si
             t = c * CHUNK + s
-            m = t < T
+            mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
+            mr = (rows * 0 + t) < T
             o = base + t * H * N
-            sig = 1.0 / (1.0 + tl.exp(-tl.load(w_ptr + o + cols, mask=m, other=0.0).to(tl.float32)))
-            w = tl.exp(tl.where(m, sig * _DECAY, 0.0))
-            k = tl.load(k_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + o + rows, mask=m, other=0.0).to(tl.float32)
-            kk = tl.load(kk_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            r = tl.load(r_ptr + o + cols, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + o + rows, mask=m, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)))
+            w = tl.exp(tl.where(mc, sig * _DECAY, 0.0))
+            k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
+            kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
             dS += dy[:, None] * r[None, :]
             if HAS_Q:
                 qo = qbase + t * K * N
-                mq = m & (h < K)
-                q = tl.load(q_ptr + qo + cols, mask=mq, other=0.0).to(tl.float32)
-                dz = tl.load(dz_ptr + qo + rows, mask=mq, other=0.0).to(tl.float32)
+                mqc = mc & ((cols * 0 + h) < K)
+                mqr = mr & ((rows * 0 + h) < K)
+                q = tl.load(q_ptr + qo + cols, mask=mqc, other=0.0).to(tl.float32)
+                dz = tl.load(dz_ptr + qo + rows, mask=mqr, other=0.0).to(tl.float32)
                 dS += dz[:, None] * q[None, :]
             S_prev = tl.load(scratch + s * BI * N + boff)
             beta = kk * a
@@ -182,21 +187,21 @@ def _bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, q_ptr, dy_ptr, dz_ptr
             dbeta = tl.sum(dS * sa[:, None], axis=0)
             dalpha = tl.sum(S_prev * dsa[:, None], axis=0)
             dw = tl.sum(dS * S_prev, axis=0)
-            tl.store(dv_ptr + o + rows, tl.sum(dS * k[None, :], axis=1), mask=m)
+            tl.store(dv_ptr + o + rows, tl.sum(dS * k[None, :], axis=1), mask=mr)
             # dL/dw_raw = dL/dw * w * d(log w)/dw_raw, log w = DECAY * sigmoid(w_raw).
             dw_raw = dw * w * _DECAY * sig * (1.0 - sig)
             if ATOMIC:  # partial sums over this program's rows
-                tl.atomic_add(dr_ptr + o + cols, dr, mask=m)
-                tl.atomic_add(dk_ptr + o + cols, dk, mask=m)
-                tl.atomic_add(dkk_ptr + o + cols, dbeta * a - dalpha, mask=m)
-                tl.atomic_add(da_ptr + o + cols, dbeta * kk, mask=m)
-                tl.atomic_add(dw_ptr + o + cols, dw_raw, mask=m)
+                tl.atomic_add(dr_ptr + o + cols, dr, mask=mc)
+                tl.atomic_add(dk_ptr + o + cols, dk, mask=mc)
+                tl.atomic_add(dkk_ptr + o + cols, dbeta * a - dalpha, mask=mc)
+                tl.atomic_add(da_ptr + o + cols, dbeta * kk, mask=mc)
+                tl.atomic_add(dw_ptr + o + cols, dw_raw, mask=mc)
             else:
-                tl.store(dr_ptr + o + cols, dr, mask=m)
-                tl.store(dk_ptr + o + cols, dk, mask=m)
-                tl.store(dkk_ptr + o + cols, dbeta * a - dalpha, mask=m)
-                tl.store(da_ptr + o + cols, dbeta * kk, mask=m)
-                tl.store(dw_ptr + o + cols, dw_raw, mask=m)
+                tl.store(dr_ptr + o + cols, dr, mask=mc)
+                tl.store(dk_ptr + o + cols, dk, mask=mc)
+                tl.store(dkk_ptr + o + cols, dbeta * a - dalpha, mask=mc)
+                tl.store(da_ptr + o + cols, dbeta * kk, mask=mc)
+                tl.store(dw_ptr + o + cols, dw_raw, mask=mc)
             dS = dS * w[None, :] - dsa[:, None] * kk[None, :]
             S = S_prev
     tl.store(ds0_ptr + bh * N * N + soff, dS)
