@@ -153,7 +153,8 @@ def sweep(args):
 
 def bench_model(size, batch, seq_len, repeats=5):
     """Whole-model training and forward throughput (metastate bench's measurement), bf16, with
-    the model's Triton default (chunked kernels) and with the sequential kernel, one run."""
+    the model's Triton default (chunked kernels, with and without activation checkpointing)
+    and with the sequential kernel, one run."""
     import tempfile
 
     from backends.cuda.ops.wkv7 import triton_wkv7 as sequential
@@ -164,8 +165,10 @@ def bench_model(size, batch, seq_len, repeats=5):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = _sized_model(size, Path(tmp))
-        for name, kernels in (("triton (chunked)", "triton"), ("sequential kernel", sequential)):
-            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats)
+        cases = (("triton (chunked)", "triton", False), ("triton, --grad-checkpoint", "triton", True),
+                 ("sequential kernel", sequential, False))
+        for name, kernels, ckpt in cases:
+            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats, grad_checkpoint=ckpt)
             rows.append({"kernels": name, **{k: v for k, v in r.items() if k != "kernels"}})
             print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
                   flush=True)
