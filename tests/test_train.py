@@ -206,6 +206,16 @@ def test_grad_checkpoint_trains_the_same_run(data_dir, tmp_path):
     assert ckpt["losses"] == plain["losses"]  # recomputation repeats the same arithmetic
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_train_like_the_ops_path(data_dir, tmp_path):
+    # The trainer through the chunked Triton kernels (the CPU interpreter without a GPU):
+    # the same run as the plain-ops path up to float32 rounding.
+    ops = train(tiny(data_dir, tmp_path / "a", max_steps=3, save_interval=3, kernels="ops"))
+    tri = train(tiny(data_dir, tmp_path / "b", max_steps=3, save_interval=3, kernels="triton"))
+    np.testing.assert_allclose(tri["losses"], ops["losses"], rtol=1e-5)
+    assert tri["losses"][-1] < tri["losses"][0]  # and it learns
+
+
 def test_freeze_sse_gate_trains_an_exact_rwkv7(data_dir, tmp_path):
     meta = train(tiny(data_dir, tmp_path / "m", max_steps=3))
     base = train(tiny(data_dir, tmp_path / "b", max_steps=3, freeze_sse_gate=True))
