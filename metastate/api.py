@@ -7,9 +7,12 @@
 
 One small interface, `Engine`, sits over the three backends (NumPy reference, torch/Triton,
 MLX/Metal): `prefill` (a prompt, in pieces of `PREFILL_STEP` tokens through the sequence path,
-so memory stays flat in the prompt length) and `step` (one token). States are opaque,
+so memory stays flat in the prompt length), `step` (one token) and `logits` (every position of
+one sequence in one pass: `compute_logits`, what `metastate logits` writes). States are opaque,
 backend-native and never modified in place, so a caller can keep any earlier one. Sampling,
 stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend.
+The backends are imported only when one is loaded (`_LOADERS`): adding one is an Engine
+subclass and a loader.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from metastate.backend import BACKENDS, BackendError, BackendUnavailable
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.sampling import Sampler, SamplingParams
@@ -35,6 +37,21 @@ from metastate_core.tokenizers import StreamDecoder, Tokenizer
 PREFILL_STEP = 512   # prompt tokens per model call
 STATE_FORMAT = "metastate-state"
 STATE_FORMAT_VERSION = 1
+BACKENDS = ("numpy", "torch", "mlx")
+KERNELS = ("auto", "ops", "triton", "metal")
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+class BackendError(MetaStateError):
+    """An unknown, unavailable or misused backend."""
+
+    exit_code = 1
+
+
+class BackendUnavailable(BackendError):
+    """The backend exists in the design but cannot run here (its extra is missing)."""
+
+    exit_code = 2
 
 
 class GenerationError(MetaStateError, ValueError):
@@ -85,11 +102,16 @@ class Engine:
         state = self.zero_state() if state is None else state
         for start in range(0, len(ids), step):
             logits, state = self._forward(ids[start:start + step], state)
-        return logits, state
+        return logits[-1], state
 
     def step(self, token: int, state):
         """One token -> (logits [V] float32, state after it)."""
-        return self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
+        logits, state = self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
+        return logits[-1], state
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [T, V] float32 at every position of ids [T], from the zero state, in one pass."""
+        return self._forward(self.check_ids(ids), self.zero_state())[0]
 
     def check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -101,7 +123,8 @@ class Engine:
 
     # -- backend specific -----------------------------------------------------------------
     def _forward(self, ids: np.ndarray, state):
-        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits [V], state)."""
+        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits
+        [T, V] float32, state)."""
         raise NotImplementedError
 
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
@@ -128,7 +151,13 @@ class NumpyEngine(Engine):
 
         form = "recurrent" if len(ids) == 1 else "chunked"
         logits, state = forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
-        return logits[0, -1].astype(np.float32), state
+        return logits[0].astype(np.float32), state
+
+    def logits(self, ids):
+        """The reference in its defining form: the recurrence, one token at a time."""
+        from metastate_core.reference import forward
+
+        return forward(self.weights, self.cfg, self.check_ids(ids)[None], dtype=self.dtype)[0][0].astype(np.float32)
 
     def state_to_arrays(self, state):
         return {k: getattr(state, k)[:, 0].astype(np.float32) for k in ("att_x", "meta_x", "wkv")}
@@ -155,7 +184,7 @@ class TorchEngine(Engine):
         with torch.no_grad():
             tokens = torch.as_tensor(ids, device=self.device)[None]
             logits, state = self.model(tokens, state, kernels=self.kernels)
-            return logits[0, -1].float().cpu().numpy(), state
+            return logits[0].float().cpu().numpy(), state
 
     def state_to_arrays(self, state):
         return {k: getattr(state, k)[:, 0].float().cpu().numpy() for k in ("att_x", "meta_x", "wkv")}
@@ -186,7 +215,7 @@ class MLXEngine(Engine):
         import mlx.core as mx
 
         cache = self._copy(state)  # the model updates its cache in place; states stay immutable
-        logits = self.model(mx.array(ids.astype(np.int32))[None], cache)[0, -1]
+        logits = self.model(mx.array(ids.astype(np.int32))[None], cache)[0]
         mx.eval(logits, cache.state)
         return np.array(logits.astype(mx.float32)), cache
 
@@ -263,9 +292,10 @@ def _load_numpy(path, kernels, dtype, device):
 
     if kernels not in ("auto", "ops"):
         raise BackendError(f"kernels {kernels!r} are not available on the numpy backend (use auto or ops)")
-    if dtype not in (None, "float32", "float64"):
-        raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float32 or float64)")
-    cfg, tensors = load_model(path)
+    if dtype not in (None, "float32", "float64", "bfloat16"):
+        raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float64, float32 or bfloat16)")
+    # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math)
+    cfg, tensors = load_model(path, dtype="bfloat16" if dtype == "bfloat16" else None)
     return NumpyEngine(cfg, tensors, np.float64 if dtype == "float64" else np.float32)
 
 
@@ -296,6 +326,44 @@ def _load_mlx(path, kernels, dtype, device):
 
 
 _LOADERS = {"numpy": _load_numpy, "torch": _load_torch, "mlx": _load_mlx}
+
+
+def check_tokens(tokens, vocab_size: int) -> np.ndarray:
+    """Token ids as int64 [T]; raises on an empty list or an id outside [0, vocab_size)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise MetaStateError("expected a non-empty list of token ids")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise MetaStateError("token ids must be integers")
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+    if bad.size:
+        raise MetaStateError(f"token id {int(bad[0])} is out of range for vocab_size {vocab_size}")
+    return tokens.astype(np.int64)
+
+
+def compute_logits(model_dir, tokens, backend: str = "numpy", kernels: str = "auto",
+                   dtype: str | None = None) -> np.ndarray:
+    """Logits float32 [T, V] of one sequence of token ids [T], in one pass from the zero state
+    (`metastate logits`, the parity check between backends).
+
+    dtype None: numpy computes in float64 (the reference), torch and mlx in float32 (a quantized
+    MLX model as stored); "bfloat16" rounds the weights to bfloat16.
+    """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if kernels not in KERNELS:
+        raise BackendError(f"unknown kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise BackendError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    from weights import load_config
+
+    cfg = load_config(model_dir)
+    tokens = check_tokens(tokens, cfg.vocab_size)  # before any heavy load
+    if dtype is None:
+        quantized = "quantization" in cfg.extra
+        dtype = "float64" if backend == "numpy" else None if quantized else "float32"
+    engine, _ = load(model_dir, backend, kernels=kernels, dtype=dtype)
+    return engine.logits(tokens)
 
 
 def model_fingerprint(path, cfg: ModelConfig) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from metastate import __version__
-from metastate.backend import BACKENDS, DTYPES, KERNELS, compute_logits
+from metastate.api import BACKENDS, DTYPES, KERNELS, compute_logits
 from metastate_core.errors import MetaStateError
 
 DISK_DTYPES = ("float32", "bfloat16", "float16")

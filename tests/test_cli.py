@@ -8,13 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import metastate.backend as backend_mod
 from metastate.cli import main
 from metastate_core.config import ModelConfig
 from metastate_core.params import param_shapes, random_params
@@ -255,30 +253,13 @@ def test_missing_model_in_process(tmp_path, capsys):
     assert_one_error(rc, err, "nope")
 
 
-# -- the backend seam -----------------------------------------------------------------------
-def test_lazy_backend_plugs_in(model, monkeypatch, capsys, tmp_path):
-    path, cfg, _ = model
-    monkeypatch.setitem(sys.modules, "backends.mlx", types.ModuleType("backends.mlx"))
+# -- backends load lazily --------------------------------------------------------------------
+def test_missing_backend_extra_is_named(model, monkeypatch, capsys, tmp_path):
+    path, _, _ = model
+    monkeypatch.setitem(sys.modules, "backends.mlx", None)  # import fails, as without the extra
     rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
-    assert_one_error(rc, err, "mlx backend is not available yet")
-    assert rc == 2
-
-    calls = []
-
-    def fake(model_dir, tokens, *, kernels, dtype):
-        calls.append((Path(model_dir), list(tokens), kernels, dtype))
-        return np.ones((len(tokens), cfg.vocab_size), np.float64)
-
-    module = types.ModuleType("backends.mlx")
-    module.compute_logits = fake
-    monkeypatch.setitem(sys.modules, "backends.mlx", module)
-    logits = backend_mod.compute_logits(path, [1, 2], "mlx", "metal", "float32")
-    assert calls == [(path, [1, 2], "metal", "float32")]
-    assert logits.dtype == np.float32 and logits.shape == (2, cfg.vocab_size)
-
-    monkeypatch.setattr(backend_mod.importlib.util, "find_spec", lambda name: None)
-    rc, _, err = run(["logits", "--model", path, "--tokens", "1", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
     assert_one_error(rc, err, "pip install 'metastate[mlx]'")
+    assert rc == 2 and not (tmp_path / "x.npy").exists()
 
 
 def test_bench_reports_speeds(tmp_path, capsys):

@@ -165,8 +165,8 @@ class Scripted(Engine):
     def _forward(self, ids, state):
         state = 0 if state is None else state
         pos = state + len(ids)
-        logits = np.zeros(257, np.float32)
-        logits[self.script[pos] if pos < len(self.script) else 256] = 10.0
+        logits = np.zeros((len(ids), 257), np.float32)  # only the last row is ever sampled
+        logits[-1, self.script[pos] if pos < len(self.script) else 256] = 10.0
         return logits, pos
 
 

@@ -182,7 +182,7 @@ def test_directory_round_trip_is_bit_exact(tmp_path):
 
 
 def test_compute_logits_backend(tmp_path):
-    from metastate.backend import compute_logits
+    from metastate.api import compute_logits
     from weights import save_model
 
     weights = random_params(META, 0)
@@ -196,7 +196,8 @@ def test_compute_logits_backend(tmp_path):
 
 
 def test_quantized_directory_round_trip(tmp_path):
-    from backends.mlx import compute_logits, convert
+    from backends.mlx import convert
+    from metastate.api import compute_logits
     from weights import save_model
 
     weights = random_params(META, 0)
@@ -208,7 +209,7 @@ def test_quantized_directory_round_trip(tmp_path):
     in_memory = quantize(from_weights(META, weights, kernels="ops"), bits=8)
     toks = tokens(1, 20)
     np.testing.assert_array_equal(run(model, toks), run(in_memory, toks))  # same packed weights
-    got = compute_logits(tmp_path / "q8", toks[0], kernels="ops")
+    got = compute_logits(tmp_path / "q8", toks[0], "mlx", kernels="ops")
     assert rel_rms(got, forward(weights, META, toks)[0][0]) <= 2e-2
     save(model, tmp_path / "q8b")  # a loaded quantized model saves again
     np.testing.assert_array_equal(run(load(tmp_path / "q8b", kernels="ops")[0], toks), run(model, toks))

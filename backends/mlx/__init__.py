@@ -17,10 +17,10 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise MLXUnavailable("the mlx backend needs mlx: pip install 'metastate[mlx]'") from e
 
-from .generate import compute_logits, generate, prefill, stream_generate  # noqa: E402
+from .generate import generate, prefill, stream_generate  # noqa: E402
 from .model import (Cache, Model, ModelArgs, ModelError, convert, from_weights, load,  # noqa: E402
                     quantize, resolve_kernels, save)
 
-__all__ = ["Cache", "MLXUnavailable", "Model", "ModelArgs", "ModelError", "compute_logits", "convert",
+__all__ = ["Cache", "MLXUnavailable", "Model", "ModelArgs", "ModelError", "convert",
            "from_weights", "generate", "load", "prefill", "quantize", "resolve_kernels", "save",
            "stream_generate"]

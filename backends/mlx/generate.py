@@ -1,4 +1,4 @@
-"""Generation and logits on the MLX model: prefill through the sequence path, then decode.
+"""Generation on the MLX model: prefill through the sequence path, then decode.
 
 Sampling is the shared `metastate_core.sampling` (NumPy), so every backend draws the same
 tokens from the same logits and seed.
@@ -13,7 +13,7 @@ import numpy as np
 
 from metastate_core.sampling import Sampler, SamplingParams
 
-from .model import Cache, Model, ModelError, load
+from .model import Cache, Model, ModelError
 
 PREFILL_STEP = 512  # prompt tokens per model call: bounds prefill memory whatever the prompt length
 
@@ -69,24 +69,3 @@ def generate(model: Model, tokenizer, prompt_ids: Sequence[int], max_tokens: int
     return list(stream_generate(model, tokenizer, prompt_ids, max_tokens, sampler, **kwargs))
 
 
-_DTYPES = {None: "float32", "float32": "float32", "bfloat16": "bfloat16"}
-
-
-def compute_logits(model_dir, tokens, *, kernels: str = "auto", dtype: str | None = None) -> np.ndarray:
-    """Logits float32 numpy [T, V] of one sequence of token ids [T] (`metastate logits --backend mlx`).
-
-    kernels: "auto" (Metal when available), "ops" or "metal". dtype: None or "float32"
-    (weights cast to float32), or "bfloat16". A quantized model runs as stored (dtype None).
-    """
-    if kernels not in ("auto", "ops", "metal"):
-        raise ModelError(f"kernels {kernels!r} are not available on the mlx backend (use auto, ops or metal)")
-    if dtype not in _DTYPES:
-        raise ModelError(f"dtype {dtype!r} is not available on the mlx backend (use float32 or bfloat16)")
-    from weights import load_config
-
-    quantized = "quantization" in load_config(model_dir).extra
-    if quantized and dtype is not None:
-        raise ModelError("a quantized model runs as stored: leave --dtype unset")
-    model, _ = load(model_dir, kernels=kernels, dtype=None if quantized else _DTYPES[dtype])
-    ids = mx.array(np.asarray(tokens, dtype=np.int32))[None]
-    return np.array(model(ids)[0].astype(mx.float32))
