@@ -66,7 +66,9 @@ def check_agreement(algorithm="sequential", chunk_kw=None):
     return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
 
 
-def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None):
+def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None, sse=True):
+    """Median ms of forward+backward ("train ...") and forward ("prefill ..."); sse False
+    leaves the readout out (WKV alone, fla's workload)."""
     xs = inputs(B, T, H, grad=True)
     q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy, gz = torch.randn_like(q), torch.randn_like(q)
@@ -79,12 +81,13 @@ def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential",
 
     def ours():
         y, sT, read = wkv(*xs, S0)
-        torch.autograd.backward([y, read(q)], [gy, gz])
+        torch.autograd.backward([y, read(q)] if sse else [y], [gy, gz] if sse else [gy])
 
     def ours_fwd():
         with torch.no_grad():
             y, sT, read = wkv(*xs, S0)
-            read(q)
+            if sse:
+                read(q)
 
     row = {"train ours": ms(ours), "prefill ours": ms(ours_fwd)}
     if chunk_rwkv7 is not None and with_fla:
@@ -135,6 +138,13 @@ def sweep(args):
         for name, tr, pf in rows:
             print(f"| {H} | {name} | {tr or float('nan'):.3f} | {pf or float('nan'):.3f} | "
                   f"{f'{tr / fla:.2f}' if fla and tr else '-'} |", flush=True)
+        # Our WKV alone (no readout) at the first configuration: fla's workload exactly.
+        r = bench_train(args.B, args.T, H, with_fla=False, algorithm="chunk", chunk_kw=parse_config(args.sweep[0]),
+                        sse=False)
+        tr, pf = r["train ours"], r["prefill ours"]
+        rows.append((f"chunk {args.sweep[0]}, WKV only", tr, pf))
+        print(f"| {H} | chunk {args.sweep[0]} (WKV only) | {tr:.3f} | {pf:.3f} | "
+              f"{f'{tr / fla:.2f}' if fla else '-'} |", flush=True)
         for text in args.sweep:
             try:
                 r = bench_train(args.B, args.T, H, with_fla=False, algorithm="chunk",
