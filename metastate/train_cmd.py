@@ -42,8 +42,8 @@ HELP = {
     "kernels": "auto (triton on cuda, ops on cpu), ops or triton",
     "precision": "auto (bf16 autocast on cuda, float32 on cpu), float32 or bf16",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
-    "grad_checkpoint": "recompute each block during backward: activation memory of one block, "
-                       "about a third more compute (identical gradients)",
+    "grad_checkpoint": "recompute each block during backward: activation memory of one block for "
+                       "one more forward pass per step (identical gradients)",
 }
 
 
