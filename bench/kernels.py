@@ -158,6 +158,8 @@ def sweep(args):
                   f"{f'{tr / fla:.2f}' if fla else '-'} |", flush=True)
             torch.cuda.empty_cache()
         results.append({"H": H, "rows": rows})
+        if args.json:  # after each H: a run cut short by its time limit keeps what it measured
+            Path(args.json).write_text(json.dumps({"sweep": results}, indent=1))
     return results
 
 

@@ -102,16 +102,15 @@ class Engine:
         state = self.zero_state() if state is None else state
         for start in range(0, len(ids), step):
             logits, state = self._forward(ids[start:start + step], state)
-        return logits[-1], state
+        return logits, state
 
     def step(self, token: int, state):
         """One token -> (logits [V] float32, state after it)."""
-        logits, state = self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
-        return logits[-1], state
+        return self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] float32 at every position of ids [T], from the zero state, in one pass."""
-        return self._forward(self.check_ids(ids), self.zero_state())[0]
+        return self._forward(self.check_ids(ids), self.zero_state(), every=True)[0]
 
     def check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -122,9 +121,9 @@ class Engine:
         return ids
 
     # -- backend specific -----------------------------------------------------------------
-    def _forward(self, ids: np.ndarray, state):
+    def _forward(self, ids: np.ndarray, state, every: bool = False):
         """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits
-        [T, V] float32, state)."""
+        float32, state): of the last token [V], or of every token [T, V] with `every`."""
         raise NotImplementedError
 
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
@@ -146,12 +145,12 @@ class NumpyEngine(Engine):
         self.weights = {k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()}
         self.description = f"numpy (cpu, {self.dtype.name})"
 
-    def _forward(self, ids, state):
+    def _forward(self, ids, state, every=False):
         from metastate_core.reference import forward
 
         form = "recurrent" if len(ids) == 1 else "chunked"
         logits, state = forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
-        return logits[0].astype(np.float32), state
+        return (logits[0] if every else logits[0, -1]).astype(np.float32), state
 
     def logits(self, ids):
         """The reference in its defining form: the recurrence, one token at a time."""
@@ -178,13 +177,14 @@ class TorchEngine(Engine):
         self.model, self.device, self.kernels = model.eval(), device, kernels
         self.description = f"torch ({device}, kernels={kernels})"
 
-    def _forward(self, ids, state):
+    def _forward(self, ids, state, every=False):
         import torch
 
         with torch.no_grad():
             tokens = torch.as_tensor(ids, device=self.device)[None]
             logits, state = self.model(tokens, state, kernels=self.kernels)
-            return logits[0].float().cpu().numpy(), state
+            logits = logits[0] if every else logits[0, -1]  # sliced on the device: one row crosses
+            return logits.float().cpu().numpy(), state
 
     def state_to_arrays(self, state):
         return {k: getattr(state, k)[:, 0].float().cpu().numpy() for k in ("att_x", "meta_x", "wkv")}
@@ -211,11 +211,12 @@ class MLXEngine(Engine):
         device = "gpu" if mx.metal.is_available() else "cpu"
         self.description = f"mlx ({device}, kernels={model.wkv_ops.name})"
 
-    def _forward(self, ids, state):
+    def _forward(self, ids, state, every=False):
         import mlx.core as mx
 
         cache = self._copy(state)  # the model updates its cache in place; states stay immutable
         logits = self.model(mx.array(ids.astype(np.int32))[None], cache)[0]
+        logits = logits if every else logits[-1]
         mx.eval(logits, cache.state)
         return np.array(logits.astype(mx.float32)), cache
 
@@ -362,8 +363,8 @@ def compute_logits(model_dir, tokens, backend: str = "numpy", kernels: str = "au
     if dtype is None:
         quantized = "quantization" in cfg.extra
         dtype = "float64" if backend == "numpy" else None if quantized else "float32"
-    engine, _ = load(model_dir, backend, kernels=kernels, dtype=dtype)
-    return engine.logits(tokens)
+    # The engine alone: token ids need no tokenizer (a broken tokenizer file must not matter).
+    return _LOADERS[backend](Path(model_dir), kernels, dtype, None).logits(tokens)
 
 
 def model_fingerprint(path, cfg: ModelConfig) -> str:

@@ -100,6 +100,9 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if kernels == "auto":
         kernels = "triton" if device == "cuda" else "ops"
+    if device == "cuda":  # this measurement's peak, not an earlier one's in the same process
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = load_model(path, device=device, dtype=dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     V = model.cfg.vocab_size

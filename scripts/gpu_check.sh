@@ -8,17 +8,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
-if ls bench/build/*.whl >/dev/null 2>&1 && ! python3 -c "import fla" 2>/dev/null; then
-    python3 -m pip install -q --no-deps --no-index --target /tmp/gpu_check_pk bench/build/*.whl
+PY=${PYTHON:-python3}
+if ls bench/build/*.whl >/dev/null 2>&1 && ! "$PY" -c "import fla" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index --target /tmp/gpu_check_pk bench/build/*.whl
     export PYTHONPATH=/tmp/gpu_check_pk
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-PY=${PYTHON:-python3}
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" || exit 1
 if [ $# -eq 0 ]; then
-    set -- --heads 12 32 --sweep 16/16/tf32/4 16/32/tf32/4 16/16/bf16/4 --model 768,12,65536
+    set -- --heads 12 32 --sweep 16/32/tf32/4 16/16/tf32/4 --model 768,12,65536
 fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?

@@ -162,11 +162,11 @@ class Scripted(Engine):
     def zero_state(self):
         return 0
 
-    def _forward(self, ids, state):
+    def _forward(self, ids, state, every=False):
         state = 0 if state is None else state
         pos = state + len(ids)
-        logits = np.zeros((len(ids), 257), np.float32)  # only the last row is ever sampled
-        logits[-1, self.script[pos] if pos < len(self.script) else 256] = 10.0
+        logits = np.zeros(257, np.float32)
+        logits[self.script[pos] if pos < len(self.script) else 256] = 10.0
         return logits, pos
 
 

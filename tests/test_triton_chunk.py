@@ -250,3 +250,40 @@ def test_every_saved_tensor_goes_through_autograd():
         sum((o * c).sum() for o, c in zip(outs, (cot[0], cot[2], cot[1]))).backward()
         grads.append([t.grad for t in x])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("kernel", ["chunk", "sequential"])
+def test_readout_terms_of_an_earlier_pass_are_not_reused(kernel):
+    # autograd.grad through z alone runs only the readout's backward; a later backward through
+    # y must not pick up what that pass left behind. (Both sequence kernels share the pattern.)
+    from backends.cuda.ops.wkv7 import triton_wkv7
+
+    ins, cot = make_inputs(1, 20, 2, 16, K=1, seed=9)
+    x = [t.detach().clone().requires_grad_() for t in ins]
+    y, sT, read = (chunk_wkv7 if kernel == "chunk" else triton_wkv7)(*x[:7])
+    z = read(x[7])
+    torch.autograd.grad((z * cot[1]).sum(), x[7], retain_graph=True)
+    (y * cot[0]).sum().backward()
+    _, grads_n = naive_grads(ins, (cot[0], cot[1], torch.zeros_like(cot[2])), K=0)
+    errs = {n: rel_rms(t.grad, gn) for n, t, gn in zip(NAMES, x, grads_n)}
+    assert all(e <= 1e-3 for e in errs.values()), errs
+
+
+def test_only_the_final_state_in_the_loss_and_no_zero_filled_gradients(monkeypatch):
+    # y unused (its gradient arrives as None) and the internals' gradients are never
+    # materialised: each would be a zero tensor the size of the chunk states.
+    from backends.cuda.ops.wkv7 import chunk
+
+    seen = []
+    real = chunk._ChunkWKV7.backward
+    monkeypatch.setattr(chunk._ChunkWKV7, "backward",
+                        staticmethod(lambda ctx, *g: seen.append(g) or real(ctx, *g)))
+    ins, cot = make_inputs(1, 20, 2, 16, K=0, seed=10)
+    x = [t.detach().clone().requires_grad_() for t in ins[:7]]
+    _, sT, _ = chunk_wkv7(*x)
+    (sT * cot[2]).sum().backward()
+    assert len(seen) == 1 and seen[0][0] is None and all(g is None for g in seen[0][3:])
+    _, grads_n = naive_grads(ins, (torch.zeros_like(cot[0]), cot[1], cot[2]), K=0)
+    assert not torch.any(x[0].grad)  # S_T does not depend on r
+    errs = {n: rel_rms(t.grad, gn) for n, t, gn in zip(NAMES[1:], x[1:], grads_n[1:])}
+    assert all(e <= 1e-3 for e in errs.values()), errs

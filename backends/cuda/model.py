@@ -9,7 +9,8 @@ decay are float32 always.
 The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
 (`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
 `ops.wkv7.chunk_wkv7`, same signature; decode: the fused step), or any callable with that
-signature (tests substitute the naive recurrence or the sequential `triton_wkv7`).
+signature (tests substitute the naive recurrence or the sequential `triton_wkv7`; the latter
+keeps its saved states outside autograd, so `grad_checkpoint` cannot free them).
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ class Block(nn.Module):
         x = x + dx
         xm = self.ln2(x)
         x = x + self.meta(xm, meta_prev, read, use_sse=use_sse)
-        return x, v_first, S, xa[:, -1], xm[:, -1]
+        # clones, not views: a view would keep the whole [B, T, d] tensors alive (checkpointing)
+        return x, v_first, S, xa[:, -1].clone(), xm[:, -1].clone()
 
 
 class Model(nn.Module):
@@ -224,14 +226,15 @@ class Model(nn.Module):
         B, T = tokens.shape
         if state is None:
             state = State.zeros(self.cfg, B, tokens.device)
-        wkv = self._wkv(kernels, T, chunk_size, tokens.device)
+        wkv = self._wkv(kernels, T, chunk_size, self.head.weight.device)
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
         recompute = grad_checkpoint and torch.is_grad_enabled()
         for l, block in enumerate(self.blocks):
             args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first, wkv, not self.freeze_sse_gate)
             if recompute:
-                x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False)
+                x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False,
+                                                             preserve_rng_state=False)  # no randomness
             else:
                 x, v_first, S, xa_last, xm_last = block(*args)
             att_x.append(xa_last)
@@ -255,6 +258,7 @@ class Model(nn.Module):
             from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7_step
         except ImportError as e:
             raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
+        # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1, as the tests do).
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ModelError(f"the Triton kernels run on CUDA tensors, and the model is on {device}: "
                              "move it to a GPU or use kernels='ops'")

@@ -5,7 +5,7 @@
     triton_wkv7, triton_wkv7_step, triton_state_read
                         Triton kernels (triton_ops.py): CUDA, or the CPU interpreter in tests
     chunk_wkv7          chunked (WY) Triton kernels on tensor cores (chunk.py), same contract
-                        as triton_wkv7; not yet the model's default (see docs/kernels.md)
+                        as triton_wkv7; the model's sequence path (see docs/kernels.md)
 
 Triton is imported only when a kernel is asked for, so the plain-ops path works where
 triton is not installed (macOS).

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .naive import DECAY_SCALE
+from .sequential import graph_task
 
 CHUNK_SIZES = (16, 32, 64)
 # tl.dot operand precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee":
@@ -524,6 +525,7 @@ class _Shared:
         self.launch, self.T = launch, T
         self.read_called = False
         self.q = self.dz = self.acc = None
+        self.task = None  # the backward pass that left q, dz and acc
 
 
 class _ChunkWKV7(torch.autograd.Function):
@@ -533,6 +535,7 @@ class _ChunkWKV7(torch.autograd.Function):
         internals = (sv.G, sv.W, sv.Uv, sv.Tinv, sv.U, sv.states)
         ctx.save_for_backward(r, w_raw, k, v, kk, a, *internals)
         ctx.mark_non_differentiable(*internals)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the internals
         ctx.shared = shared
         ctx.has_s0 = S0 is not None
         # `link` carries no value: the readout consumes it, so autograd runs the readout's
@@ -544,9 +547,11 @@ class _ChunkWKV7(torch.autograd.Function):
         r, w_raw, k, v, kk, a, *internals = ctx.saved_tensors
         sh = ctx.shared
         saved = ChunkSaved(sh.launch, sh.T, w_raw, k, v, kk, a, *internals)
-        q, dz, acc = sh.q, sh.dz, sh.acc
+        q, dz, acc = (sh.q, sh.dz, sh.acc) if sh.task == graph_task() else (None, None, None)
         sh.q = sh.dz = sh.acc = None
-        grads = chunk_wkv7_bwd(saved, r, dy.contiguous(), dS_T.contiguous(), q, dz, acc)
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dS_T = None if dS_T is None else dS_T.contiguous()
+        grads = chunk_wkv7_bwd(saved, r, dy, dS_T, q, dz, acc)
         dr, dw, dk, dv, dkk, da, dS0 = grads
         out = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, dkk, da), (r, w_raw, k, v, kk, a))]
         return (*out, dS0 if ctx.has_s0 else None, None)
@@ -566,7 +571,7 @@ class _ChunkRead(torch.autograd.Function):
     def backward(ctx, dz):
         q, *tensors = ctx.saved_tensors
         sh = ctx.shared
-        sh.q, sh.dz = q, dz.contiguous()
+        sh.q, sh.dz, sh.task = q, dz.contiguous(), graph_task()
         dq, sh.acc = chunk_wkv7_read_bwd(_read_view(sh, *tensors), q, sh.dz)
         return dq.to(q.dtype), torch.zeros((), device=dz.device), *([None] * 8)
 

@@ -275,6 +275,13 @@ def wkv7_backward(r, w_raw, k, v, kk, a, states, dy, dS_T, q, dz, BI):
     return dr, dw, dk, dv, dkk, da, dS0
 
 
+def graph_task() -> int:
+    """Which backward pass is running (-1 outside one). What a readout's backward leaves for the
+    sequence's backward is used only within the same pass: torch.autograd.grad through z alone
+    must not leave its dz to a later backward through y."""
+    return torch._C._current_graph_task_id()
+
+
 class _Shared:
     """What the sequence pass and its readout share: the saved states, the readout's query
     and, during backward, dz (the readout's backward runs first and leaves it here)."""
@@ -285,6 +292,7 @@ class _Shared:
         self.states = None
         self.q = None
         self.dz = None
+        self.task = None  # the backward pass that left dz
 
 
 class _WKV7(torch.autograd.Function):
@@ -304,7 +312,8 @@ class _WKV7(torch.autograd.Function):
     def backward(ctx, dy, dS_T, _dlink):
         r, w_raw, k, v, kk, a = ctx.saved_tensors
         sh = ctx.shared
-        dz, sh.dz = sh.dz, None
+        dz = sh.dz if sh.task == graph_task() else None
+        sh.dz = None
         grads = wkv7_backward(r, w_raw, k, v, kk, a, sh.states, dy.contiguous(), dS_T.contiguous(),
                               sh.q, dz, sh.BI)
         dr, dw, dk, dv, dkk, da, dS0 = grads
@@ -325,6 +334,6 @@ class _Read(torch.autograd.Function):
         w_raw, k, v, kk, a = ctx.saved_tensors
         sh = ctx.shared
         dz = dz.contiguous()
-        sh.dz = dz
+        sh.dz, sh.task = dz, graph_task()
         dq = wkv7_replay(w_raw, k, v, kk, a, sh.states, dz, sh.BI, grad=True)
         return dq.to(sh.q.dtype), torch.zeros((), device=dz.device), None, None, None, None, None, None
