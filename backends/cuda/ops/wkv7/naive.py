@@ -11,9 +11,14 @@ import torch
 DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(w_raw)) in (0.545, 1)
 
 
+def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 kept (the tests' exact references)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def decay_log(w_raw: torch.Tensor) -> torch.Tensor:
-    """log w from the decay pre-activation, in float32."""
-    return DECAY_SCALE * torch.sigmoid(w_raw.float())
+    """log w from the decay pre-activation, in float32 (float64 for float64 input)."""
+    return DECAY_SCALE * torch.sigmoid(_at_least_f32(w_raw))
 
 
 def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
@@ -26,10 +31,11 @@ def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
         q: [B, T, K, N] with K <= H, optional: the SSE query xs, read from the first K heads.
     Returns:
         y [B, T, H, N] = S_t r_t, z [B, T, K, N] = S_t q_t (None without q), S_T [B, H, N, N],
-        y and z in float32.
+        all float32, or float64 when k is (the arithmetic follows).
     """
     B, T, H, N = k.shape
-    S = torch.zeros(B, H, N, N, device=k.device, dtype=torch.float32) if S0 is None else S0.float()
+    dtype = _at_least_f32(k[:0]).dtype
+    S = torch.zeros(B, H, N, N, device=k.device, dtype=dtype) if S0 is None else S0.to(dtype)
     ys, zs = [], []
     for t in range(T):
         y, S = naive_wkv7_step(S, r[:, t], w_raw[:, t], k[:, t], v[:, t], kk[:, t], a[:, t])
@@ -42,9 +48,10 @@ def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
 
 
 def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
-    """One token: S [B, H, N, N] float32, inputs [B, H, N] -> (y [B, H, N] float32, new S)."""
+    """One token: S [B, H, N, N] float32, inputs [B, H, N] -> (y [B, H, N] float32, new S)
+    (float64 throughout for float64 inputs)."""
     w = torch.exp(decay_log(w_raw))
-    r, k, v, kk, a = (t.float() for t in (r, k, v, kk, a))
+    r, k, v, kk, a = (_at_least_f32(t) for t in (r, k, v, kk, a))
     sa = torch.einsum("bhij,bhj->bhi", S, -kk)
     S = S * w[:, :, None, :] + sa[..., :, None] * (kk * a)[:, :, None, :] + v[..., :, None] * k[:, :, None, :]
     return torch.einsum("bhij,bhj->bhi", S, r), S
@@ -52,4 +59,4 @@ def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
 
 def state_readout(S, q):
     """z = S q over the first K heads: S [B, H, N, N], q [B, K, N] -> [B, K, N] float32."""
-    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], q.float())
+    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], _at_least_f32(q))
