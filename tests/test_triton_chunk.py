@@ -216,9 +216,13 @@ def test_dot_precision_on_gpu(precision):
     assert all(e <= bound[1] for e in errs.values()), errs
 
 
-def test_every_saved_tensor_goes_through_autograd():
+@pytest.mark.parametrize("kernel", ["chunk", "sequential"])
+def test_every_saved_tensor_goes_through_autograd(kernel):
     # Activation checkpointing and offloading see only what autograd saves: the chunk factors
     # and states kept for backward must be among them, not held on the side.
+    from backends.cuda.ops.wkv7 import triton_wkv7
+
+    wkv = chunk_wkv7 if kernel == "chunk" else triton_wkv7
     B, T, H, N, C = 1, 40, 2, 16, 16
     ins, cot = make_inputs(B, T, H, N, K=2, seed=8)
     x = [t.detach().clone().requires_grad_() for t in ins]
@@ -229,18 +233,18 @@ def test_every_saved_tensor_goes_through_autograd():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, sT, read = chunk_wkv7(*x[:7], chunk_size=C)
+        y, sT, read = wkv(*x[:7])
         z = read(x[7])
-    NC = -(-T // C)
-    # G, W, Uv, U [B, H, NC, C, N], Tinv [B, H, NC, C, C], states [B, H, NC, N, N], float32
-    internals = 4 * B * H * NC * (4 * C * N + C * C + N * N)
+    NC = -(-T // C)  # both kernels keep a state per 16 tokens
+    # chunk: G, W, Uv, U [B, H, NC, C, N], Tinv [B, H, NC, C, C]; both: states [B, H, NC, N, N]
+    kept = 4 * B * H * NC * ((4 * C * N + C * C if kernel == "chunk" else 0) + N * N)
     inputs = sum(t.numel() * t.element_size() for t in x[:6]) + x[7].numel() * 4
-    assert sum(packed.values()) >= internals + inputs
+    assert sum(packed.values()) >= kept + inputs
     # ... and checkpointing the whole call gives the same gradients as running it plainly.
     from torch.utils.checkpoint import checkpoint
 
     def run(*t):
-        y, sT, read = chunk_wkv7(*t[:7], chunk_size=C)
+        y, sT, read = wkv(*t[:7])
         return y, sT, read(t[7])
 
     grads = []

@@ -9,8 +9,7 @@ decay are float32 always.
 The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
 (`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
 `ops.wkv7.chunk_wkv7`, same signature; decode: the fused step), or any callable with that
-signature (tests substitute the naive recurrence or the sequential `triton_wkv7`; the latter
-keeps its saved states outside autograd, so `grad_checkpoint` cannot free them).
+signature (tests substitute the naive recurrence or the sequential `triton_wkv7`).
 """
 
 from __future__ import annotations

@@ -283,39 +283,40 @@ def graph_task() -> int:
 
 
 class _Shared:
-    """What the sequence pass and its readout share: the saved states, the readout's query
-    and, during backward, dz (the readout's backward runs first and leaves it here)."""
+    """What the sequence pass and its readout share: the block size, whether read was called
+    and, during backward, the readout's q and dz (its backward runs first and leaves them).
+    The saved states travel through autograd (a non-differentiable output), so saved-tensor
+    hooks such as activation checkpointing see them."""
 
     def __init__(self, BI):
         self.BI = BI
         self.read_called = False
-        self.states = None
-        self.q = None
-        self.dz = None
-        self.task = None  # the backward pass that left dz
+        self.q = self.dz = None
+        self.task = None  # the backward pass that left q and dz
 
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w_raw, k, v, kk, a, S0, shared):
         y, sT, states = wkv7_forward(r, w_raw, k, v, kk, a, S0, shared.BI)
-        shared.states = states
-        ctx.save_for_backward(r, w_raw, k, v, kk, a)
+        ctx.save_for_backward(r, w_raw, k, v, kk, a, states)
+        ctx.mark_non_differentiable(states)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the states
         ctx.shared = shared
         ctx.has_s0 = S0 is not None
         # `link` carries no value: the readout takes it as input, so autograd runs the
         # readout's backward (which leaves dz in `shared`) before this one.
-        link = sT.new_zeros(())
-        return y, sT, link
+        return y, sT, sT.new_zeros(()), states
 
     @staticmethod
-    def backward(ctx, dy, dS_T, _dlink):
-        r, w_raw, k, v, kk, a = ctx.saved_tensors
+    def backward(ctx, dy, dS_T, _dlink, _dstates):
+        r, w_raw, k, v, kk, a, states = ctx.saved_tensors
         sh = ctx.shared
-        dz = sh.dz if sh.task == graph_task() else None
-        sh.dz = None
-        grads = wkv7_backward(r, w_raw, k, v, kk, a, sh.states, dy.contiguous(), dS_T.contiguous(),
-                              sh.q, dz, sh.BI)
+        q, dz = (sh.q, sh.dz) if sh.task == graph_task() else (None, None)
+        sh.q = sh.dz = None
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dS_T = None if dS_T is None else dS_T.contiguous()
+        grads = wkv7_backward(r, w_raw, k, v, kk, a, states, dy, dS_T, q, dz, sh.BI)
         dr, dw, dk, dv, dkk, da, dS0 = grads
         out = [g.to(x.dtype) for g, x in zip((dr, dw, dk, dv, dkk, da), (r, w_raw, k, v, kk, a))]
         return (*out, dS0 if ctx.has_s0 else None, None)
@@ -323,17 +324,16 @@ class _WKV7(torch.autograd.Function):
 
 class _Read(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, link, w_raw, k, v, kk, a, shared):
-        shared.q = q
-        ctx.save_for_backward(w_raw, k, v, kk, a)
+    def forward(ctx, q, link, w_raw, k, v, kk, a, states, shared):
+        ctx.save_for_backward(q, w_raw, k, v, kk, a, states)
         ctx.shared = shared
-        return wkv7_replay(w_raw, k, v, kk, a, shared.states, q, shared.BI)
+        return wkv7_replay(w_raw, k, v, kk, a, states, q, shared.BI)
 
     @staticmethod
     def backward(ctx, dz):
-        w_raw, k, v, kk, a = ctx.saved_tensors
+        q, w_raw, k, v, kk, a, states = ctx.saved_tensors
         sh = ctx.shared
         dz = dz.contiguous()
-        sh.dz, sh.task = dz, graph_task()
-        dq = wkv7_replay(w_raw, k, v, kk, a, sh.states, dz, sh.BI, grad=True)
-        return dq.to(sh.q.dtype), torch.zeros((), device=dz.device), None, None, None, None, None, None
+        sh.q, sh.dz, sh.task = q, dz, graph_task()
+        dq = wkv7_replay(w_raw, k, v, kk, a, states, dz, sh.BI, grad=True)
+        return dq.to(q.dtype), torch.zeros((), device=dz.device), *([None] * 7)

@@ -97,11 +97,11 @@ def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None
         raise WKV7InputError(f"block_rows = {BI} must be a power of two dividing N = {N}")
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
     shared = _Shared(BI)
-    y, sT, link = _WKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
+    y, sT, link, states = _WKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
     def read(q):
         check_read_once(shared, q, B, T, H, N, k.device, "triton_wkv7")
-        return _Read.apply(q.contiguous(), link, w_raw, k, v, kk, a, shared)
+        return _Read.apply(q.contiguous(), link, w_raw, k, v, kk, a, states, shared)
 
     return y, sT, read
 
