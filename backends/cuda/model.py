@@ -120,7 +120,9 @@ class TimeMix(nn.Module):
         B, T, _ = xa.shape
         H, N = self.n_head, self.head_size
         dx = _shift(xa, prev) - xa
-        x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * getattr(self, f"x_{c}").float() for c in "rwkvag")
+        # the six token-shift mixes in one op (fewer launches per decoded token)
+        mix = torch.stack([getattr(self, f"x_{c}") for c in "rwkvag"]).float()[:, None, None]
+        x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * mix).unbind(0)
         r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)
         w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
         a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
