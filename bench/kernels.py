@@ -170,13 +170,13 @@ def bench_model(size, batch, seq_len, repeats=5):
     import tempfile
 
     from backends.cuda.ops.wkv7 import triton_wkv7 as sequential
-    from metastate.bench import _sized_model, bench_training
+    from metastate.bench import bench_training, sized_model
 
     print(f"\n| model {size}, B={batch} T={seq_len}, bf16 | forward tok/s | fwd+bwd+AdamW tok/s | peak MiB |"
           "\n|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = _sized_model(size, Path(tmp))
+        path = sized_model(size, Path(tmp))
         cases = (("triton (chunked)", "triton", False), ("triton, --grad-checkpoint", "triton", True),
                  ("sequential kernel", sequential, False))
         for name, kernels, ckpt in cases:

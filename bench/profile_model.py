@@ -2,11 +2,14 @@
 
     python bench/profile_model.py [--size 768,12,65536] [--batch 8] [--seq-len 1024]
                                   [--kernels auto] [--dtype bfloat16] [--top 25] [--json OUT]
+    python bench/profile_model.py --decode-ops [MODEL_DIR]     # operators per decoded token
 
 Prints the top operators by self time (GPU time on CUDA, CPU time otherwise) and the share of
 each group: the WKV kernels, matmuls, elementwise arithmetic (token shift, gates, norms,
 activations: the candidates for fused kernels), reductions/norms, memory copies, the optimizer.
 A fused kernel pays when its group is a large share: this decides it before anything is written.
+--decode-ops counts the aten operators one decoded token runs (batch 1, no grad, after a
+64-token prefill): on a GPU each non-view operator is a kernel launch, which bounds decode.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda import load_model  # noqa: E402
-from metastate.bench import _sized_model  # noqa: E402
+from metastate.bench import sized_model  # noqa: E402
 
 GROUPS = (  # first match wins; names as the profiler reports them (aten ops, Triton kernel names)
     ("wkv kernels", ("_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", "_dstate_kernel",
@@ -47,6 +50,34 @@ def group_of(name: str) -> str:
     return "other"
 
 
+# aten operators that launch nothing: views, shape queries, allocation
+VIEW_OPS = {"view", "reshape", "as_strided", "expand", "expand_as", "select", "slice", "unsqueeze",
+            "squeeze", "transpose", "permute", "t", "numpy_T", "_unsafe_view", "alias", "detach",
+            "lift_fresh", "empty", "empty_strided", "resolve_conj", "resolve_neg", "result_type",
+            "unbind", "split", "narrow", "contiguous", "to", "_to_copy", "flatten"}
+
+
+def decode_ops(model_dir: str | None, kernels: str) -> None:
+    """Print the aten operators per decoded token: all of them, and the top-level non-view ones."""
+    from metastate.api import default_model_path
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir or default_model_path(), device=device)
+    token = torch.tensor([[1]], device=device)
+    steps = 10
+    with torch.no_grad():
+        _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device), kernels=kernels)
+        model(token, state, kernels=kernels)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                model(token, state, kernels=kernels)
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    launching = [e for e in top if e.name[len("aten::"):] not in VIEW_OPS]
+    print(f"{model_dir or 'shipped model'}, kernels={kernels}, {device}: per decoded token "
+          f"{len(aten) / steps:.0f} aten operators, {len(launching) / steps:.0f} top-level non-view")
+
+
 def self_time_us(event, cuda: bool) -> float:
     if cuda:
         return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
@@ -63,12 +94,16 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", help="also write the table here")
+    p.add_argument("--decode-ops", nargs="?", const="", metavar="MODEL_DIR",
+                   help="count the operators per decoded token instead (default: the shipped model)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     kernels = args.kernels if args.kernels != "auto" else ("triton" if cuda else "ops")
+    if args.decode_ops is not None:
+        return decode_ops(args.decode_ops or None, kernels)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(_sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
+        model = load_model(sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)

@@ -129,7 +129,8 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
             "peak_memory_mib": _peak_memory_mib("torch")}
 
 
-def _sized_model(size: str, tmp: Path) -> Path:
+def sized_model(size: str, tmp: Path) -> Path:
+    """A freshly initialised model directory under tmp of size "D,L,V" (head size 64)."""
     from metastate_core.config import ModelConfig
     from metastate_core.params import init_params
     from weights import save_model
@@ -148,7 +149,7 @@ def cmd_bench(args) -> int:
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        path = _sized_model(args.size, Path(tmp)) if args.size else args.model
+        path = sized_model(args.size, Path(tmp)) if args.size else args.model
         if args.train:
             if args.backend not in ("auto", "torch"):
                 raise BenchError("--train measures the torch backend only")

@@ -22,7 +22,8 @@ from backends.cuda.ops.wkv7.chunk import (  # noqa: E402
 from metastate_core.chunked import ChunkedWKV  # noqa: E402
 from metastate_core.errors import MetaStateError  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from wkv_inputs import DEV, rwkv_inputs  # noqa: E402
+
 NAMES = ("r", "w_raw", "k", "v", "kk", "a", "S0", "q")
 
 
@@ -30,17 +31,13 @@ from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def make_inputs(B, T, H, N, K, seed=0):
-    """RWKV-7-like inputs (unit-norm kk, a in (0, 1)), non-zero S0, a query and cotangents."""
+    """The six WKV inputs and S0 (wkv_inputs), a query, and cotangents dy, dz, dS_T."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    r, k, v = rnd(B, T, H, N), rnd(B, T, H, N) * 0.5, rnd(B, T, H, N)
-    w_raw = rnd(B, T, H, N) * 2 - 1
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    a = torch.sigmoid(rnd(B, T, H, N))
-    S0 = rnd(B, H, N, N) * 0.3
+    ins, S0 = rwkv_inputs(B, T, H, N, g)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
     q = rnd(B, T, max(K, 1), N)
     cot = rnd(B, T, H, N), rnd(B, T, max(K, 1), N), rnd(B, H, N, N)  # dy, dz, dS_T
-    return [x.to(DEV) for x in (r, w_raw, k, v, kk, a, S0, q)], [x.to(DEV) for x in cot]
+    return [*ins, S0, q], list(cot)
 
 
 def recurrence64(r, w_raw, k, v, kk, a, S0, q):
@@ -234,7 +231,7 @@ def test_every_saved_tensor_goes_through_autograd(kernel):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y, sT, read = wkv(*x[:7])
-        z = read(x[7])
+        read(x[7])
     NC = -(-T // C)  # both kernels keep a state per 16 tokens
     # chunk: G, W, Uv, U [B, H, NC, C, N], Tinv [B, H, NC, C, C]; both: states [B, H, NC, N, N]
     kept = 4 * B * H * NC * ((4 * C * N + C * C if kernel == "chunk" else 0) + N * N)

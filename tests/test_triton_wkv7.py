@@ -21,7 +21,8 @@ from backends.cuda.ops.wkv7 import (  # noqa: E402
 from metastate_core.errors import MetaStateError  # noqa: E402
 from metastate_core.reference import RecurrentWKV  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from wkv_inputs import DEV, rwkv_inputs  # noqa: E402
+
 NAMES = ("r", "w_raw", "k", "v", "kk", "a")
 
 
@@ -29,15 +30,7 @@ from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
 
 
 def make_inputs(B, T, H, N, seed=0, dtype=torch.float32):
-    """RWKV-7-like inputs: unit-norm kk, a in (0, 1), decay pre-activations around RWKV's init."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    r, k, v = rnd(B, T, H, N), rnd(B, T, H, N) * 0.5, rnd(B, T, H, N)
-    w_raw = rnd(B, T, H, N) * 2 - 1
-    kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    a = torch.sigmoid(rnd(B, T, H, N))
-    S0 = rnd(B, H, N, N) * 0.3
-    return [x.to(DEV, dtype) for x in (r, w_raw, k, v, kk, a)], S0.to(DEV)
+    return rwkv_inputs(B, T, H, N, torch.Generator().manual_seed(seed), dtype)
 
 
 def run_triton(ins, S0, q, gy, gz, gS, **kw):
