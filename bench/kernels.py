@@ -164,11 +164,13 @@ def sweep(args):
 
 
 def bench_model(size, batch, seq_len, repeats=5):
-    """Whole-model training and forward throughput (metastate bench's measurement), bf16, with
-    the model's Triton default (chunked kernels, with and without activation checkpointing)
-    and with the sequential kernel, one run."""
+    """Whole-model throughput (metastate bench's measurement), bf16, one run: the model's Triton
+    default (chunked kernels, fused elementwise pieces), the same with the elementwise pieces as
+    plain torch ops (the before of issue point 2d), with activation checkpointing, and with the
+    sequential kernel. Also decode latency (batch 1, after a 64-token prefill) fused vs plain."""
     import tempfile
 
+    from backends.cuda import load_model
     from backends.cuda.ops.wkv7 import triton_wkv7 as sequential
     from metastate.bench import bench_training, sized_model
 
@@ -177,14 +179,69 @@ def bench_model(size, batch, seq_len, repeats=5):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = sized_model(size, Path(tmp))
-        cases = (("triton (chunked)", "triton", False), ("triton, --grad-checkpoint", "triton", True),
-                 ("sequential kernel", sequential, False))
-        for name, kernels, ckpt in cases:
-            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats, grad_checkpoint=ckpt)
+        cases = (("triton (chunked, fused elementwise)", "triton", False, None),
+                 ("triton (chunked), plain-torch elementwise", "triton", False, False),
+                 ("triton, --grad-checkpoint", "triton", True, None),
+                 ("sequential kernel, plain-torch elementwise", sequential, False, False))
+        for name, kernels, ckpt, fused in cases:
+            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats, grad_checkpoint=ckpt, fused=fused)
             rows.append({"kernels": name, **{k: v for k, v in r.items() if k != "kernels"}})
             print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
                   flush=True)
             torch.cuda.empty_cache()
+        model = load_model(path, device="cuda", dtype="bfloat16")
+        print("\n| decode, batch 1 | ms / token |\n|---|---|")
+        for name, fused in (("fused elementwise", True), ("plain-torch elementwise", False)):
+            with torch.no_grad():
+                _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device="cuda"), kernels="triton")
+                token = torch.ones(1, 1, dtype=torch.long, device="cuda")
+                t = ms(lambda: model(token, state, kernels="triton", fused=fused))
+            rows.append({"decode": name, "ms_per_token": t})
+            print(f"| {name} | {t:.3f} |", flush=True)
+    return rows
+
+
+def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None, dev="cuda"):
+    """Each fused elementwise piece vs its plain-torch twin at the RWKV-7 0.1B shape (d 768,
+    head size 64, SSE on every head), forward and forward+backward, bf16 outputs as in the
+    model. -> rows of {piece, mode, fused_ms, plain_ms}."""
+    from backends.cuda.ops.elementwise import fused, naive
+
+    H, n_param = d // N, n_param or 4 * d
+    bf = torch.bfloat16
+    rnd = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
+    pieces = {  # name: (the function in a module, its arguments)
+        "token shift, 6 mixes": (lambda m: m.token_shift_mix, (rnd(B, T, d), rnd(B, d), rnd(6, d).sigmoid())),
+        "GroupNorm + bonus + gate": (lambda m: m.group_norm_bonus_gate,
+                                     (rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N),
+                                      rnd(B, T, d), rnd(H, N), rnd(d), rnd(d), 64e-5)),
+        "SSE norm + gate": (lambda m: m.sse_norm_gate, (rnd(B, T, d), rnd(B, T, H, N), rnd(d), 64e-5)),
+        "relu^2": (lambda m: m.relu_square, (rnd(B, T, n_param).to(bf),)),
+    }
+    print(f"\n| elementwise piece, B={B} T={T} d={d} | mode | fused (ms) | plain torch (ms) | fused / plain |"
+          "\n|---|---|---|---|---|")
+    rows = []
+    for name, (pick, args) in pieces.items():
+        args = [a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        for mode in ("forward", "fwd+bwd"):
+            times = {}
+            for label, module in (("fused", fused), ("plain", naive)):
+                fn = pick(module)
+                if mode == "forward":
+                    def run(fn=fn):
+                        with torch.no_grad():
+                            fn(*args, out_dtype=bf)
+                else:
+                    out = fn(*args, out_dtype=bf)
+                    cot = torch.randn_like(out)
+                    leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+
+                    def run(fn=fn, cot=cot, leaves=leaves):
+                        torch.autograd.grad(fn(*args, out_dtype=bf), leaves, cot)
+                times[label] = ms(run)
+            rows.append({"piece": name, "mode": mode, "fused_ms": times["fused"], "plain_ms": times["plain"]})
+            print(f"| {name} | {mode} | {times['fused']:.3f} | {times['plain']:.3f} | "
+                  f"{times['fused'] / times['plain']:.2f} |", flush=True)
     return rows
 
 
@@ -203,6 +260,8 @@ def main():
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--model", metavar="D,L,V", help="with --sweep: also time a whole model of this size "
                    "(B=8, T=1024, bf16), chunked vs sequential kernels")
+    p.add_argument("--elementwise", action="store_true", help="with --sweep: also time each fused "
+                   "elementwise piece against its plain-torch twin")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -215,6 +274,8 @@ def main():
                 results[f"decode B={B}"] = r
                 for name in ("step ours", "step+read ours"):
                     print(f"| {name}, B={B} | {r[name]:.4f} | {r.get('step fla', float('nan')):.4f} |", flush=True)
+        if args.elementwise:
+            results["elementwise"] = bench_elementwise()
         if args.model:
             results["model"] = bench_model(args.model, 8, 1024)
         if args.json:

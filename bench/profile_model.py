@@ -30,6 +30,8 @@ from backends.cuda import load_model  # noqa: E402
 from metastate.bench import sized_model  # noqa: E402
 
 GROUPS = (  # first match wins; names as the profiler reports them (aten ops, Triton kernel names)
+    ("fused elementwise", ("_mix_fwd", "_mix_bwd", "_gate_fwd", "_gate_bwd", "_sse_fwd", "_sse_bwd", "_relu_sq_",
+                           "_tokenshiftmix", "_groupnormbonusgate", "_ssenormgate", "_relusquare")),
     ("wkv kernels", ("_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", "_dstate_kernel",
                      "_bwd_kernel", "_fwd_kernel", "_replay_kernel", "wkv", "chunk")),
     ("optimizer", ("adam", "foreach", "_fused", "multi_tensor")),
@@ -91,6 +93,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--kernels", default="auto", choices=("auto", "ops", "triton"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--plain-elementwise", action="store_true",
+                   help="with the Triton kernels: the elementwise pieces as plain torch ops, not fused")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", help="also write the table here")
@@ -109,7 +113,7 @@ def main():
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
 
     def step():
-        logits, _ = model(tokens[:, :-1], kernels=kernels)
+        logits, _ = model(tokens[:, :-1], kernels=kernels, fused=False if args.plain_elementwise else None)
         torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,7 +130,9 @@ def main():
               and (not cuda or e.device_type != DeviceType.CPU)]
     total = sum(self_time_us(e, cuda) for e in events)
     where = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"{where}, model {args.size}, B={args.batch} T={args.seq_len}, {args.dtype}, kernels={kernels}: "
+    elementwise = "plain" if args.plain_elementwise or kernels == "ops" else "fused"
+    print(f"{where}, model {args.size}, B={args.batch} T={args.seq_len}, {args.dtype}, kernels={kernels}, "
+          f"{elementwise} elementwise: "
           f"{total / args.steps / 1e3:.1f} ms self time per step")
     groups: dict[str, float] = {}
     for e in events:

@@ -90,7 +90,8 @@ def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats)
             "peak_memory_mib": _peak_memory_mib(engine.backend)}
 
 
-def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False) -> dict:
+def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False, fused=None) -> dict:
+    """fused: the model's elementwise pieces as fused kernels (None: the model's default)."""
     try:
         import torch
 
@@ -109,7 +110,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
 
     def train_step():
-        logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint)
+        logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint, fused=fused)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
@@ -117,13 +118,13 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
 
     def forward_only():
         with torch.no_grad():
-            model(tokens[:, :-1], kernels=kernels)
+            model(tokens[:, :-1], kernels=kernels, fused=fused)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = batch * seq_len
     return {"mode": "training", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "kernels": kernels, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "batch": batch, "seq_len": seq_len, "grad_checkpoint": grad_checkpoint,
+            "batch": batch, "seq_len": seq_len, "grad_checkpoint": grad_checkpoint, "fused": fused,
             "forward_tok_s": n / _median_time(forward_only, repeats, sync),
             "train_tok_s": n / _median_time(train_step, repeats, sync),
             "peak_memory_mib": _peak_memory_mib("torch")}

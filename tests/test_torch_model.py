@@ -434,3 +434,46 @@ def test_triton_dot_precision_follows_the_weights(meta, monkeypatch, dtype, auto
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         run(model, tokens(length=5), kernels="triton")
     assert seen == [expected] * CFG.n_layer
+
+
+@needs_triton
+@pytest.mark.parametrize("kernels,fused,expected", [
+    ("triton", None, True), ("triton", False, False), ("ops", None, False), ("ops", True, True)])
+def test_fused_elementwise_follows_the_arguments(meta, monkeypatch, kernels, fused, expected):
+    # The fused pieces run by default with the Triton kernels and only when asked otherwise;
+    # the logits are the reference's either way.
+    from backends.cuda.ops.elementwise import fused as fused_module
+
+    calls = []
+    for name in ("token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "relu_square"):
+        real = getattr(fused_module, name)
+        monkeypatch.setattr(fused_module, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    p, model = meta
+    toks = tokens(length=12)
+    logits, _ = run(on_kernel_device(model), toks, kernels=kernels, fused=fused)
+    # per layer: two token shifts, the time-mix output, the SSE input, relu^2
+    assert len(calls) == (5 * CFG.n_layer if expected else 0), calls
+    assert rel_rms(logits, forward(p, CFG, toks)[0]) <= 1e-4
+
+
+@needs_triton
+def test_fused_elementwise_bfloat16_model(meta):
+    # bfloat16 weights: the fused pieces store their outputs in bfloat16 for the matmuls.
+    p, _ = meta
+    toks = tokens(length=12)
+    model = on_kernel_device(Model.from_tensors(CFG, p, dtype="bfloat16"))
+    fused_logits, _ = run(model, toks, kernels="triton")
+    plain_logits, _ = run(model, toks, kernels="triton", fused=False)
+    ref, _ = forward(p, CFG, toks)
+    assert 1e-4 < rel_rms(fused_logits, ref) <= 3e-2
+    assert rel_rms(fused_logits, plain_logits) <= 3e-2
+
+
+def test_fused_elementwise_needs_a_kernel_device(meta, monkeypatch):
+    p, model = meta
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors on a CUDA machine")
+    pytest.importorskip("triton")
+    with pytest.raises(ModelError, match="CUDA tensors"):
+        run(model, tokens(length=4), kernels="ops", fused=True)

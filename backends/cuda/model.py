@@ -9,7 +9,10 @@ decay are float32 always.
 The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
 (`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
 `ops.wkv7.chunk_wkv7`, same signature; decode: the fused step), or any callable with that
-signature (tests substitute the naive recurrence or the sequential `triton_wkv7`).
+signature (tests substitute the naive recurrence or the sequential `triton_wkv7`). The
+elementwise pieces around the scan (token shift, GroupNorm + bonus + gate, SSE normalisation,
+relu^2) are plain torch (`ops.elementwise.naive`) or fused Triton kernels (`.fused`, the
+default with "triton"); either way they are handed to the blocks in a `Kernels` tuple.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
+from .ops.elementwise import naive as naive_elementwise
 from .ops.wkv7.naive import naive_wkv7_step, state_readout
 from .ops.wkv7.torch_chunked import torch_chunked_wkv7
 
@@ -54,6 +58,14 @@ class State(NamedTuple):
         return cls(z(L, batch, d), z(L, batch, d), z(L, batch, H, N, N))
 
 
+class Kernels(NamedTuple):
+    """What one forward call computes with: the WKV sequence function and the elementwise module
+    (`ops.elementwise.naive` or `.fused`, same function names and signatures)."""
+
+    wkv: Callable
+    ew: object
+
+
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """x @ W^T in the weight dtype, result float32."""
     return F.linear(x.to(layer.weight.dtype), layer.weight).float()
@@ -62,11 +74,6 @@ def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w (a LoRA factor stored [in, out]) in the weight dtype, result float32."""
     return (x.to(w.dtype) @ w).float()
-
-
-def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """Token shift: the previous token's value at each position. x [B, T, d], prev [B, d]."""
-    return torch.cat([prev[:, None].to(x.dtype), x[:, :-1]], dim=1)
 
 
 def _vec(n: int, *shape) -> nn.Parameter:
@@ -81,16 +88,13 @@ class LayerNorm(nn.LayerNorm):
 
 
 class GroupNorm(nn.Module):
-    """ln_x: per-head normalisation of y [B, T, H, N], then an affine map over H*N, float32."""
+    """ln_x's parameters: per-head normalisation of y, then an affine map over H*N. Computed
+    together with the bonus and the gate by `group_norm_bonus_gate`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.eps_group_norm
         self.weight, self.bias = _vec(cfg.d_att), _vec(cfg.d_att)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(y, y.shape[-1:], eps=self.eps)
-        return y.flatten(-2) * self.weight.float() + self.bias.float()
 
 
 class TimeMix(nn.Module):
@@ -112,17 +116,16 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, d, bias=False)
         self.ln_x = GroupNorm(cfg)
 
-    def forward(self, xa, prev, S0, v_first, wkv: Callable):
+    def forward(self, xa, prev, S0, v_first, kern: Kernels):
         """xa [B, T, d] (ln1 output, float32), prev [B, d], S0 [B, H, N, N].
 
         Returns the residual update [B, T, d], v_first [B, T, d_att], S_T and read(q).
         """
         B, T, _ = xa.shape
         H, N = self.n_head, self.head_size
-        dx = _shift(xa, prev) - xa
-        # the six token-shift mixes in one op (fewer launches per decoded token)
-        mix = torch.stack([getattr(self, f"x_{c}") for c in "rwkvag"]).float()[:, None, None]
-        x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * mix).unbind(0)
+        dt = self.receptance.weight.dtype  # each mix feeds a matmul only: stored in its dtype
+        mix = torch.stack([getattr(self, f"x_{c}") for c in "rwkvag"])
+        x_r, x_w, x_k, x_v, x_a, x_g = kern.ew.token_shift_mix(xa, prev, mix, dt).unbind(0)
         r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)
         w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
         a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
@@ -135,10 +138,10 @@ class TimeMix(nn.Module):
             v = v + (v_first - v) * torch.sigmoid(self.v0.float() + _mm(_mm(x_v, self.v1), self.v2))
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         r, w_raw, k, v, a = map(heads, (r, w_raw, k, v, a))
-        y, S, read = wkv(r, w_raw, k, v, kk, a, S0)
-        y = self.ln_x(y)
-        y = y + ((r * k * self.r_k.float()).sum(-1, keepdim=True) * v).flatten(-2)  # bonus
-        return _linear(y * g, self.output), v_first, S, read
+        y, S, read = kern.wkv(r, w_raw, k, v, kk, a, S0)
+        ln = self.ln_x
+        y = kern.ew.group_norm_bonus_gate(y, r, k, v, g, self.r_k, ln.weight, ln.bias, ln.eps, dt)
+        return _linear(y, self.output), v_first, S, read
 
 
 class MetaLayer(nn.Module):
@@ -152,17 +155,17 @@ class MetaLayer(nn.Module):
         self.param_keys, self.param_values = _vec(n, d), _vec(n, d)
         self.sse_gate = _vec(d)
 
-    def forward(self, xm, prev, read, use_sse: bool = True):
-        """xm [B, T, d] (ln2 output, float32), prev [B, d], read: the WKV readout. -> [B, T, d]."""
+    def forward(self, xm, prev, read, ew, use_sse: bool = True):
+        """xm [B, T, d] (ln2 output, float32), prev [B, d], read: the WKV readout, ew: the
+        elementwise module (Kernels.ew). -> [B, T, d]."""
         B, T, _ = xm.shape
-        u = xs = xm + (_shift(xm, prev) - xm) * self.x_k.float()
+        dt = self.param_keys.dtype
+        u = xs = ew.token_shift_mix(xm, prev, self.x_k[None])[0]
         KN = self.sse_heads * self.head_size
         if KN and use_sse:  # z_t = S_t xs_t: the state after this token as weights
             z = read(xs[..., :KN].reshape(B, T, self.sse_heads, self.head_size))
-            z = z * torch.rsqrt((z * z).mean(-1, keepdim=True) + self.eps)
-            gated = xs[..., :KN] + self.sse_gate[:KN].float() * z.flatten(-2)
-            u = torch.cat([gated, xs[..., KN:]], dim=-1)
-        alpha = torch.relu(_mm(u, self.param_keys.T)) ** 2
+            u = ew.sse_norm_gate(xs, z, self.sse_gate, self.eps, dt)
+        alpha = ew.relu_square(u.to(dt) @ self.param_keys.T, dt)
         return _mm(alpha, self.param_values)
 
 
@@ -175,13 +178,13 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer)
         self.meta = MetaLayer(cfg)
 
-    def forward(self, x, att_prev, meta_prev, S0, v_first, wkv: Callable, use_sse: bool):
+    def forward(self, x, att_prev, meta_prev, S0, v_first, kern: Kernels, use_sse: bool):
         """x [B, T, d] float32 -> (x, v_first, S_T, ln1 and ln2 outputs at the last token)."""
         xa = self.ln1(x)
-        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first, wkv)
+        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first, kern)
         x = x + dx
         xm = self.ln2(x)
-        x = x + self.meta(xm, meta_prev, read, use_sse=use_sse)
+        x = x + self.meta(xm, meta_prev, read, kern.ew, use_sse=use_sse)
         # clones, not views: a view would keep the whole [B, T, d] tensors alive (checkpointing)
         return x, v_first, S, xa[:, -1].clone(), xm[:, -1].clone()
 
@@ -213,11 +216,13 @@ class Model(nn.Module):
                     block.meta.sse_gate.zero_()
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, *,
-                kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False):
+                kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False,
+                fused: bool | None = None):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
 
         The input state is not modified. kernels: "ops", "triton" or a callable with the
         signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
+        fused: the elementwise pieces as fused Triton kernels; None means "with kernels='triton'".
         chunk_size: the chunk length of the "ops" path. grad_checkpoint: keep only each block's
         input for backward and recompute the block there (activation memory of one block
         instead of all; about one more forward pass of compute).
@@ -227,12 +232,15 @@ class Model(nn.Module):
         B, T = tokens.shape
         if state is None:
             state = State.zeros(self.cfg, B, tokens.device)
-        wkv = self._wkv(kernels, T, chunk_size, self.head.weight.device)
+        device = self.head.weight.device
+        if fused is None:
+            fused = kernels == "triton"
+        kern = Kernels(self._wkv(kernels, T, chunk_size, device), _elementwise(fused, device))
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
         recompute = grad_checkpoint and torch.is_grad_enabled()
         for l, block in enumerate(self.blocks):
-            args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first, wkv, not self.freeze_sse_gate)
+            args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first, kern, not self.freeze_sse_gate)
             if recompute:
                 x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False,
                                                              preserve_rng_state=False)  # no randomness
@@ -259,10 +267,7 @@ class Model(nn.Module):
             from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7_step
         except ImportError as e:
             raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
-        # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1, as the tests do).
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ModelError(f"the Triton kernels run on CUDA tensors, and the model is on {device}: "
-                             "move it to a GPU or use kernels='ops'")
+        _check_triton_device(device)
         if decode:  # one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
         # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
@@ -294,6 +299,25 @@ class Model(nn.Module):
         """Canonical name -> numpy array (bfloat16 as ml_dtypes.bfloat16), in canonical order."""
         state = self.state_dict()
         return {name: _to_numpy(state[name]) for name in param_shapes(self.cfg)}
+
+
+def _check_triton_device(device: torch.device) -> None:
+    # Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1, as the tests do).
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ModelError(f"the Triton kernels run on CUDA tensors, and the model is on {device}: "
+                         "move it to a GPU or use kernels='ops'")
+
+
+def _elementwise(fused: bool, device: torch.device):
+    """The module of elementwise pieces: plain torch, or the fused Triton kernels."""
+    if not fused:
+        return naive_elementwise
+    try:
+        from .ops.elementwise import fused as fused_elementwise
+    except ImportError as e:
+        raise ModelError(f"the fused Triton elementwise kernels are not available: {e}") from e
+    _check_triton_device(device)
+    return fused_elementwise
 
 
 def _ops_decode(r, w_raw, k, v, kk, a, S0):
