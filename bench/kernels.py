@@ -121,9 +121,12 @@ def bench_decode(B, H):
 
 
 def parse_config(text):
-    """'C/BV/precision/warps' -> chunk_wkv7 keyword arguments."""
-    C, BV, prec, warps = text.split("/")
-    return dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps))
+    """'C/BV/precision/warps[/fused]' -> chunk_wkv7 keyword arguments ("fused": fused_backward)."""
+    C, BV, prec, warps, *rest = text.split("/")
+    if rest not in ([], ["fused"]):
+        raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/fused], got {text!r}")
+    return dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps),
+                fused_backward=rest == ["fused"])
 
 
 def sweep(args):
@@ -250,7 +253,7 @@ def main():
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
-    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS",
+    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS[/fused]",
                    help="time fla, the sequential kernel and these chunk configurations")
     p.add_argument("--algorithm", choices=("sequential", "chunk"), default="sequential")
     p.add_argument("--chunk-size", type=int, default=16, help="chunk algorithm: 16, 32 or 64")

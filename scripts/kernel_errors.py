@@ -28,13 +28,18 @@ CASES = [(2, 45, 2, 64, 1, 16, 0.0), (1, 64, 2, 32, 2, 32, 0.0), (1, 100, 2, 16,
 
 def main():
     print("| kernel | B T H N K | C | values (max) | gradients (min..max) |\n|---|---|---|---|---|")
-    for name, fn in (("chunk", chunk_wkv7), ("sequential", triton_wkv7)):
+    def chunk_fused(*args, **kw):
+        return chunk_wkv7(*args, **kw, fused_backward=True)
+
+    kernels = (("chunk", chunk_wkv7), ("chunk, fused backward", chunk_fused), ("sequential", triton_wkv7))
+    for name, fn in kernels:
+        chunked = name.startswith("chunk")
         for B, T, H, N, K, C, shift in CASES:
             ins, cot = make_inputs(B, T, H, N, K, 0)
             ins[1] = ins[1] + shift
             (y_n, z_n, sT_n), grads_n = naive_grads(ins, cot, K)
             x = [t.detach().clone().requires_grad_() for t in ins]
-            y, sT, read = fn(*x[:7], **({"chunk_size": C} if name == "chunk" else {}))
+            y, sT, read = fn(*x[:7], **({"chunk_size": C} if chunked else {}))
             loss = (y * cot[0]).sum() + (sT * cot[2]).sum()
             values = [rel_rms(y, y_n), rel_rms(sT, sT_n)]
             if K:
@@ -43,7 +48,7 @@ def main():
                 values.append(rel_rms(z, z_n))
             loss.backward()
             grads = [rel_rms(t.grad, g) for t, g in zip(x, grads_n)]
-            print(f"| {name} | {B} {T} {H} {N} {K} | {C if name == 'chunk' else '-'} | {max(values):.1e} | "
+            print(f"| {name} | {B} {T} {H} {N} {K} | {C if chunked else '-'} | {max(values):.1e} | "
                   f"{min(grads):.1e}..{max(grads):.1e} |", flush=True)
 
 

@@ -116,25 +116,33 @@ def check_autograd(B, T, H, N, K, C, seed=0, w_shift=0.0, **kw):
     assert all(e <= 1e-3 for e in errs.values()), errs
 
 
-def test_autograd_n64_t45_c16_partial_readout():
+# Both backward schedules: readout terms by their own pass, or inside the state/chunk kernels.
+BACKWARDS = pytest.mark.parametrize("fused_backward", [False, True], ids=["read-pass", "fused"])
+
+
+@BACKWARDS
+def test_autograd_n64_t45_c16_partial_readout(fused_backward):
     # Masked tail; K = 1 < H: the SSE readout's state gradient reaches head 0 only.
-    check_autograd(2, 45, 2, 64, K=1, C=16)
+    check_autograd(2, 45, 2, 64, K=1, C=16, fused_backward=fused_backward)
 
 
-def test_autograd_n32_t64_c32_full_readout_value_blocks():
+@BACKWARDS
+def test_autograd_n32_t64_c32_full_readout_value_blocks(fused_backward):
     # T a multiple of C; K = H; two value blocks per head in the sequential passes.
-    check_autograd(1, 64, 2, 32, K=2, C=32, seed=2, block_v=16)
+    check_autograd(1, 64, 2, 32, K=2, C=32, seed=2, block_v=16, fused_backward=fused_backward)
 
 
-def test_autograd_c64_strongest_decay_without_readout():
+@BACKWARDS
+def test_autograd_c64_strongest_decay_without_readout(fused_backward):
     # w -> exp(-0.6065) everywhere: e^-G reaches e^38.8 within a 64-token chunk; two chunks.
-    check_autograd(1, 100, 2, 16, K=0, C=64, seed=3, w_shift=8.0)
+    check_autograd(1, 100, 2, 16, K=0, C=64, seed=3, w_shift=8.0, fused_backward=fused_backward)
 
 
-def test_readout_unused_in_loss():
+@BACKWARDS
+def test_readout_unused_in_loss(fused_backward):
     ins, cot = make_inputs(1, 20, 2, 16, K=1, seed=4)
     x = [t.detach().clone().requires_grad_() for t in ins[:7]]
-    y, sT, read = chunk_wkv7(*x)
+    y, sT, read = chunk_wkv7(*x, fused_backward=fused_backward)
     read(ins[7])  # z dropped: the loss does not depend on it
     (y * cot[0]).sum().backward()
     _, grads_n = naive_grads(ins, (cot[0], cot[1], torch.zeros_like(cot[2])), K=0)
@@ -158,14 +166,15 @@ def test_batch_rows_do_not_leak_and_prefill_carry():
     assert rel_rms(y2, y[:, 21:]) <= 1e-5 and rel_rms(sT2, sT) <= 1e-5
 
 
-def test_bfloat16_inputs():
+@BACKWARDS
+def test_bfloat16_inputs(fused_backward):
     B, T, H, N = 1, 24, 2, 16
     ins, cot = make_inputs(B, T, H, N, K=2, seed=6)
     bf = [t.bfloat16() for t in ins[:6]] + [ins[6], ins[7].bfloat16()]
     # Reference: float32 math on the same bf16-rounded inputs, so only the kernel's rounding counts.
     (y_n, z_n, sT_n), grads_n = naive_grads(bf, cot, K=2, dtype=torch.float32)
     x = [t.detach().clone().requires_grad_() for t in bf]
-    y, sT, read = chunk_wkv7(*x[:7])
+    y, sT, read = chunk_wkv7(*x[:7], fused_backward=fused_backward)
     z = read(x[7])
     ((y.float() * cot[0]).sum() + (z.float() * cot[1]).sum() + (sT * cot[2]).sum()).backward()
     assert y.dtype == z.dtype == torch.bfloat16 and sT.dtype == torch.float32
@@ -253,7 +262,7 @@ def test_every_saved_tensor_goes_through_autograd(kernel):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@pytest.mark.parametrize("kernel", ["chunk", "sequential"])
+@pytest.mark.parametrize("kernel", ["chunk", "chunk-fused", "sequential"])
 def test_readout_terms_of_an_earlier_pass_are_not_reused(kernel):
     # autograd.grad through z alone runs only the readout's backward; a later backward through
     # y must not pick up what that pass left behind. (Both sequence kernels share the pattern.)
@@ -261,7 +270,10 @@ def test_readout_terms_of_an_earlier_pass_are_not_reused(kernel):
 
     ins, cot = make_inputs(1, 20, 2, 16, K=1, seed=9)
     x = [t.detach().clone().requires_grad_() for t in ins]
-    y, sT, read = (chunk_wkv7 if kernel == "chunk" else triton_wkv7)(*x[:7])
+    if kernel == "sequential":
+        y, sT, read = triton_wkv7(*x[:7])
+    else:
+        y, sT, read = chunk_wkv7(*x[:7], fused_backward=kernel == "chunk-fused")
     z = read(x[7])
     torch.autograd.grad((z * cot[1]).sum(), x[7], retain_graph=True)
     (y * cot[0]).sum().backward()

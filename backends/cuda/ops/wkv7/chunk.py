@@ -187,12 +187,27 @@ def _read_kernel(q_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr, o
 
 
 @triton.jit
+def _read_grads(q, dO, S, U, v, Bh, Kh, eg, rows, PREC: tl.constexpr):
+    """One readout's backward on one chunk ([C, N] tiles; S [N, N] the chunk's initial state):
+    dq, and its chunk-local terms dG, dU, dV, dBh, dKh."""
+    causal = rows[:, None] >= rows[None, :]
+    Q = q * eg
+    DU = tl.where(causal, _dot(dO, tl.trans(U), PREC), 0.0)
+    DV = tl.where(causal, _dot(dO, tl.trans(v), PREC), 0.0)
+    dQ = _dot(dO, S, PREC) + _dot(DU, Bh, PREC) + _dot(DV, Kh, PREC)
+    Dq = tl.where(causal, _dot(Q, tl.trans(Bh), PREC), 0.0)
+    Eq = tl.where(causal, _dot(Q, tl.trans(Kh), PREC), 0.0)
+    return (dQ * eg, dQ * Q, _dot(tl.trans(Dq), dO, PREC), _dot(tl.trans(Eq), dO, PREC),
+            _dot(tl.trans(DU), Q, PREC), _dot(tl.trans(DV), Q, PREC))
+
+
+@triton.jit
 def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr,
                      dq_ptr, dg_ptr, du_ptr, dv_ptr, dbh_ptr, dkh_ptr,
                      T, NC, KADD, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                     C: tl.constexpr, PREC: tl.constexpr):
-    """dq for a readout, and its chunk-local terms stored into (h >= KADD) or added to
-    (h < KADD) the buffers dG, dU, dV, dBh, dKh [B, H, NC, C, N]."""
+                     C: tl.constexpr, PREC: tl.constexpr, TERMS: tl.constexpr):
+    """dq for a readout and, with TERMS, its chunk-local terms stored into (h >= KADD) or added
+    to (h < KADD) the buffers dG, dU, dV, dBh, dKh [B, H, NC, C, N]."""
     bk = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     b = bk // K
@@ -214,35 +229,21 @@ def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, s
     v = tl.load(v_ptr + io, mask=m, other=0.0).to(tl.float32)
     S = tl.load(states_ptr + (bh * NC + c) * N * N + cols[:, None] * N + cols[None, :])
     U = tl.load(u_ptr + co)
-    eg = tl.exp(G)
     ig = tl.exp(-G)
-    Q = q * eg
-    Bh = kk * a * ig
-    Kh = k * ig
-    causal = rows[:, None] >= rows[None, :]
-    DU = tl.where(causal, _dot(dO, tl.trans(U), PREC), 0.0)
-    DV = tl.where(causal, _dot(dO, tl.trans(v), PREC), 0.0)
-    dQ = (_dot(dO, S, PREC) + _dot(DU, Bh, PREC)
-          + _dot(DV, Kh, PREC))
-    tl.store(dq_ptr + qo, dQ * eg, mask=m)
-    Dq = tl.where(causal, _dot(Q, tl.trans(Bh), PREC), 0.0)
-    Eq = tl.where(causal, _dot(Q, tl.trans(Kh), PREC), 0.0)
-    dG = dQ * Q
-    dU = _dot(tl.trans(Dq), dO, PREC)
-    dV = _dot(tl.trans(Eq), dO, PREC)
-    dBh = _dot(tl.trans(DU), Q, PREC)
-    dKh = _dot(tl.trans(DV), Q, PREC)
-    if h < KADD:
-        dG += tl.load(dg_ptr + co)
-        dU += tl.load(du_ptr + co)
-        dV += tl.load(dv_ptr + co)
-        dBh += tl.load(dbh_ptr + co)
-        dKh += tl.load(dkh_ptr + co)
-    tl.store(dg_ptr + co, dG)
-    tl.store(du_ptr + co, dU)
-    tl.store(dv_ptr + co, dV)
-    tl.store(dbh_ptr + co, dBh)
-    tl.store(dkh_ptr + co, dKh)
+    dq, dG, dU, dV, dBh, dKh = _read_grads(q, dO, S, U, v, kk * a * ig, k * ig, tl.exp(G), rows, PREC)
+    tl.store(dq_ptr + qo, dq, mask=m)
+    if TERMS:
+        if h < KADD:
+            dG += tl.load(dg_ptr + co)
+            dU += tl.load(du_ptr + co)
+            dV += tl.load(dv_ptr + co)
+            dBh += tl.load(dbh_ptr + co)
+            dKh += tl.load(dkh_ptr + co)
+        tl.store(dg_ptr + co, dG)
+        tl.store(du_ptr + co, dU)
+        tl.store(dv_ptr + co, dV)
+        tl.store(dbh_ptr + co, dBh)
+        tl.store(dkh_ptr + co, dKh)
 
 
 @triton.jit
@@ -250,8 +251,9 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
                    dsT_ptr, dstates_ptr, ds0_ptr,
                    T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, HAS_DST: tl.constexpr, HAS_Z: tl.constexpr,
-                   PREC: tl.constexpr):
-    """dS' at every chunk end (dstates) and dU += Bend dS'^T in place, last chunk first."""
+                   PREC: tl.constexpr, FUSED: tl.constexpr):
+    """dS' at every chunk end (dstates) and dU += Bend dS'^T in place, last chunk first. FUSED:
+    dU's readout terms tril(Q Bh^T)^T dO are computed here, not read from _read_bwd_kernel."""
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1) * BV + tl.arange(0, BV)
     b = bh // H
@@ -274,29 +276,39 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
         g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
         kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        dU = (tl.load(du_ptr + cb + vb[None, :])
-              + _dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), PREC))
-        tl.store(du_ptr + cb + vb[None, :], dU)
         eg = tl.exp(G)
-        r = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        Qr = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32) * eg
         dy = tl.load(dy_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
-        dS = (dS * tl.exp(g)[None, :]
-              + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC)
-              + _dot(tl.trans(dy), r * eg, PREC))
+        dU = _dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), PREC)
+        if FUSED:
+            causal = rows[:, None] >= rows[None, :]
+            Bh = kk * a * tl.exp(-G)
+            dU += _dot(tl.trans(tl.where(causal, _dot(Qr, tl.trans(Bh), PREC), 0.0)), dy, PREC)
+        else:
+            dU += tl.load(du_ptr + cb + vb[None, :])
+        dSq = _dot(tl.trans(dy), Qr, PREC)
         if HAS_Z:
             mz = m & ((t * 0 + h) < K)[:, None]  # block-shaped: newer interpreters reject scalar masks
             qo = (b * T * K + h) * N + t[:, None] * K * N
-            q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
+            Qz = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32) * eg
             dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)
-            dS += _dot(tl.trans(dz), q * eg, PREC)
+            if FUSED:
+                dU += _dot(tl.trans(tl.where(causal, _dot(Qz, tl.trans(Bh), PREC), 0.0)), dz, PREC)
+            dSq += _dot(tl.trans(dz), Qz, PREC)
+        tl.store(du_ptr + cb + vb[None, :], dU)
+        dS = dS * tl.exp(g)[None, :] + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC) + dSq
     tl.store(ds0_ptr + bh * N * N + soff, dS)
 
 
 @triton.jit
 def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_ptr, u_ptr,
                 states_ptr, dstates_ptr, du_ptr, dg_ptr, dv_acc_ptr, dbh_ptr, dkh_ptr,
+                r_ptr, dy_ptr, q_ptr, dz_ptr, dr_ptr,
                 dw_ptr, dk_ptr, dv_ptr, dkk_ptr, da_ptr,
-                T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
+                PREC: tl.constexpr, HAS_Z: tl.constexpr, FUSED: tl.constexpr):
+    """Every chunk-local gradient. FUSED: the readouts' terms (and dr) are computed here from
+    r, dy, q, dz instead of read from _read_bwd_kernel's buffers."""
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     b = bh // H
@@ -321,11 +333,31 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     dSn = tl.load(dstates_ptr + so)
     U = tl.load(u_ptr + co)
     dU = tl.load(du_ptr + co)
-    dG = tl.load(dg_ptr + co)
-    dV = tl.load(dv_acc_ptr + co)
-    dBh = tl.load(dbh_ptr + co)
-    dKh = tl.load(dkh_ptr + co)
     beta = kk * a
+    ig = tl.exp(-G)
+    Bh = beta * ig
+    Kh = k * ig
+    if FUSED:  # (their dU terms are in dU already: _dstate_kernel)
+        eg = tl.exp(G)
+        r = tl.load(r_ptr + io, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + io, mask=m, other=0.0).to(tl.float32)
+        dr, dG, _, dV, dBh, dKh = _read_grads(r, dy, S, U, v, Bh, Kh, eg, rows, PREC)
+        tl.store(dr_ptr + io, dr, mask=m)
+        if HAS_Z:
+            if h < K:
+                qo = (b * T * K + h) * N + t[:, None] * K * N + cols[None, :]
+                q = tl.load(q_ptr + qo, mask=m, other=0.0).to(tl.float32)
+                dz = tl.load(dz_ptr + qo, mask=m, other=0.0).to(tl.float32)
+                _, zG, _, zV, zBh, zKh = _read_grads(q, dz, S, U, v, Bh, Kh, eg, rows, PREC)
+                dG += zG
+                dV += zV
+                dBh += zBh
+                dKh += zKh
+    else:
+        dG = tl.load(dg_ptr + co)
+        dV = tl.load(dv_acc_ptr + co)
+        dBh = tl.load(dbh_ptr + co)
+        dKh = tl.load(dkh_ptr + co)
     # Through S' = S diag(e^g) + U^T Bend + V^T Kend (S's own gradient is _dstate_kernel's).
     e = tl.exp(g[None, :] - G)
     Bend = beta * e
@@ -350,11 +382,8 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     dM = tl.where(strict, _dot(dWt, tl.trans(Wf), PREC)
                   + _dot(dUt, tl.trans(Uv), PREC), 0.0)
     dP = tl.where(strict, _dot(dUt, tl.trans(v), PREC), 0.0)
-    ig = tl.exp(-G)
     egp = tl.exp(G - logw)
     A = -kk * egp
-    Bh = beta * ig
-    Kh = k * ig
     P = tl.where(strict, _dot(A, tl.trans(Kh), PREC), 0.0)
     dV += _dot(tl.trans(P), dUt, PREC)
     dA = dWt + _dot(dM, Bh, PREC) + _dot(dP, Kh, PREC)
@@ -383,14 +412,18 @@ class Launch:
 
     C: chunk size; BV: value rows of S per program in the sequential passes (B*H*N/BV
     programs, a [BV, N] state block each); prec: tl.dot input precision; warps: num_warps of
-    every kernel.
+    every kernel; fused_backward: the readouts' chunk-local gradient terms computed inside
+    _dstate_kernel and _bwd_kernel (no separate pass for r, no [B, H, NC, C, N] term buffers)
+    instead of by _read_bwd_kernel.
     """
 
-    def __init__(self, C, BV, prec, warps):
+    def __init__(self, C, BV, prec, warps, fused_backward=False):
         self.C, self.BV, self.prec, self.warps = C, BV, prec, warps
+        self.fused_backward = fused_backward
 
     @classmethod
-    def resolve(cls, device, dtype, N, chunk_size=16, block_v=None, precision=None, num_warps=None):
+    def resolve(cls, device, dtype, N, chunk_size=16, block_v=None, precision=None, num_warps=None,
+                fused_backward=False):
         """Defaults by device and input dtype: on a GPU BV = 32 and float32 inputs get "tf32x3"
         (SPEC section 6's 1e-4 for float32), bfloat16/float16 "tf32"; under the interpreter one
         block per head (its cost is per operation, not per element)."""
@@ -407,7 +440,7 @@ class Launch:
         warps = num_warps or 4
         if warps not in (1, 2, 4, 8, 16):
             raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
-        return cls(chunk_size, BV, prec, warps)
+        return cls(chunk_size, BV, prec, warps, bool(fused_backward))
 
 
 class ChunkSaved:
@@ -466,18 +499,21 @@ def chunk_wkv7_read(saved: ChunkSaved, q):
 def chunk_wkv7_read_bwd(saved: ChunkSaved, q, dO, acc=None):
     """Backward of one readout: returns dq [B, T, K, N] f32 and `acc`, the chunk-local gradient
     buffers (dG, dU, dV, dBh, dKh, each [B, H, NC, C, N] f32) with this readout's terms stored
-    (acc None) or added (acc from an earlier readout over its first acc.K heads)."""
+    (acc None) or added (acc from an earlier readout over its first acc.K heads). With
+    launch.fused_backward, dq only (acc None): chunk_wkv7_bwd computes the terms."""
     B, T, H, N = saved.k.shape
     K = q.shape[2]
     NC = saved.states.shape[2]
-    if acc is None:
-        acc = _Acc([torch.empty_like(saved.G) for _ in range(5)], 0)
+    terms = not saved.launch.fused_backward
     dq = torch.empty(B, T, K, N, device=q.device, dtype=torch.float32)
+    if terms and acc is None:
+        acc = _Acc([torch.empty_like(saved.G) for _ in range(5)], 0)
     _read_bwd_kernel[(B * K, NC)](
         q, dO, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states,
-        dq, *acc.bufs, T, NC, acc.K, H=H, K=K, N=N, C=saved.C, PREC=saved.launch.prec,
-        num_warps=saved.launch.warps)
-    acc.K = max(acc.K, K)
+        dq, *(acc.bufs if terms else [dq] * 5), T, NC, acc.K if terms else 0, H=H, K=K, N=N, C=saved.C,
+        PREC=saved.launch.prec, TERMS=terms, num_warps=saved.launch.warps)
+    if terms:
+        acc.K = max(acc.K, K)
     return dq, acc
 
 
@@ -492,22 +528,28 @@ def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=Non
     B, T, H, N = saved.k.shape
     L = saved.launch
     C, NC, BV = L.C, saved.states.shape[2], L.BV
-    dr, acc = chunk_wkv7_read_bwd(saved, r, dy, acc)
-    dG, dU, dV_acc, dBh, dKh = acc.bufs
+    if L.fused_backward:  # dr and every readout term come from the two kernels below
+        dr = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
+        dU = torch.empty_like(saved.G)
+        dG = dV_acc = dBh = dKh = dU  # unused by the fused kernels
+    else:
+        dr, acc = chunk_wkv7_read_bwd(saved, r, dy, acc)
+        dG, dU, dV_acc, dBh, dKh = acc.bufs
     has_z = dz is not None
     K = q.shape[2] if has_z else 1
+    q, dz = (q, dz) if has_z else (r, dy)  # placeholders when there is no second readout
     dstates = torch.empty_like(saved.states)
     dS0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
     _dstate_kernel[(B * H, N // BV)](
-        r, dy, q if has_z else r, dz if has_z else dy, saved.kk, saved.a, saved.G, saved.W, dU,
+        r, dy, q, dz, saved.kk, saved.a, saved.G, saved.W, dU,
         dS_T if dS_T is not None else dS0, dstates, dS0,
         T, NC, H=H, K=K, N=N, C=C, BV=BV, HAS_DST=dS_T is not None, HAS_Z=has_z,
-        PREC=L.prec, num_warps=L.warps)
+        PREC=L.prec, FUSED=L.fused_backward, num_warps=L.warps)
     dw, dk, dv, dkk, da = (torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5))
     _bwd_kernel[(B * H, NC)](
         saved.w_raw, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.W, saved.Uv, saved.Tinv,
-        saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, dw, dk, dv, dkk, da,
-        T, NC, H=H, N=N, C=C, PREC=L.prec, num_warps=L.warps)
+        saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, r, dy, q, dz, dr, dw, dk, dv, dkk, da,
+        T, NC, H=H, K=K, N=N, C=C, PREC=L.prec, HAS_Z=has_z, FUSED=L.fused_backward, num_warps=L.warps)
     return dr, dw, dk, dv, dkk, da, dS0
 
 
@@ -582,7 +624,7 @@ def _read_view(shared, k, v, kk, a, G, U, states):
 
 
 def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None,
-               precision: str | None = None, num_warps: int | None = None):
+               precision: str | None = None, num_warps: int | None = None, fused_backward: bool = False):
     """WKV-7 over a sequence by the chunked (WY) kernels: same contract as `triton_wkv7`.
 
     Args:
@@ -596,6 +638,9 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         precision: tl.dot input precision on a GPU, "ieee", "tf32x3" or "tf32"; default
             "tf32x3" for float32 inputs, "tf32" for bfloat16/float16 (see `Launch.resolve`).
         num_warps: of every kernel (default 4).
+        fused_backward: compute the readouts' gradient terms inside the state-gradient and
+            chunk-gradient kernels instead of a separate pass per readout (fewer passes over
+            memory, more work per program; see docs/kernels.md).
     Returns:
         y [B, T, H, N] = S_t r_t (dtype of r), S_T [B, H, N, N] float32, and
         read(q): q [B, T, K, N], K <= H -> z [B, T, K, N] = S_t q_t over the first K heads
@@ -609,7 +654,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
     B, T, H, N = k.shape
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
-    launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps)
+    launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps, fused_backward)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
