@@ -121,12 +121,14 @@ def bench_decode(B, H):
 
 
 def parse_config(text):
-    """'C/BV/precision/warps[/fused]' -> chunk_wkv7 keyword arguments ("fused": fused_backward)."""
+    """'C/BV/precision/warps[/f|b|fb]' -> chunk_wkv7 keyword arguments (f: fused_forward,
+    b: fused_backward)."""
     C, BV, prec, warps, *rest = text.split("/")
-    if rest not in ([], ["fused"]):
-        raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/fused], got {text!r}")
+    if rest not in ([], ["f"], ["b"], ["fb"]):
+        raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/f|b|fb], got {text!r}")
+    fused = rest[0] if rest else ""
     return dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps),
-                fused_backward=rest == ["fused"])
+                fused_forward="f" in fused, fused_backward="b" in fused)
 
 
 def sweep(args):
@@ -253,7 +255,7 @@ def main():
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
-    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS[/fused]",
+    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS[/f|b|fb]",
                    help="time fla, the sequential kernel and these chunk configurations")
     p.add_argument("--algorithm", choices=("sequential", "chunk"), default="sequential")
     p.add_argument("--chunk-size", type=int, default=16, help="chunk algorithm: 16, 32 or 64")

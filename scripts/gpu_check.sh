@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the Triton WKV-7 kernels: bench/kernels.py against flash-linear-attention (fla-core
-# installed, or carried as wheels in bench/build/), a profile of whole-model training steps
-# (bench/profile_model.py), then the kernel and model tests compiled for CUDA (no interpreter).
+# installed, or carried as wheels in bench/build/) with the fused elementwise pieces and the whole
+# model, then the kernel and model tests compiled for CUDA (no interpreter), then a profile of
+# whole-model training steps (bench/profile_model.py). At most 560 s with the default timeouts
+# (BENCH_TIMEOUT, TEST_TIMEOUT, PROFILE_TIMEOUT).
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 # Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
 set -uo pipefail
@@ -18,15 +20,15 @@ unset TRITON_INTERPRET
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" || exit 1
 if [ $# -eq 0 ]; then
-    set -- --heads 12 32 --sweep 16/32/tf32/4 16/32/tf32/4/fused 16/16/tf32/4/fused --elementwise --model 768,12,65536
+    set -- --heads 12 32 --sweep 16/32/tf32/4 16/32/tf32/4/fb 16/32/tf32/4/b 16/16/tf32/4/fb --elementwise --model 768,12,65536
 fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?
-# The profile that decides which fused elementwise kernels would pay (docs/kernels.md).
-timeout "${PROFILE_TIMEOUT:-120}" "$PY" bench/profile_model.py --json "$OUT/profile.json" 2>&1 \
-    | grep -v "^USDT\|^STAGE" | tee "$OUT/profile.log"
 timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
-    tests/test_triton_wkv7.py tests/test_torch_model.py -k triton \
+    tests/test_triton_wkv7.py tests/test_fused_elementwise.py tests/test_torch_model.py -k "triton or fused" \
     2>&1 | tail -20 | tee "$OUT/tests.log"
 tests=$?
+# The profile that shows where a training step's time goes (docs/kernels.md); last, as the least needed.
+timeout "${PROFILE_TIMEOUT:-80}" "$PY" bench/profile_model.py --json "$OUT/profile.json" 2>&1 \
+    | grep -v "^USDT\|^STAGE" | tee "$OUT/profile.log"
 exit $(( tests != 0 ? tests : bench ))

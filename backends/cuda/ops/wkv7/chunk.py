@@ -108,9 +108,10 @@ def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_p
 
 @triton.jit
 def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
-                  u_ptr, states_ptr, sT_ptr,
+                  u_ptr, states_ptr, sT_ptr, r_ptr, y_ptr,
                   T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                  HAS_S0: tl.constexpr, PREC: tl.constexpr):
+                  HAS_S0: tl.constexpr, PREC: tl.constexpr, READ_Y: tl.constexpr):
+    """READ_Y: also y = S_t r_t for this block's value rows, as _read_kernel would (fused forward)."""
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1) * BV + tl.arange(0, BV)
     b = bh // H
@@ -137,6 +138,14 @@ def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
         Wf = tl.load(wf_ptr + cb + cols[None, :])
         U = _dot(Wf, tl.trans(S), PREC) + tl.load(uv_ptr + cb + vb[None, :])
         tl.store(u_ptr + cb + vb[None, :], U)
+        if READ_Y:
+            Q = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32) * tl.exp(G)
+            ig = tl.exp(-G)
+            causal = rows[:, None] >= rows[None, :]
+            Dq = tl.where(causal, _dot(Q, tl.trans(kk * a * ig), PREC), 0.0)
+            Eq = tl.where(causal, _dot(Q, tl.trans(k * ig), PREC), 0.0)
+            y = _dot(Q, tl.trans(S), PREC) + _dot(Dq, U, PREC) + _dot(Eq, v, PREC)
+            tl.store(y_ptr + io + vb[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
         e = tl.exp(g[None, :] - G)  # decay to the chunk end, <= 1
         S = (S * tl.exp(g)[None, :] + _dot(tl.trans(U), kk * a * e, PREC)
              + _dot(tl.trans(v), k * e, PREC))
@@ -412,18 +421,19 @@ class Launch:
 
     C: chunk size; BV: value rows of S per program in the sequential passes (B*H*N/BV
     programs, a [BV, N] state block each); prec: tl.dot input precision; warps: num_warps of
-    every kernel; fused_backward: the readouts' chunk-local gradient terms computed inside
-    _dstate_kernel and _bwd_kernel (no separate pass for r, no [B, H, NC, C, N] term buffers)
-    instead of by _read_bwd_kernel.
+    every kernel; fused_forward: y computed inside _state_kernel (no readout pass for r);
+    fused_backward: the readouts' chunk-local gradient terms computed inside _dstate_kernel and
+    _bwd_kernel (no separate pass for r, no [B, H, NC, C, N] term buffers) instead of by
+    _read_bwd_kernel.
     """
 
-    def __init__(self, C, BV, prec, warps, fused_backward=False):
+    def __init__(self, C, BV, prec, warps, fused_forward=False, fused_backward=False):
         self.C, self.BV, self.prec, self.warps = C, BV, prec, warps
-        self.fused_backward = fused_backward
+        self.fused_forward, self.fused_backward = fused_forward, fused_backward
 
     @classmethod
     def resolve(cls, device, dtype, N, chunk_size=16, block_v=None, precision=None, num_warps=None,
-                fused_backward=False):
+                fused_forward=False, fused_backward=False):
         """Defaults by device and input dtype: on a GPU BV = 32 and float32 inputs get "tf32x3"
         (SPEC section 6's 1e-4 for float32), bfloat16/float16 "tf32"; under the interpreter one
         block per head (its cost is per operation, not per element)."""
@@ -440,7 +450,7 @@ class Launch:
         warps = num_warps or 4
         if warps not in (1, 2, 4, 8, 16):
             raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
-        return cls(chunk_size, BV, prec, warps, bool(fused_backward))
+        return cls(chunk_size, BV, prec, warps, bool(fused_forward), bool(fused_backward))
 
 
 class ChunkSaved:
@@ -472,13 +482,14 @@ def chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0=None, launch: Launch | None = None)
     Tinv = torch.empty(B, H, NC, C, C, **f32)
     states = torch.empty(B, H, NC, N, N, **f32)
     sT = torch.empty(B, H, N, N, **f32)
+    y = torch.empty_like(r) if L.fused_forward else None
     _prep_kernel[(B * H, NC)](w_raw, k, v, kk, a, G, W, Uv, Tinv, T, NC, H=H, N=N, C=C,
                               PREC=PREC, num_warps=NW)
     _state_kernel[(B * H, N // BV)](k, v, kk, a, S0 if S0 is not None else sT, G, W, Uv, U, states, sT,
-                                    T, NC, H=H, N=N, C=C, BV=BV, HAS_S0=S0 is not None,
-                                    PREC=PREC, num_warps=NW)
+                                    r, y if y is not None else r, T, NC, H=H, N=N, C=C, BV=BV,
+                                    HAS_S0=S0 is not None, PREC=PREC, READ_Y=L.fused_forward, num_warps=NW)
     saved = ChunkSaved(L, T, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states)
-    return chunk_wkv7_read(saved, r), sT, saved
+    return (y if y is not None else chunk_wkv7_read(saved, r)), sT, saved
 
 
 def chunk_wkv7_read(saved: ChunkSaved, q):
@@ -624,7 +635,8 @@ def _read_view(shared, k, v, kk, a, G, U, states):
 
 
 def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None,
-               precision: str | None = None, num_warps: int | None = None, fused_backward: bool = False):
+               precision: str | None = None, num_warps: int | None = None, fused_forward: bool = False,
+               fused_backward: bool = False):
     """WKV-7 over a sequence by the chunked (WY) kernels: same contract as `triton_wkv7`.
 
     Args:
@@ -638,6 +650,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         precision: tl.dot input precision on a GPU, "ieee", "tf32x3" or "tf32"; default
             "tf32x3" for float32 inputs, "tf32" for bfloat16/float16 (see `Launch.resolve`).
         num_warps: of every kernel (default 4).
+        fused_forward: compute y inside the state pass instead of a readout pass of its own.
         fused_backward: compute the readouts' gradient terms inside the state-gradient and
             chunk-gradient kernels instead of a separate pass per readout (fewer passes over
             memory, more work per program; see docs/kernels.md).
@@ -654,7 +667,8 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
     B, T, H, N = k.shape
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
-    launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps, fused_backward)
+    launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps,
+                            fused_forward, fused_backward)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
