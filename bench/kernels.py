@@ -121,14 +121,18 @@ def bench_decode(B, H):
 
 
 def parse_config(text):
-    """'C/BV/precision/warps[/f|b|fb]' -> chunk_wkv7 keyword arguments (f: fused_forward,
-    b: fused_backward)."""
+    """'C/BV/precision/warps[/b][/rNNN]' -> chunk_wkv7 keyword arguments (b: fused_backward,
+    rNNN: seq_maxnreg=NNN)."""
     C, BV, prec, warps, *rest = text.split("/")
-    if rest not in ([], ["f"], ["b"], ["fb"]):
-        raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/f|b|fb], got {text!r}")
-    fused = rest[0] if rest else ""
-    return dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps),
-                fused_forward="f" in fused, fused_backward="b" in fused)
+    kw = dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps))
+    for flag in rest:
+        if flag == "b":
+            kw["fused_backward"] = True
+        elif flag[:1] == "r" and flag[1:].isdigit():
+            kw["seq_maxnreg"] = int(flag[1:])
+        else:
+            raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/b][/rNNN], got {text!r}")
+    return kw
 
 
 def sweep(args):
@@ -255,7 +259,7 @@ def main():
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--B", type=int, default=8)
     p.add_argument("--heads", type=int, nargs="+", default=[12, 32])
-    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS[/f|b|fb]",
+    p.add_argument("--sweep", nargs="+", metavar="C/BV/PREC/WARPS[/b][/rNNN]",
                    help="time fla, the sequential kernel and these chunk configurations")
     p.add_argument("--algorithm", choices=("sequential", "chunk"), default="sequential")
     p.add_argument("--chunk-size", type=int, default=16, help="chunk algorithm: 16, 32 or 64")

@@ -58,7 +58,8 @@ def test_group_norm_bonus_gate(B, T, H, N):
     check("group_norm_bonus_gate", [y * 3 + 1, r, k, v, g, r_k, weight, bias], eps=64e-5)
 
 
-@pytest.mark.parametrize("B,T,D,K,N", [(2, 29, 200, 2, 32), (1, 18, 128, 4, 32)])
+# (2, 50, ...): 7 row tiles over 4 programs, so the backward's loop over tiles runs twice
+@pytest.mark.parametrize("B,T,D,K,N", [(2, 29, 200, 2, 32), (1, 18, 128, 4, 32), (2, 50, 100, 3, 32)])
 def test_sse_norm_gate(B, T, D, K, N):
     xs, z, gate = randn(B, T, D, seed=1), randn(B, T, K, N, seed=2), randn(D, seed=3)
     check("sse_norm_gate", [xs, z, gate], eps=64e-5)
@@ -70,17 +71,40 @@ def test_relu_square():
     check("relu_square", [h])
 
 
-@pytest.mark.parametrize("name", ["token_shift_mix", "relu_square"])
+def piece_args(name):
+    """Inputs of each piece at small awkward shapes (B=2, T=9, H=2, N=32, D=80)."""
+    B, T, H, N, D = 2, 9, 2, 32, 80
+    if name == "token_shift_mix":
+        return [randn(B, T, D, seed=1), randn(B, D, seed=2), randn(6, D, seed=3).sigmoid()], {}
+    if name == "group_norm_bonus_gate":
+        heads = [randn(B, T, H, N, seed=s) for s in range(4)]
+        return heads + [randn(B, T, H * N, seed=4), randn(H, N, seed=5), randn(H * N, seed=6),
+                        randn(H * N, seed=7)], {"eps": 64e-5}
+    if name == "sse_norm_gate":
+        return [randn(B, T, D, seed=1), randn(B, T, 2, N, seed=2), randn(D, seed=3)], {"eps": 64e-5}
+    return [randn(B, T, D, seed=1)], {}
+
+
+@pytest.mark.parametrize("name", ["token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "relu_square"])
 def test_bfloat16_output(name):
     """Stored in the consumer's dtype: the float32 result rounded once, not computed in bfloat16.
 
     Every element is one of the two bfloat16 neighbours of the exact value (Triton's interpreter
     truncates where a GPU rounds to nearest, so "nearest" is not asserted)."""
-    args = [randn(2, 9, 64, seed=1), randn(2, 64, seed=2), randn(6, 64, seed=3).sigmoid()]
-    args = args if name == "token_shift_mix" else args[:1]
-    got = getattr(fused, name)(*args, out_dtype=torch.bfloat16)
-    want = getattr(naive, name)(*[a.double() for a in args], out_dtype=torch.float64)
+    args, kw = piece_args(name)
+    got = getattr(fused, name)(*args, **kw, out_dtype=torch.bfloat16)
+    want = getattr(naive, name)(*[a.double() for a in args], **kw, out_dtype=torch.float64)
     assert got.dtype == torch.bfloat16
     spacing = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)  # bfloat16: 8-bit mantissa
     assert ((got.double() - want).abs() <= spacing).all()
     assert rel_rms(got, want) > 1e-4  # the rounding happened
+
+
+@pytest.mark.parametrize("name", ["group_norm_bonus_gate", "sse_norm_gate"])
+def test_head_size_must_be_a_power_of_two(name):
+    from backends.cuda.ops.elementwise.fused import ElementwiseInputError
+
+    args, kw = piece_args(name)
+    args = [a[..., :24] if a.dim() == 4 else a for a in args]  # heads of 24
+    with pytest.raises(ElementwiseInputError, match="power-of-two head size"):
+        getattr(fused, name)(*args, **kw)

@@ -466,7 +466,9 @@ def test_fused_elementwise_bfloat16_model(meta):
     plain_logits, _ = run(model, toks, kernels="triton", fused=False)
     ref, _ = forward(p, CFG, toks)
     assert 1e-4 < rel_rms(fused_logits, ref) <= 3e-2
-    assert rel_rms(fused_logits, plain_logits) <= 3e-2
+    # no less accurate than the plain pieces (measured 5.2e-3 vs 4.9e-3 under the interpreter,
+    # which truncates to bfloat16 where a GPU rounds)
+    assert rel_rms(fused_logits, ref) <= 1.5 * rel_rms(plain_logits, ref)
 
 
 def test_fused_elementwise_needs_a_kernel_device(meta, monkeypatch):

@@ -123,7 +123,9 @@ class TimeMix(nn.Module):
         """
         B, T, _ = xa.shape
         H, N = self.n_head, self.head_size
-        dt = self.receptance.weight.dtype  # each mix feeds a matmul only: stored in its dtype
+        # Each mix feeds matmuls only, so it is stored in their dtype (x_v feeds two: value and
+        # the v LoRA, so with bfloat16 weights its two gradients add in bfloat16).
+        dt = self.receptance.weight.dtype
         mix = torch.stack([getattr(self, f"x_{c}") for c in "rwkvag"])
         x_r, x_w, x_k, x_v, x_a, x_g = kern.ew.token_shift_mix(xa, prev, mix, dt).unbind(0)
         r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)

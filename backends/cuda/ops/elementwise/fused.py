@@ -21,10 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
+from metastate_core.errors import MetaStateError
+
 ROWS = 16          # rows (tokens) per tile of a per-head piece: [ROWS, N]
 MIX_ROWS = 4       # rows per tile of the token shift: [mixes (8), MIX_ROWS, BLOCK_D], in registers
-BLOCK_D = 128      # channels per tile of the token shift
+BLOCK_D = 64       # channels per tile of the token shift (128: 234 registers in backward, 64: 96)
 BLOCK_FLAT = 1024  # elements per program of relu_square
+
+
+class ElementwiseInputError(MetaStateError):
+    """Inputs the fused kernels cannot take."""
+
+
+def _check_head_size(N: int) -> None:
+    if N < 1 or N & (N - 1):
+        raise ElementwiseInputError(f"the fused kernels need a power-of-two head size, got {N}: "
+                                    "use the plain pieces (fused=False)")
 
 
 def _programs(tiles: int, device: torch.device) -> int:
@@ -60,7 +72,7 @@ def _mix_fwd_kernel(x_ptr, prev_ptr, mix_ptr, out_ptr, BT, T, D,
                     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    ms = tl.arange(0, MP)
+    ms = tl.arange(0, MP).to(tl.int64)  # the mix planes are B*T*D apart: past 2^31 elements
     x, dx, io, m2 = _shift_tile(x_ptr, prev_ptr, rows, cols, BT, T, D)
     mm = ms < M
     mu = tl.load(mix_ptr + ms[:, None] * D + cols[None, :], mask=mm[:, None] & (cols < D)[None, :], other=0.0)
@@ -74,7 +86,7 @@ def _mix_bwd_kernel(x_ptr, prev_ptr, mix_ptr, dout_ptr, dx_ptr, dprev_ptr, dmix_
                     M: tl.constexpr, MP: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    ms = tl.arange(0, MP)
+    ms = tl.arange(0, MP).to(tl.int64)
     mm = ms < M
     mu = tl.load(mix_ptr + ms[:, None] * D + cols[None, :], mask=mm[:, None] & (cols < D)[None, :],
                  other=0.0).to(tl.float32)
@@ -206,6 +218,7 @@ class _GroupNormBonusGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, r, k, v, g, r_k, weight, bias, eps, out_dtype):
         B, T, H, N = y.shape
+        _check_head_size(N)
         y, r, k, v, g = (t.contiguous() for t in (y, r, k, v, g))
         r_k, weight, bias = r_k.contiguous(), weight.contiguous(), bias.contiguous()
         out = torch.empty(B, T, H * N, device=y.device, dtype=out_dtype)
@@ -292,6 +305,7 @@ class _SSENormGate(torch.autograd.Function):
     def forward(ctx, xs, z, gate, eps, out_dtype):
         B, T, D = xs.shape
         K, N = z.shape[-2:]
+        _check_head_size(N)
         xs, z, gate = xs.contiguous(), z.contiguous(), gate.contiguous()
         out = torch.empty(B, T, D, device=xs.device, dtype=out_dtype)
         _sse_fwd_kernel[(triton.cdiv(B * T, ROWS), triton.cdiv(D, N))](xs, z, gate, out, B * T, D, K, eps, N, ROWS)

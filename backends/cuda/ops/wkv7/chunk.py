@@ -108,10 +108,9 @@ def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_p
 
 @triton.jit
 def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
-                  u_ptr, states_ptr, sT_ptr, r_ptr, y_ptr,
+                  u_ptr, states_ptr, sT_ptr,
                   T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                  HAS_S0: tl.constexpr, PREC: tl.constexpr, READ_Y: tl.constexpr):
-    """READ_Y: also y = S_t r_t for this block's value rows, as _read_kernel would (fused forward)."""
+                  HAS_S0: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1) * BV + tl.arange(0, BV)
     b = bh // H
@@ -138,14 +137,6 @@ def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
         Wf = tl.load(wf_ptr + cb + cols[None, :])
         U = _dot(Wf, tl.trans(S), PREC) + tl.load(uv_ptr + cb + vb[None, :])
         tl.store(u_ptr + cb + vb[None, :], U)
-        if READ_Y:
-            Q = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32) * tl.exp(G)
-            ig = tl.exp(-G)
-            causal = rows[:, None] >= rows[None, :]
-            Dq = tl.where(causal, _dot(Q, tl.trans(kk * a * ig), PREC), 0.0)
-            Eq = tl.where(causal, _dot(Q, tl.trans(k * ig), PREC), 0.0)
-            y = _dot(Q, tl.trans(S), PREC) + _dot(Dq, U, PREC) + _dot(Eq, v, PREC)
-            tl.store(y_ptr + io + vb[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
         e = tl.exp(g[None, :] - G)  # decay to the chunk end, <= 1
         S = (S * tl.exp(g)[None, :] + _dot(tl.trans(U), kk * a * e, PREC)
              + _dot(tl.trans(v), k * e, PREC))
@@ -211,12 +202,13 @@ def _read_grads(q, dO, S, U, v, Bh, Kh, eg, rows, PREC: tl.constexpr):
 
 
 @triton.jit
-def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr,
+def _read_bwd_kernel(q_ptr, do_ptr, q2_ptr, do2_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr,
                      dq_ptr, dg_ptr, du_ptr, dv_ptr, dbh_ptr, dkh_ptr,
-                     T, NC, KADD, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                     T, NC, KADD, H: tl.constexpr, K: tl.constexpr, K2: tl.constexpr, N: tl.constexpr,
                      C: tl.constexpr, PREC: tl.constexpr, TERMS: tl.constexpr):
-    """dq for a readout and, with TERMS, its chunk-local terms stored into (h >= KADD) or added
-    to (h < KADD) the buffers dG, dU, dV, dBh, dKh [B, H, NC, C, N]."""
+    """dq for a readout (q, dO over K heads) and, with TERMS, its chunk-local terms stored into
+    (h >= KADD) or added to (h < KADD) the buffers dG, dU, dV, dBh, dKh [B, H, NC, C, N]. K2 > 0:
+    the terms of a second readout (q2, dO2 over its first K2 heads) join them in registers."""
     bk = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     b = bk // K
@@ -239,9 +231,21 @@ def _read_bwd_kernel(q_ptr, do_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, s
     S = tl.load(states_ptr + (bh * NC + c) * N * N + cols[:, None] * N + cols[None, :])
     U = tl.load(u_ptr + co)
     ig = tl.exp(-G)
-    dq, dG, dU, dV, dBh, dKh = _read_grads(q, dO, S, U, v, kk * a * ig, k * ig, tl.exp(G), rows, PREC)
+    Bh, Kh, eg = kk * a * ig, k * ig, tl.exp(G)
+    dq, dG, dU, dV, dBh, dKh = _read_grads(q, dO, S, U, v, Bh, Kh, eg, rows, PREC)
     tl.store(dq_ptr + qo, dq, mask=m)
     if TERMS:
+        if K2 > 0:
+            if h < K2:
+                q2o = (b * T * K2 + h) * N + t[:, None] * K2 * N + cols[None, :]
+                q2 = tl.load(q2_ptr + q2o, mask=m, other=0.0).to(tl.float32)
+                dO2 = tl.load(do2_ptr + q2o, mask=m, other=0.0).to(tl.float32)
+                _, dG2, dU2, dV2, dBh2, dKh2 = _read_grads(q2, dO2, S, U, v, Bh, Kh, eg, rows, PREC)
+                dG += dG2
+                dU += dU2
+                dV += dV2
+                dBh += dBh2
+                dKh += dKh2
         if h < KADD:
             dG += tl.load(dg_ptr + co)
             dU += tl.load(du_ptr + co)
@@ -260,9 +264,8 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
                    dsT_ptr, dstates_ptr, ds0_ptr,
                    T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
                    BV: tl.constexpr, HAS_DST: tl.constexpr, HAS_Z: tl.constexpr,
-                   PREC: tl.constexpr, FUSED: tl.constexpr):
-    """dS' at every chunk end (dstates) and dU += Bend dS'^T in place, last chunk first. FUSED:
-    dU's readout terms tril(Q Bh^T)^T dO are computed here, not read from _read_bwd_kernel."""
+                   PREC: tl.constexpr):
+    """dS' at every chunk end (dstates) and dU += Bend dS'^T in place, last chunk first."""
     bh = tl.program_id(0).to(tl.int64)
     vb = tl.program_id(1) * BV + tl.arange(0, BV)
     b = bh // H
@@ -285,39 +288,29 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
         g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
         kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dU = (tl.load(du_ptr + cb + vb[None, :])
+              + _dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), PREC))
+        tl.store(du_ptr + cb + vb[None, :], dU)
         eg = tl.exp(G)
-        Qr = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32) * eg
+        r = tl.load(r_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + io + vb[None, :], mask=m, other=0.0).to(tl.float32)
-        dU = _dot(kk * a * tl.exp(g[None, :] - G), tl.trans(dS), PREC)
-        if FUSED:
-            causal = rows[:, None] >= rows[None, :]
-            Bh = kk * a * tl.exp(-G)
-            dU += _dot(tl.trans(tl.where(causal, _dot(Qr, tl.trans(Bh), PREC), 0.0)), dy, PREC)
-        else:
-            dU += tl.load(du_ptr + cb + vb[None, :])
-        dSq = _dot(tl.trans(dy), Qr, PREC)
+        dS = (dS * tl.exp(g)[None, :]
+              + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC)
+              + _dot(tl.trans(dy), r * eg, PREC))
         if HAS_Z:
             mz = m & ((t * 0 + h) < K)[:, None]  # block-shaped: newer interpreters reject scalar masks
             qo = (b * T * K + h) * N + t[:, None] * K * N
-            Qz = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32) * eg
+            q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
             dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)
-            if FUSED:
-                dU += _dot(tl.trans(tl.where(causal, _dot(Qz, tl.trans(Bh), PREC), 0.0)), dz, PREC)
-            dSq += _dot(tl.trans(dz), Qz, PREC)
-        tl.store(du_ptr + cb + vb[None, :], dU)
-        dS = dS * tl.exp(g)[None, :] + _dot(tl.trans(dU), tl.load(wf_ptr + cb + cols[None, :]), PREC) + dSq
+            dS += _dot(tl.trans(dz), q * eg, PREC)
     tl.store(ds0_ptr + bh * N * N + soff, dS)
 
 
 @triton.jit
 def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_ptr, u_ptr,
                 states_ptr, dstates_ptr, du_ptr, dg_ptr, dv_acc_ptr, dbh_ptr, dkh_ptr,
-                r_ptr, dy_ptr, q_ptr, dz_ptr, dr_ptr,
                 dw_ptr, dk_ptr, dv_ptr, dkk_ptr, da_ptr,
-                T, NC, H: tl.constexpr, K: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
-                PREC: tl.constexpr, HAS_Z: tl.constexpr, FUSED: tl.constexpr):
-    """Every chunk-local gradient. FUSED: the readouts' terms (and dr) are computed here from
-    r, dy, q, dz instead of read from _read_bwd_kernel's buffers."""
+                T, NC, H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     b = bh // H
@@ -342,31 +335,11 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     dSn = tl.load(dstates_ptr + so)
     U = tl.load(u_ptr + co)
     dU = tl.load(du_ptr + co)
+    dG = tl.load(dg_ptr + co)
+    dV = tl.load(dv_acc_ptr + co)
+    dBh = tl.load(dbh_ptr + co)
+    dKh = tl.load(dkh_ptr + co)
     beta = kk * a
-    ig = tl.exp(-G)
-    Bh = beta * ig
-    Kh = k * ig
-    if FUSED:  # (their dU terms are in dU already: _dstate_kernel)
-        eg = tl.exp(G)
-        r = tl.load(r_ptr + io, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + io, mask=m, other=0.0).to(tl.float32)
-        dr, dG, _, dV, dBh, dKh = _read_grads(r, dy, S, U, v, Bh, Kh, eg, rows, PREC)
-        tl.store(dr_ptr + io, dr, mask=m)
-        if HAS_Z:
-            if h < K:
-                qo = (b * T * K + h) * N + t[:, None] * K * N + cols[None, :]
-                q = tl.load(q_ptr + qo, mask=m, other=0.0).to(tl.float32)
-                dz = tl.load(dz_ptr + qo, mask=m, other=0.0).to(tl.float32)
-                _, zG, _, zV, zBh, zKh = _read_grads(q, dz, S, U, v, Bh, Kh, eg, rows, PREC)
-                dG += zG
-                dV += zV
-                dBh += zBh
-                dKh += zKh
-    else:
-        dG = tl.load(dg_ptr + co)
-        dV = tl.load(dv_acc_ptr + co)
-        dBh = tl.load(dbh_ptr + co)
-        dKh = tl.load(dkh_ptr + co)
     # Through S' = S diag(e^g) + U^T Bend + V^T Kend (S's own gradient is _dstate_kernel's).
     e = tl.exp(g[None, :] - G)
     Bend = beta * e
@@ -391,8 +364,11 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     dM = tl.where(strict, _dot(dWt, tl.trans(Wf), PREC)
                   + _dot(dUt, tl.trans(Uv), PREC), 0.0)
     dP = tl.where(strict, _dot(dUt, tl.trans(v), PREC), 0.0)
+    ig = tl.exp(-G)
     egp = tl.exp(G - logw)
     A = -kk * egp
+    Bh = beta * ig
+    Kh = k * ig
     P = tl.where(strict, _dot(A, tl.trans(Kh), PREC), 0.0)
     dV += _dot(tl.trans(P), dUt, PREC)
     dA = dWt + _dot(dM, Bh, PREC) + _dot(dP, Kh, PREC)
@@ -421,19 +397,25 @@ class Launch:
 
     C: chunk size; BV: value rows of S per program in the sequential passes (B*H*N/BV
     programs, a [BV, N] state block each); prec: tl.dot input precision; warps: num_warps of
-    every kernel; fused_forward: y computed inside _state_kernel (no readout pass for r);
-    fused_backward: the readouts' chunk-local gradient terms computed inside _dstate_kernel and
-    _bwd_kernel (no separate pass for r, no [B, H, NC, C, N] term buffers) instead of by
-    _read_bwd_kernel.
+    every kernel; fused_backward: both readouts' chunk-local gradient terms in one
+    _read_bwd_kernel pass (the SSE readout's own backward computes only its dq) instead of
+    stored by one, re-read and re-stored by the other; seq_maxnreg: a register cap for the two
+    sequential passes (_state_kernel, _dstate_kernel), so that more of their B*H*N/BV programs
+    are resident at once (they are latency-bound: a program that waits for a second wave doubles
+    the pass).
     """
 
-    def __init__(self, C, BV, prec, warps, fused_forward=False, fused_backward=False):
+    def __init__(self, C, BV, prec, warps, fused_backward=False, seq_maxnreg=None):
         self.C, self.BV, self.prec, self.warps = C, BV, prec, warps
-        self.fused_forward, self.fused_backward = fused_forward, fused_backward
+        self.fused_backward, self.seq_maxnreg = fused_backward, seq_maxnreg
+
+    def seq_options(self) -> dict:
+        """Launch options of the sequential passes."""
+        return {"num_warps": self.warps, **({"maxnreg": self.seq_maxnreg} if self.seq_maxnreg else {})}
 
     @classmethod
     def resolve(cls, device, dtype, N, chunk_size=16, block_v=None, precision=None, num_warps=None,
-                fused_forward=False, fused_backward=False):
+                fused_backward=False, seq_maxnreg=None):
         """Defaults by device and input dtype: on a GPU BV = 32 and float32 inputs get "tf32x3"
         (SPEC section 6's 1e-4 for float32), bfloat16/float16 "tf32"; under the interpreter one
         block per head (its cost is per operation, not per element)."""
@@ -450,7 +432,9 @@ class Launch:
         warps = num_warps or 4
         if warps not in (1, 2, 4, 8, 16):
             raise WKV7InputError(f"num_warps = {warps} must be a power of two in [1, 16]")
-        return cls(chunk_size, BV, prec, warps, bool(fused_forward), bool(fused_backward))
+        if seq_maxnreg is not None and not 24 <= seq_maxnreg <= 255:
+            raise WKV7InputError(f"seq_maxnreg = {seq_maxnreg} must be in [24, 255] registers")
+        return cls(chunk_size, BV, prec, warps, bool(fused_backward), seq_maxnreg)
 
 
 class ChunkSaved:
@@ -482,14 +466,13 @@ def chunk_wkv7_fwd(r, w_raw, k, v, kk, a, S0=None, launch: Launch | None = None)
     Tinv = torch.empty(B, H, NC, C, C, **f32)
     states = torch.empty(B, H, NC, N, N, **f32)
     sT = torch.empty(B, H, N, N, **f32)
-    y = torch.empty_like(r) if L.fused_forward else None
     _prep_kernel[(B * H, NC)](w_raw, k, v, kk, a, G, W, Uv, Tinv, T, NC, H=H, N=N, C=C,
                               PREC=PREC, num_warps=NW)
     _state_kernel[(B * H, N // BV)](k, v, kk, a, S0 if S0 is not None else sT, G, W, Uv, U, states, sT,
-                                    r, y if y is not None else r, T, NC, H=H, N=N, C=C, BV=BV,
-                                    HAS_S0=S0 is not None, PREC=PREC, READ_Y=L.fused_forward, num_warps=NW)
+                                    T, NC, H=H, N=N, C=C, BV=BV, HAS_S0=S0 is not None,
+                                    PREC=PREC, **L.seq_options())
     saved = ChunkSaved(L, T, w_raw, k, v, kk, a, G, W, Uv, Tinv, U, states)
-    return (y if y is not None else chunk_wkv7_read(saved, r)), sT, saved
+    return chunk_wkv7_read(saved, r), sT, saved
 
 
 def chunk_wkv7_read(saved: ChunkSaved, q):
@@ -507,21 +490,23 @@ def chunk_wkv7_read(saved: ChunkSaved, q):
     return out
 
 
-def chunk_wkv7_read_bwd(saved: ChunkSaved, q, dO, acc=None):
+def chunk_wkv7_read_bwd(saved: ChunkSaved, q, dO, acc=None, *, terms=True, second=None):
     """Backward of one readout: returns dq [B, T, K, N] f32 and `acc`, the chunk-local gradient
     buffers (dG, dU, dV, dBh, dKh, each [B, H, NC, C, N] f32) with this readout's terms stored
-    (acc None) or added (acc from an earlier readout over its first acc.K heads). With
-    launch.fused_backward, dq only (acc None): chunk_wkv7_bwd computes the terms."""
+    (acc None) or added (acc from an earlier readout over its first acc.K heads). terms False:
+    dq only (acc None). second: (q2, dO2) of another readout over its first K2 heads, whose
+    terms are added in the same pass (its dq is not returned)."""
     B, T, H, N = saved.k.shape
     K = q.shape[2]
     NC = saved.states.shape[2]
-    terms = not saved.launch.fused_backward
     dq = torch.empty(B, T, K, N, device=q.device, dtype=torch.float32)
     if terms and acc is None:
         acc = _Acc([torch.empty_like(saved.G) for _ in range(5)], 0)
+    q2, dO2 = second if second is not None else (q, dO)
     _read_bwd_kernel[(B * K, NC)](
-        q, dO, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states,
-        dq, *(acc.bufs if terms else [dq] * 5), T, NC, acc.K if terms else 0, H=H, K=K, N=N, C=saved.C,
+        q, dO, q2, dO2, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.U, saved.states,
+        dq, *(acc.bufs if terms else [dq] * 5), T, NC, acc.K if terms else 0, H=H, K=K,
+        K2=q2.shape[2] if second is not None else 0, N=N, C=saved.C,
         PREC=saved.launch.prec, TERMS=terms, num_warps=saved.launch.warps)
     if terms:
         acc.K = max(acc.K, K)
@@ -535,32 +520,30 @@ class _Acc:
 
 def chunk_wkv7_bwd(saved: ChunkSaved, r, dy, dS_T=None, q=None, dz=None, acc=None):
     """Gradients (f32) of r, w_raw, k, v, kk, a and S0 given dy (readout r), optionally dz
-    (readout q, its chunk-local terms already in `acc` from chunk_wkv7_read_bwd) and dS_T."""
+    (readout q, its chunk-local terms already in `acc` from chunk_wkv7_read_bwd, or with
+    launch.fused_backward added here in r's pass) and dS_T."""
     B, T, H, N = saved.k.shape
     L = saved.launch
     C, NC, BV = L.C, saved.states.shape[2], L.BV
-    if L.fused_backward:  # dr and every readout term come from the two kernels below
-        dr = torch.empty(B, T, H, N, device=r.device, dtype=torch.float32)
-        dU = torch.empty_like(saved.G)
-        dG = dV_acc = dBh = dKh = dU  # unused by the fused kernels
+    has_z = dz is not None
+    if L.fused_backward:
+        dr, acc = chunk_wkv7_read_bwd(saved, r, dy, second=(q, dz) if has_z else None)
     else:
         dr, acc = chunk_wkv7_read_bwd(saved, r, dy, acc)
-        dG, dU, dV_acc, dBh, dKh = acc.bufs
-    has_z = dz is not None
+    dG, dU, dV_acc, dBh, dKh = acc.bufs
     K = q.shape[2] if has_z else 1
-    q, dz = (q, dz) if has_z else (r, dy)  # placeholders when there is no second readout
     dstates = torch.empty_like(saved.states)
     dS0 = torch.empty(B, H, N, N, device=r.device, dtype=torch.float32)
     _dstate_kernel[(B * H, N // BV)](
-        r, dy, q, dz, saved.kk, saved.a, saved.G, saved.W, dU,
+        r, dy, q if has_z else r, dz if has_z else dy, saved.kk, saved.a, saved.G, saved.W, dU,
         dS_T if dS_T is not None else dS0, dstates, dS0,
         T, NC, H=H, K=K, N=N, C=C, BV=BV, HAS_DST=dS_T is not None, HAS_Z=has_z,
-        PREC=L.prec, FUSED=L.fused_backward, num_warps=L.warps)
+        PREC=L.prec, **L.seq_options())
     dw, dk, dv, dkk, da = (torch.empty(B, T, H, N, device=r.device, dtype=torch.float32) for _ in range(5))
     _bwd_kernel[(B * H, NC)](
         saved.w_raw, saved.k, saved.v, saved.kk, saved.a, saved.G, saved.W, saved.Uv, saved.Tinv,
-        saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, r, dy, q, dz, dr, dw, dk, dv, dkk, da,
-        T, NC, H=H, K=K, N=N, C=C, PREC=L.prec, HAS_Z=has_z, FUSED=L.fused_backward, num_warps=L.warps)
+        saved.U, saved.states, dstates, dU, dG, dV_acc, dBh, dKh, dw, dk, dv, dkk, da,
+        T, NC, H=H, N=N, C=C, PREC=L.prec, num_warps=L.warps)
     return dr, dw, dk, dv, dkk, da, dS0
 
 
@@ -625,7 +608,9 @@ class _ChunkRead(torch.autograd.Function):
         q, *tensors = ctx.saved_tensors
         sh = ctx.shared
         sh.q, sh.dz, sh.task = q, dz.contiguous(), graph_task()
-        dq, sh.acc = chunk_wkv7_read_bwd(_read_view(sh, *tensors), q, sh.dz)
+        # fused_backward: dq only here; r's pass adds this readout's terms (chunk_wkv7_bwd)
+        view = _read_view(sh, *tensors)
+        dq, sh.acc = chunk_wkv7_read_bwd(view, q, sh.dz, terms=not sh.launch.fused_backward)
         return dq.to(q.dtype), torch.zeros((), device=dz.device), *([None] * 8)
 
 
@@ -635,8 +620,8 @@ def _read_view(shared, k, v, kk, a, G, U, states):
 
 
 def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v: int | None = None,
-               precision: str | None = None, num_warps: int | None = None, fused_forward: bool = False,
-               fused_backward: bool = False):
+               precision: str | None = None, num_warps: int | None = None, fused_backward: bool = False,
+               seq_maxnreg: int | None = None):
     """WKV-7 over a sequence by the chunked (WY) kernels: same contract as `triton_wkv7`.
 
     Args:
@@ -650,10 +635,10 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         precision: tl.dot input precision on a GPU, "ieee", "tf32x3" or "tf32"; default
             "tf32x3" for float32 inputs, "tf32" for bfloat16/float16 (see `Launch.resolve`).
         num_warps: of every kernel (default 4).
-        fused_forward: compute y inside the state pass instead of a readout pass of its own.
-        fused_backward: compute the readouts' gradient terms inside the state-gradient and
-            chunk-gradient kernels instead of a separate pass per readout (fewer passes over
-            memory, more work per program; see docs/kernels.md).
+        fused_backward: both readouts' gradient terms in one pass instead of one pass each
+            that stores, re-reads and re-stores five buffers (see docs/kernels.md).
+        seq_maxnreg: register cap of the two sequential passes (GPU), None for the compiler's
+            choice (see docs/kernels.md).
     Returns:
         y [B, T, H, N] = S_t r_t (dtype of r), S_T [B, H, N, N] float32, and
         read(q): q [B, T, K, N], K <= H -> z [B, T, K, N] = S_t q_t over the first K heads
@@ -668,7 +653,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
     launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps,
-                            fused_forward, fused_backward)
+                            fused_backward, seq_maxnreg)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()

@@ -1,0 +1,174 @@
+"""Compile every Triton kernel of the torch backend for an NVIDIA GPU, on a machine without one.
+
+    python scripts/compile_check.py [--arch 90 80] [--json OUT]
+
+Runs the launchers (the chunked WKV kernels forward and backward in both schedules, the
+sequential and decode kernels, the fused elementwise pieces) on small CPU tensors with each
+Triton launch replaced by a compilation for the target (Triton's own pipeline down to a cubin,
+ptxas included) and prints, per kernel and configuration, registers per thread, bytes of
+register spills and shared memory (from `ptxas -v`). It catches what Triton's interpreter
+accepts and the GPU compiler does not, and shows register pressure before a GPU is at hand.
+The configurations are the GPU defaults: bfloat16 inputs, N = 64, chunk 16, block_v 32,
+"tf32" dots, 4 warps (plus "tf32x3" for float32 inputs).
+
+Must run without TRITON_INTERPRET (the interpreter replaces compilation). Exit status 1 if any
+kernel fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check.py compiles kernels: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+          torch.int32: "i32"}
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def signature_of(fn: JITFunction, args, kwargs):
+    """Triton's signature, constexprs and divisibility attributes for a call of fn."""
+    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        x = values[p.name] if p.name in values else p.default
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", x
+        elif isinstance(x, torch.Tensor):
+            sig[p.name] = "*" + DTYPES[x.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(x, bool):
+            sig[p.name] = "i1"
+        elif isinstance(x, int):
+            sig[p.name] = "i64" if abs(x) >= 2**31 else "i32"
+            if x % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(x, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(x).__name__}")
+    return sig, consts, attrs
+
+
+def ptxas_usage(ptx: str, arch: str) -> dict:
+    """Registers and spill bytes of the one kernel in `ptx`, from ptxas -v."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([str(PTXAS), f"-arch={arch}", "-v", str(path), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, out)) else 0  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads")}
+
+
+class Compiler:
+    """Stands in for JITFunction.run: compiles each distinct launch for `arch` instead of running it."""
+
+    def __init__(self, arch: int):
+        self.arch, self.results, self.seen = arch, [], set()
+
+    def __call__(self, fn: JITFunction, *args, grid, warmup, **kwargs):
+        sig, consts, attrs = signature_of(fn, args, kwargs)
+        warps, maxnreg = kwargs.get("num_warps", 4), kwargs.get("maxnreg")
+        key = (fn.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()), warps, maxnreg)
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        config = ", ".join(f"{k}={v}" for k, v in consts.items()) + f", warps={warps}"
+        config += f", maxnreg={maxnreg}" if maxnreg else ""
+        dtypes = "/".join(sorted({v[1:] for v in sig.values() if v.startswith("*")}))
+        row = {"kernel": fn.__name__, "config": config, "dtypes": dtypes, "arch": self.arch}
+        try:
+            compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", self.arch, 32),
+                                      options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
+            row |= ptxas_usage(compiled.asm["ptx"], f"sm_{self.arch}a" if self.arch >= 90 else f"sm_{self.arch}")
+            row["shared"] = compiled.metadata.shared  # dynamic shared memory (Triton's), not ptxas's static
+        except Exception as e:  # noqa: BLE001 - reported per kernel
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        self.results.append(row)
+        return None
+
+
+def launch_everything():
+    """Call every launcher once per configuration the GPU path uses (outputs are never read)."""
+    from backends.cuda.ops.elementwise import fused
+    from backends.cuda.ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7, triton_wkv7_step
+
+    B, T, H, N, d = 1, 64, 2, 64, 128
+
+    def inputs(dtype):
+        xs = [torch.zeros(B, T, H, N, dtype=dtype, requires_grad=True) for _ in range(6)]
+        return xs, torch.zeros(B, H, N, N, requires_grad=True), torch.zeros(B, T, H, N, dtype=dtype, requires_grad=True)
+
+    def through(fn, **kw):
+        xs, S0, q = inputs(kw.pop("dtype"))
+        y, sT, read = fn(*xs, S0, **kw)
+        (y.float().sum() + read(q).float().sum() + sT.sum()).backward()
+
+    for options in ({}, {"fused_backward": True}, {"seq_maxnreg": 128}):
+        through(chunk_wkv7, dtype=torch.bfloat16, block_v=32, precision="tf32", **options)
+    through(chunk_wkv7, dtype=torch.float32, block_v=32, precision="tf32x3")
+    through(triton_wkv7, dtype=torch.bfloat16)
+    S = torch.zeros(B, H, N, N)
+    step_in = [torch.zeros(B, H, N, dtype=torch.bfloat16) for _ in range(6)]
+    triton_wkv7_step(S, *step_in)
+    triton_state_read(S, step_in[0])
+    x = torch.zeros(B, T, d, requires_grad=True)
+    g = lambda *s: torch.zeros(*s, requires_grad=True)  # noqa: E731
+    bf = torch.bfloat16
+    fused.token_shift_mix(x, g(B, d), g(6, d), bf).float().sum().backward()
+    fused.group_norm_bonus_gate(g(B, T, d // N, N), g(B, T, d // N, N), g(B, T, d // N, N), g(B, T, d // N, N),
+                                g(B, T, d), g(d // N, N), g(d), g(d), 1e-5, bf).float().sum().backward()
+    fused.sse_norm_gate(x, g(B, T, d // N, N), g(d), 1e-5, bf).float().sum().backward()
+    fused.relu_square(g(B, T, 4 * d).to(bf), bf).float().sum().backward()
+
+
+def check(arch: int) -> list[dict]:
+    compiler = Compiler(arch)
+    real = JITFunction.run
+    JITFunction.run = lambda self, *a, **kw: compiler(self, *a, **kw)
+    try:
+        launch_everything()
+    finally:
+        JITFunction.run = real
+    return compiler.results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 (H100/H200) 80")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    rows = [r for arch in args.arch for r in check(arch)]
+    print(f"triton {triton.__version__}\n\n| sm | kernel | config | dtypes | registers | spill st/ld (B) | smem (B) |"
+          "\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['arch']} | {r['kernel']} | {r['config']} | {r['dtypes']} | FAILED: {r['error']} | | |")
+        else:
+            print(f"| {r['arch']} | {r['kernel']} | {r['config']} | {r['dtypes']} | {r['registers']} | "
+                  f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
