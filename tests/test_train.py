@@ -216,6 +216,23 @@ def test_triton_kernels_train_like_the_ops_path(data_dir, tmp_path):
     assert tri["losses"][-1] < tri["losses"][0]  # and it learns
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_elementwise_flag(data_dir, tmp_path, monkeypatch, fused):
+    # --fused-elementwise (the default) runs the fused pieces with the Triton kernels;
+    # --no-fused-elementwise keeps plain torch ops for them. Same run either way.
+    from backends.cuda.ops.elementwise import fused as fused_module
+
+    calls = []
+    real = fused_module.relu_square
+    monkeypatch.setattr(fused_module, "relu_square", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ops = train(tiny(data_dir, tmp_path / "a", max_steps=2, save_interval=2, kernels="ops"))
+    tri = train(tiny(data_dir, tmp_path / "b", max_steps=2, save_interval=2, kernels="triton",
+                     fused_elementwise=fused))
+    np.testing.assert_allclose(tri["losses"], ops["losses"], rtol=1e-5)
+    assert bool(calls) == fused
+
+
 def test_freeze_sse_gate_trains_an_exact_rwkv7(data_dir, tmp_path):
     meta = train(tiny(data_dir, tmp_path / "m", max_steps=3))
     base = train(tiny(data_dir, tmp_path / "b", max_steps=3, freeze_sse_gate=True))

@@ -116,11 +116,12 @@ class TrainConfig:
     precision: str = "auto"             # auto: bf16 autocast on cuda, float32 on cpu
     fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP when distributed
     grad_checkpoint: bool = False       # recompute each block in backward: less activation memory
+    fused_elementwise: bool = True      # with the Triton kernels: fused elementwise pieces too
 
     # keys that may change between a checkpoint and its resume without changing the run
     RESUME_FREE = ("out", "resume", "init_from", "progress", "plot", "eval_interval", "log_interval",
                    "save_interval", "keep_last", "keep_best", "save_dtype", "device", "kernels",
-                   "micro_batch", "fsdp", "grad_checkpoint")
+                   "micro_batch", "fsdp", "grad_checkpoint", "fused_elementwise")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -500,7 +501,8 @@ class Trainer:
         x = torch.from_numpy(batch).to(self.device)
         with self.autocast():
             logits, _ = self.model(x[:, :-1], kernels=self.kernels, chunk_size=self.cfg.chunk_size,
-                                   grad_checkpoint=self.cfg.grad_checkpoint)
+                                   grad_checkpoint=self.cfg.grad_checkpoint,
+                                   fused=None if self.cfg.fused_elementwise else False)
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 
     @torch.no_grad()
