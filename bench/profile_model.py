@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,24 +60,49 @@ VIEW_OPS = {"view", "reshape", "as_strided", "expand", "expand_as", "select", "s
 
 
 def decode_ops(model_dir: str | None, kernels: str) -> None:
-    """Print the aten operators per decoded token: all of them, and the top-level non-view ones."""
+    """Print the aten operators per decoded token: all of them, the top-level non-view ones, and
+    (plain elementwise pieces) those of each piece the fused kernels replace with one launch."""
+    from backends.cuda.ops.elementwise import naive
     from metastate.api import default_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir or default_model_path(), device=device)
     token = torch.tensor([[1]], device=device)
     steps = 10
-    with torch.no_grad():
-        _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device), kernels=kernels)
-        model(token, state, kernels=kernels)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                model(token, state, kernels=kernels)
+    pieces = ("token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
+    real = {name: getattr(naive, name) for name in pieces}
+
+    def labelled(name):
+        def run(*args, **kw):
+            with record_function(f"piece::{name}"):
+                return real[name](*args, **kw)
+        return run
+
+    try:
+        for name in pieces:  # the profile can then tell each piece's operators apart
+            setattr(naive, name, labelled(name))
+        with torch.no_grad():
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device), kernels=kernels)
+            model(token, state, kernels=kernels)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    model(token, state, kernels=kernels)
+    finally:
+        for name in pieces:
+            setattr(naive, name, real[name])
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     launching = [e for e in top if e.name[len("aten::"):] not in VIEW_OPS]
     print(f"{model_dir or 'shipped model'}, kernels={kernels}, {device}: per decoded token "
           f"{len(aten) / steps:.0f} aten operators, {len(launching) / steps:.0f} top-level non-view")
+    calls = {name: sum(e.name == f"piece::{name}" for e in prof.events()) / steps for name in pieces}
+    if any(calls.values()):  # the plain pieces ran: count their operators
+        per_piece = {name: sum(e.cpu_parent is not None and e.cpu_parent.name == f"piece::{name}" for e in launching)
+                     / steps for name in pieces}
+        total = sum(per_piece.values())
+        print("plain elementwise pieces per decoded token (calls, top-level non-view operators): "
+              + ", ".join(f"{n} {calls[n]:.0f} / {per_piece[n]:.0f}" for n in pieces)
+              + f"; {total:.0f} operators where the fused kernels launch {sum(calls.values()):.0f} kernels")
 
 
 def self_time_us(event, cuda: bool) -> float:
