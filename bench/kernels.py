@@ -66,9 +66,10 @@ def check_agreement(algorithm="sequential", chunk_kw=None):
     return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
 
 
-def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None, sse=True):
-    """Median ms of forward+backward ("train ...") and forward ("prefill ..."); sse False
-    leaves the readout out (WKV alone, fla's workload)."""
+def train_fns(B, T, H, block_rows=None, algorithm="sequential", chunk_kw=None, sse=True):
+    """Closures over one set of inputs: {"train ours", "prefill ours"[, "train fla", "prefill fla"]}.
+    "train" is forward + backward, "prefill" the forward alone; sse False leaves the readout out
+    (WKV alone, fla's workload)."""
     xs = inputs(B, T, H, grad=True)
     q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy, gz = torch.randn_like(q), torch.randn_like(q)
@@ -89,8 +90,8 @@ def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential",
             if sse:
                 read(q)
 
-    row = {"train ours": ms(ours), "prefill ours": ms(ours_fwd)}
-    if chunk_rwkv7 is not None and with_fla:
+    fns = {"train ours": ours, "prefill ours": ours_fwd}
+    if chunk_rwkv7 is not None:
         leaves = [x.detach().requires_grad_() for x in xs]
         h0 = torch.zeros(B, H, N, N, device="cuda")
 
@@ -102,8 +103,36 @@ def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential",
             with torch.no_grad():
                 chunk_rwkv7(*fla_args(*leaves), scale=1.0, initial_state=h0, output_final_state=True)
 
-        row.update({"train fla": ms(fla), "prefill fla": ms(fla_fwd)})
-    return row
+        fns.update({"train fla": fla, "prefill fla": fla_fwd})
+    return fns
+
+
+def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None, sse=True):
+    """Median ms of each of train_fns' closures (fla's only with_fla)."""
+    fns = train_fns(B, T, H, block_rows, algorithm, chunk_kw, sse)
+    return {name: ms(fn) for name, fn in fns.items() if with_fla or "fla" not in name}
+
+
+def kernel_breakdown(B, T, H, chunk_kw, steps=3):
+    """GPU time of each kernel in one forward + backward (ours with the SSE readout, fla WKV
+    alone), from torch.profiler: {"ours" | "fla": [(kernel, calls, ms)], ...}, per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for who, fn in train_fns(B, T, H, algorithm="chunk", chunk_kw=chunk_kw).items():
+        if not who.startswith("train"):
+            continue
+        fn()  # compile and warm up
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                fn()
+            torch.cuda.synchronize()
+        rows = [(e.key, e.count / steps, e.self_device_time_total / steps / 1e3) for e in prof.key_averages()
+                if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]  # kernels, not ops
+        out[who.split()[1]] = sorted(rows, key=lambda r: -r[2])
+    return out
 
 
 def bench_decode(B, H):
@@ -269,6 +298,8 @@ def main():
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--model", metavar="D,L,V", help="with --sweep: also time a whole model of this size "
                    "(B=8, T=1024, bf16), chunked vs sequential kernels")
+    p.add_argument("--breakdown", action="store_true", help="with --sweep: GPU time per kernel of one "
+                   "forward+backward (the first --sweep configuration, and fla), from torch.profiler")
     p.add_argument("--elementwise", action="store_true", help="with --sweep: also time each fused "
                    "elementwise piece against its plain-torch twin")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -283,6 +314,17 @@ def main():
                 results[f"decode B={B}"] = r
                 for name in ("step ours", "step+read ours"):
                     print(f"| {name}, B={B} | {r[name]:.4f} | {r.get('step fla', float('nan')):.4f} |", flush=True)
+        if args.breakdown:
+            results["breakdown"] = {}
+            for H in args.heads:
+                parts = kernel_breakdown(args.B, args.T, H, parse_config(args.sweep[0]))
+                results["breakdown"][f"H={H}"] = parts
+                for who, rows in parts.items():
+                    print(f"\n| {who}, H={H}, {args.sweep[0] if who == 'ours' else 'chunk_rwkv7'}: kernel | calls | "
+                          f"ms / step |\n|---|---|---|")
+                    for name, calls, t in rows[:14]:
+                        print(f"| {name[:60]} | {calls:.0f} | {t:.3f} |")
+                    print(f"| total | | {sum(r[2] for r in rows):.3f} |", flush=True)
         if args.elementwise:
             results["elementwise"] = bench_elementwise()
         if args.model:
