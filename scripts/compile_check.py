@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the torch backend for an NVIDIA GPU, on a machine without one.
 
-    python scripts/compile_check.py [--arch 90 80] [--json OUT]
+    python scripts/compile_check.py [--arch 90 80] [--chunk-size 16] [--num-warps 4] [--json OUT]
 
 Runs the launchers (the chunked WKV kernels forward and backward in both schedules, the
 sequential and decode kernels, the fused elementwise pieces) on small CPU tensors with each
@@ -106,8 +106,9 @@ class Compiler:
         return None
 
 
-def launch_everything():
-    """Call every launcher once per configuration the GPU path uses (outputs are never read)."""
+def launch_everything(chunk_size=16, num_warps=4):
+    """Call every launcher once per configuration the GPU path uses (outputs are never read);
+    chunk_size and num_warps apply to the chunked WKV kernels."""
     from backends.cuda.ops.elementwise import fused
     from backends.cuda.ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7, triton_wkv7_step
 
@@ -122,9 +123,10 @@ def launch_everything():
         y, sT, read = fn(*xs, S0, **kw)
         (y.float().sum() + read(q).float().sum() + sT.sum()).backward()
 
+    chunked = dict(block_v=32, chunk_size=chunk_size, num_warps=num_warps)
     for options in ({}, {"fused_backward": True}, {"seq_maxnreg": 128}):
-        through(chunk_wkv7, dtype=torch.bfloat16, block_v=32, precision="tf32", **options)
-    through(chunk_wkv7, dtype=torch.float32, block_v=32, precision="tf32x3")
+        through(chunk_wkv7, dtype=torch.bfloat16, precision="tf32", **chunked, **options)
+    through(chunk_wkv7, dtype=torch.float32, precision="tf32x3", **chunked)
     through(triton_wkv7, dtype=torch.bfloat16)
     S = torch.zeros(B, H, N, N)
     step_in = [torch.zeros(B, H, N, dtype=torch.bfloat16) for _ in range(6)]
@@ -140,12 +142,12 @@ def launch_everything():
     fused.relu_square(g(B, T, 4 * d).to(bf), bf).float().sum().backward()
 
 
-def check(arch: int) -> list[dict]:
+def check(arch: int, chunk_size=16, num_warps=4) -> list[dict]:
     compiler = Compiler(arch)
     real = JITFunction.run
     JITFunction.run = lambda self, *a, **kw: compiler(self, *a, **kw)
     try:
-        launch_everything()
+        launch_everything(chunk_size, num_warps)
     finally:
         JITFunction.run = real
     return compiler.results
@@ -154,9 +156,11 @@ def check(arch: int) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 (H100/H200) 80")
+    p.add_argument("--chunk-size", type=int, default=16, help="of the chunked WKV kernels (16, 32, 64)")
+    p.add_argument("--num-warps", type=int, default=4, help="of the chunked WKV kernels")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    rows = [r for arch in args.arch for r in check(arch)]
+    rows = [r for arch in args.arch for r in check(arch, args.chunk_size, args.num_warps)]
     print(f"triton {triton.__version__}\n\n| sm | kernel | config | dtypes | registers | spill st/ld (B) | smem (B) |"
           "\n|---|---|---|---|---|---|---|")
     for r in rows:
