@@ -307,6 +307,11 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if args.sweep:
         results = {"sweep": sweep(args)}
+
+        def save():  # after each part: a run cut short by its time limit keeps what it measured
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
+
         if not args.no_decode:
             print("\n| decode, H=12 | ours (ms) | fla (ms) |\n|---|---|---|")
             for B in (1, 64):
@@ -314,6 +319,7 @@ def main():
                 results[f"decode B={B}"] = r
                 for name in ("step ours", "step+read ours"):
                     print(f"| {name}, B={B} | {r[name]:.4f} | {r.get('step fla', float('nan')):.4f} |", flush=True)
+            save()
         if args.breakdown:
             results["breakdown"] = {}
             for H in args.heads:
@@ -325,12 +331,13 @@ def main():
                     for name, calls, t in rows[:14]:
                         print(f"| {name[:60]} | {calls:.0f} | {t:.3f} |")
                     print(f"| total | | {sum(r[2] for r in rows):.3f} |", flush=True)
+                save()
         if args.elementwise:
             results["elementwise"] = bench_elementwise()
+            save()
         if args.model:
             results["model"] = bench_model(args.model, 8, 1024)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        save()
         return
     chunk_kw = dict(chunk_size=args.chunk_size, block_v=args.block_v, precision=args.precision,
                     num_warps=args.num_warps)

@@ -43,18 +43,20 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 def signature_of(fn: JITFunction, args, kwargs):
-    """Triton's signature, constexprs and divisibility attributes for a call of fn."""
+    """Triton's signature, constexprs and divisibility attributes for a call of fn, specialised
+    as a launch would be: None and integer 1 become constants, integers divisible by 16 and
+    tensor pointers (torch allocations are 16-byte aligned) carry tt.divisibility 16."""
     values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k in fn.arg_names}
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         x = values[p.name] if p.name in values else p.default
-        if p.is_constexpr:
+        if p.is_constexpr or x is None or (type(x) is int and x == 1 and not p.do_not_specialize):
             sig[p.name], consts[p.name] = "constexpr", x
         elif isinstance(x, torch.Tensor):
             sig[p.name] = "*" + DTYPES[x.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(x, bool):
-            sig[p.name] = "i1"
+            sig[p.name] = "u1"
         elif isinstance(x, int):
             sig[p.name] = "i64" if abs(x) >= 2**31 else "i32"
             if x % 16 == 0:
@@ -87,12 +89,15 @@ class Compiler:
     def __call__(self, fn: JITFunction, *args, grid, warmup, **kwargs):
         sig, consts, attrs = signature_of(fn, args, kwargs)
         warps, maxnreg = kwargs.get("num_warps", 4), kwargs.get("maxnreg")
-        key = (fn.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()), warps, maxnreg)
+        key = (fn.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in consts.items()),
+               tuple(sorted(attrs)), warps, maxnreg)
         if key in self.seen:
             return None
         self.seen.add(key)
         config = ", ".join(f"{k}={v}" for k, v in consts.items()) + f", warps={warps}"
         config += f", maxnreg={maxnreg}" if maxnreg else ""
+        div16 = [n for (i,), _ in attrs.items() if not (n := fn.arg_names[i]).endswith("_ptr")]
+        config += f", {'/'.join(div16)} % 16 == 0" if div16 else ""
         dtypes = "/".join(sorted({v[1:] for v in sig.values() if v.startswith("*")}))
         row = {"kernel": fn.__name__, "config": config, "dtypes": dtypes, "arch": self.arch}
         try:
@@ -108,30 +113,32 @@ class Compiler:
 
 def launch_everything(chunk_size=16, num_warps=4):
     """Call every launcher once per configuration the GPU path uses (outputs are never read);
-    chunk_size and num_warps apply to the chunked WKV kernels."""
+    chunk_size and num_warps apply to the chunked WKV kernels. Block sizes are the GPU defaults
+    (the CPU's differ), and two sequence lengths give the chunk count both specialisations."""
     from backends.cuda.ops.elementwise import fused
     from backends.cuda.ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7, triton_wkv7_step
+    from backends.cuda.ops.wkv7.fused_recurrent import default_decode_rows
+    from backends.cuda.ops.wkv7.sequential import default_block_rows
 
     B, T, H, N, d = 1, 64, 2, 64, 128
+    gpu = torch.device("cuda")
 
-    def inputs(dtype):
-        xs = [torch.zeros(B, T, H, N, dtype=dtype, requires_grad=True) for _ in range(6)]
-        return xs, torch.zeros(B, H, N, N, requires_grad=True), torch.zeros(B, T, H, N, dtype=dtype, requires_grad=True)
-
-    def through(fn, **kw):
-        xs, S0, q = inputs(kw.pop("dtype"))
-        y, sT, read = fn(*xs, S0, **kw)
+    def through(fn, dtype, length=T, **kw):
+        xs = [torch.zeros(B, length, H, N, dtype=dtype, requires_grad=True) for _ in range(6)]
+        q = torch.zeros(B, length, H, N, dtype=dtype, requires_grad=True)
+        y, sT, read = fn(*xs, torch.zeros(B, H, N, N, requires_grad=True), **kw)
         (y.float().sum() + read(q).float().sum() + sT.sum()).backward()
 
     chunked = dict(block_v=32, chunk_size=chunk_size, num_warps=num_warps)
     for options in ({}, {"fused_backward": True}, {"seq_maxnreg": 128}):
-        through(chunk_wkv7, dtype=torch.bfloat16, precision="tf32", **chunked, **options)
-    through(chunk_wkv7, dtype=torch.float32, precision="tf32x3", **chunked)
-    through(triton_wkv7, dtype=torch.bfloat16)
+        for length in (T, 16 * chunk_size):  # 4 chunks, then 16 (a multiple of 16)
+            through(chunk_wkv7, torch.bfloat16, length, precision="tf32", **chunked, **options)
+        through(chunk_wkv7, torch.float32, precision="tf32x3", **chunked, **options)
+    through(triton_wkv7, torch.bfloat16, block_rows=default_block_rows(N, gpu))
     S = torch.zeros(B, H, N, N)
     step_in = [torch.zeros(B, H, N, dtype=torch.bfloat16) for _ in range(6)]
-    triton_wkv7_step(S, *step_in)
-    triton_state_read(S, step_in[0])
+    triton_wkv7_step(S, *step_in, block_rows=default_decode_rows(N, gpu))
+    triton_state_read(S, step_in[0], block_rows=default_decode_rows(N, gpu))
     x = torch.zeros(B, T, d, requires_grad=True)
     g = lambda *s: torch.zeros(*s, requires_grad=True)  # noqa: E731
     bf = torch.bfloat16

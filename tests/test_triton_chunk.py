@@ -134,10 +134,10 @@ def test_autograd_n32_t64_c32_full_readout_value_blocks(fused):
     check_autograd(1, 64, 2, 32, K=2, C=32, seed=2, block_v=16, fused_backward=fused, seq_maxnreg=128)
 
 
-@BACKWARDS
-def test_autograd_c64_strongest_decay_without_readout(fused):
+def test_autograd_c64_strongest_decay_without_readout():
     # w -> exp(-0.6065) everywhere: e^-G reaches e^38.8 within a 64-token chunk; two chunks.
-    check_autograd(1, 100, 2, 16, K=0, C=64, seed=3, w_shift=8.0, fused_backward=fused)
+    # (No second readout: both backward schedules run the same kernels.)
+    check_autograd(1, 100, 2, 16, K=0, C=64, seed=3, w_shift=8.0)
 
 
 @BACKWARDS
