@@ -5,11 +5,13 @@
 Runs the launchers (the chunked WKV kernels forward and backward in both schedules, the
 sequential and decode kernels, the fused elementwise pieces) on small CPU tensors with each
 Triton launch replaced by a compilation for the target (Triton's own pipeline down to a cubin,
-ptxas included) and prints, per kernel and configuration, registers per thread, bytes of
-register spills and shared memory (from `ptxas -v`). It catches what Triton's interpreter
-accepts and the GPU compiler does not, and shows register pressure before a GPU is at hand.
-The configurations are the GPU defaults: bfloat16 inputs, N = 64, chunk 16, block_v 32,
-"tf32" dots, 4 warps (plus "tf32x3" for float32 inputs).
+ptxas included) and prints, per kernel and configuration, registers per thread and bytes of
+register spills (from `ptxas -v`), shared memory, and the programs that fit on one SM at once.
+It catches what Triton's interpreter accepts and the GPU compiler does not, and shows register
+pressure and occupancy before a GPU is at hand. The configurations are the GPU defaults:
+bfloat16 inputs, N = 64, chunk 16, block_v 32, "tf32" dots, 4 warps (plus "tf32x3" for
+float32 inputs, the backward and register-cap alternatives, the GPU block sizes of the
+sequential and decode kernels).
 
 Must run without TRITON_INTERPRET (the interpreter replaces compilation). Exit status 1 if any
 kernel fails to compile.
@@ -80,6 +82,19 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
             "spill_loads": num(r"(\d+) bytes spill loads")}
 
 
+# Per SM, compute capability 8.0 / 9.0: registers, shared memory (KB) and resident warps.
+SM_LIMITS = {80: (65536, 164, 64), 90: (65536, 228, 64)}
+
+
+def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> int:
+    """Resident programs per SM: registers are allocated per warp in units of 256 (8 a thread),
+    shared memory with 1 KB reserved per block."""
+    regs, smem_kb, max_warps = SM_LIMITS.get(arch, SM_LIMITS[90])
+    by_regs = regs // (-(-registers // 8) * 8 * 32 * warps)
+    by_smem = smem_kb * 1024 // (shared + 1024)
+    return min(by_regs, by_smem, max_warps // warps, 32)
+
+
 class Compiler:
     """Stands in for JITFunction.run: compiles each distinct launch for `arch` instead of running it."""
 
@@ -105,6 +120,7 @@ class Compiler:
                                       options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
             row |= ptxas_usage(compiled.asm["ptx"], f"sm_{self.arch}a" if self.arch >= 90 else f"sm_{self.arch}")
             row["shared"] = compiled.metadata.shared  # dynamic shared memory (Triton's), not ptxas's static
+            row["blocks_per_sm"] = blocks_per_sm(self.arch, row["registers"], row["shared"], warps)
         except Exception as e:  # noqa: BLE001 - reported per kernel
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
         self.results.append(row)
@@ -168,14 +184,14 @@ def main():
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
     rows = [r for arch in args.arch for r in check(arch, args.chunk_size, args.num_warps)]
-    print(f"triton {triton.__version__}\n\n| sm | kernel | config | dtypes | registers | spill st/ld (B) | smem (B) |"
-          "\n|---|---|---|---|---|---|---|")
+    print(f"triton {triton.__version__}\n\n| sm | kernel | config | dtypes | registers | spill st/ld (B) | smem (B) "
+          "| blocks / SM |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['arch']} | {r['kernel']} | {r['config']} | {r['dtypes']} | FAILED: {r['error']} | | |")
         else:
             print(f"| {r['arch']} | {r['kernel']} | {r['config']} | {r['dtypes']} | {r['registers']} | "
-                  f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} |")
+                  f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['blocks_per_sm']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any("error" in r for r in rows) else 0
