@@ -40,6 +40,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=4, help="training batch")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--grad-checkpoint", action="store_true", help="training: recompute blocks in backward")
+    p.add_argument("--no-fused-elementwise", dest="fused_elementwise", action="store_false",
+                   help="training with --kernels triton: plain torch ops for the elementwise pieces "
+                        "(the 'before' of the fused kernels)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
@@ -155,7 +158,7 @@ def cmd_bench(args) -> int:
             if args.backend not in ("auto", "torch"):
                 raise BenchError("--train measures the torch backend only")
             result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats,
-                                    args.grad_checkpoint)
+                                    args.grad_checkpoint, fused=None if args.fused_elementwise else False)
         else:
             result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
                                       args.decode, args.repeats)

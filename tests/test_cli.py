@@ -4,6 +4,7 @@ Logits are judged against `metastate_core.reference.forward` in float64 called d
 tensors the test wrote, at the tolerances of SPEC section 6.
 """
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -274,7 +275,12 @@ def test_bench_reports_speeds(tmp_path, capsys):
     assert main(["bench", "--size", "64,1,50", "--train", "--batch", "1", "--seq-len", "8",
                  "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["train_tok_s"] > 0 and result["kernels"] == "ops"
+    assert result["train_tok_s"] > 0 and result["kernels"] == "ops" and result["fused"] is None
+    if importlib.util.find_spec("triton") is not None:  # the Triton scan with the plain pieces
+        assert main(["bench", "--size", "64,1,50", "--train", "--kernels", "triton", "--no-fused-elementwise",
+                     "--batch", "1", "--seq-len", "8", "--repeats", "1", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["train_tok_s"] > 0 and result["kernels"] == "triton" and result["fused"] is False
     assert main(["bench", "--size", "64,1", "--repeats", "1"]) == 1
     assert "--size expects D,L,V" in capsys.readouterr().err
 
