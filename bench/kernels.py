@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -249,18 +250,22 @@ def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None, dev="cuda"):
     bf = torch.bfloat16
     rnd = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
     pieces = {  # name: (the function in a module, its arguments)
-        "token shift, 6 mixes": (lambda m: m.token_shift_mix, (rnd(B, T, d), rnd(B, d), rnd(6, d).sigmoid())),
-        "GroupNorm + bonus + gate": (lambda m: m.group_norm_bonus_gate,
+        "token shift, 6 mixes": (lambda m: partial(m.token_shift_mix, out_dtype=bf),
+                                 (rnd(B, T, d), rnd(B, d), rnd(6, d).sigmoid())),
+        "keys kk, k'": (lambda m: m.k_prep, (rnd(B, T, d), rnd(B, T, d).sigmoid(), rnd(d), rnd(d), H)),
+        "GroupNorm + bonus + gate": (lambda m: partial(m.group_norm_bonus_gate, out_dtype=bf),
                                      (rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N),
                                       rnd(B, T, d), rnd(H, N), rnd(d), rnd(d), 64e-5)),
-        "SSE norm + gate": (lambda m: m.sse_norm_gate, (rnd(B, T, d), rnd(B, T, H, N), rnd(d), 64e-5)),
-        "relu^2": (lambda m: m.relu_square, (rnd(B, T, n_param).to(bf),)),
+        "SSE norm + gate": (lambda m: partial(m.sse_norm_gate, out_dtype=bf),
+                            (rnd(B, T, d), rnd(B, T, H, N), rnd(d), 64e-5)),
+        "relu^2": (lambda m: partial(m.relu_square, out_dtype=bf), (rnd(B, T, n_param).to(bf),)),
     }
     print(f"\n| elementwise piece, B={B} T={T} d={d} | mode | fused (ms) | plain torch (ms) | fused / plain |"
           "\n|---|---|---|---|---|")
     rows = []
     for name, (pick, args) in pieces.items():
         args = [a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
         for mode in ("forward", "fwd+bwd"):
             times = {}
             for label, module in (("fused", fused), ("plain", naive)):
@@ -268,14 +273,14 @@ def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None, dev="cuda"):
                 if mode == "forward":
                     def run(fn=fn):
                         with torch.no_grad():
-                            fn(*args, out_dtype=bf)
+                            fn(*args)
                 else:
-                    out = fn(*args, out_dtype=bf)
-                    cot = torch.randn_like(out)
-                    leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+                    outs = fn(*args)
+                    cots = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
-                    def run(fn=fn, cot=cot, leaves=leaves):
-                        torch.autograd.grad(fn(*args, out_dtype=bf), leaves, cot)
+                    def run(fn=fn, cots=cots):
+                        outs = fn(*args)
+                        torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), leaves, cots)
                 times[label] = ms(run)
             rows.append({"piece": name, "mode": mode, "fused_ms": times["fused"], "plain_ms": times["plain"]})
             print(f"| {name} | {mode} | {times['fused']:.3f} | {times['plain']:.3f} | "

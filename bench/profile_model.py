@@ -31,7 +31,8 @@ from metastate.bench import sized_model  # noqa: E402
 
 GROUPS = (  # first match wins; names as the profiler reports them (aten ops, Triton kernel names)
     ("fused elementwise", ("_mix_fwd", "_mix_bwd", "_gate_fwd", "_gate_bwd", "_sse_fwd", "_sse_bwd", "_relu_sq_",
-                           "_tokenshiftmix", "_groupnormbonusgate", "_ssenormgate", "_relusquare")),
+                           "_kprep_", "_tokenshiftmix", "_groupnormbonusgate", "_ssenormgate", "_relusquare",
+                           "_kprep")),
     ("wkv kernels", ("_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", "_dstate_kernel",
                      "_bwd_kernel", "_fwd_kernel", "_replay_kernel", "wkv", "chunk")),
     ("optimizer", ("adam", "foreach", "_fused", "multi_tensor")),
@@ -56,7 +57,7 @@ def group_of(name: str) -> str:
 VIEW_OPS = {"view", "reshape", "as_strided", "expand", "expand_as", "select", "slice", "unsqueeze",
             "squeeze", "transpose", "permute", "t", "numpy_T", "_unsafe_view", "alias", "detach",
             "lift_fresh", "empty", "empty_strided", "resolve_conj", "resolve_neg", "result_type",
-            "unbind", "split", "narrow", "contiguous", "to", "_to_copy", "flatten"}
+            "unbind", "split", "narrow", "contiguous", "to", "_to_copy", "flatten", "unflatten"}
 
 
 def decode_ops(model_dir: str | None, kernels: str) -> None:
@@ -69,7 +70,7 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
     model = load_model(model_dir or default_model_path(), device=device)
     token = torch.tensor([[1]], device=device)
     steps = 10
-    pieces = ("token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
+    pieces = ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
     real = {name: getattr(naive, name) for name in pieces}
 
     def labelled(name):

@@ -44,7 +44,7 @@ HELP = {
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
     "grad_checkpoint": "recompute each block during backward: activation memory of one block for "
                        "one more forward pass per step (identical gradients)",
-    "fused_elementwise": "with the Triton kernels, also the fused Triton kernels for token shift, "
+    "fused_elementwise": "with the Triton kernels, also the fused Triton kernels for token shift, keys, "
                          "GroupNorm + bonus + gate, SSE normalisation and relu^2 (--no-fused-elementwise: "
                          "plain torch ops for those)",
 }

@@ -163,6 +163,8 @@ def launch_everything(chunk_size=16, num_warps=4):
                                 g(B, T, d), g(d // N, N), g(d), g(d), 1e-5, bf).float().sum().backward()
     fused.sse_norm_gate(x, g(B, T, d // N, N), g(d), 1e-5, bf).float().sum().backward()
     fused.relu_square(g(B, T, 4 * d).to(bf), bf).float().sum().backward()
+    kk, k_out = fused.k_prep(g(B, T, d), g(B, T, d), g(d), g(d), d // N)
+    (kk.sum() + k_out.sum()).backward()
 
 
 def check(arch: int, chunk_size=16, num_warps=4) -> list[dict]:

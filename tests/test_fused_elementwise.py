@@ -20,20 +20,29 @@ VALUE_TOL, GRAD_TOL = 1e-5, 1e-5  # float32 kernels against float64: rounding on
 
 
 def check(name, args, cot_seed=1, **kw):
-    """Both twins on the same inputs; the fused one's values and gradients against float64 naive."""
-    fused_args = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
-    ref_args = [a.detach().double().requires_grad_(a.is_floating_point()) for a in args]
-    got = getattr(fused, name)(*fused_args, **kw)
-    want = getattr(naive, name)(*ref_args, **kw, out_dtype=torch.float64)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    assert rel_rms(got, want) < VALUE_TOL, (name, rel_rms(got, want))
-    cot = torch.randn(want.shape, generator=torch.Generator().manual_seed(cot_seed), dtype=torch.float64)
-    (got * cot.to(DEV, torch.float32)).sum().backward()
-    (want * cot.to(DEV)).sum().backward()
-    for i, (f, r) in enumerate(zip(fused_args, ref_args)):
+    """Both twins on the same inputs; the fused one's values and gradients against float64 naive
+    (every output of a piece that has several)."""
+    tensors = lambda xs: [x for x in xs if torch.is_tensor(x)]  # noqa: E731
+    fused_args = [a.detach().clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+                  for a in args]
+    ref_args = [a.detach().double().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+                for a in args]
+    out64 = {} if name == "k_prep" else {"out_dtype": torch.float64}  # k_prep: float32 always
+    got, want = getattr(fused, name)(*fused_args, **kw), getattr(naive, name)(*ref_args, **kw, **out64)
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    g = torch.Generator().manual_seed(cot_seed)
+    loss_got = loss_want = 0
+    for x, w in zip(got, want):
+        assert x.shape == w.shape and x.dtype == torch.float32 and w.dtype == torch.float64
+        assert rel_rms(x, w) < VALUE_TOL, (name, rel_rms(x, w))
+        cot = torch.randn(w.shape, generator=g, dtype=torch.float64)
+        loss_got, loss_want = loss_got + (x * cot.to(DEV, torch.float32)).sum(), loss_want + (w * cot.to(DEV)).sum()
+    loss_got.backward()
+    loss_want.backward()
+    for i, (f, r) in enumerate(zip(tensors(fused_args), tensors(ref_args))):
         assert f.grad is not None and f.grad.dtype == f.dtype, (name, i)
         assert rel_rms(f.grad, r.grad) < GRAD_TOL, (name, i, rel_rms(f.grad, r.grad))
-    return got
+    return got if len(got) > 1 else got[0]
 
 
 def randn(*shape, seed=0):
@@ -65,6 +74,30 @@ def test_sse_norm_gate(B, T, D, K, N):
     check("sse_norm_gate", [xs, z, gate], eps=64e-5)
 
 
+@pytest.mark.parametrize("B,T,H,N", [(2, 37, 3, 32), (1, 20, 2, 64)])
+def test_k_prep(B, T, H, N):
+    k, a = randn(B, T, H * N, seed=1), randn(B, T, H * N, seed=2).sigmoid()
+    k_k, k_a = 0.5 + 0.1 * randn(H * N, seed=3), randn(H * N, seed=4).sigmoid()
+    kk, _ = check("k_prep", [k, a, k_k, k_a, H])
+    assert torch.allclose(kk.norm(dim=-1), torch.ones(()), atol=1e-6)
+
+
+def test_k_prep_zero_key():
+    # A head whose k is 0: F.normalize's eps branch, kk = 0 and the gradient scaled by 1 / eps.
+    H, N = 2, 32
+    k, a = randn(1, 3, H * N, seed=1), randn(1, 3, H * N, seed=2).sigmoid()
+    k[0, 1, :N] = 0.0
+    k_k, k_a, dkk = randn(H * N, seed=3), randn(H * N, seed=4), randn(1, 3, H, N, seed=5)
+    grads = []
+    for module in (fused, naive):
+        x = k.clone().requires_grad_()
+        kk, _ = module.k_prep(x, a, k_k, k_a, H)
+        assert torch.all(kk[0, 1, 0] == 0)
+        (kk * dkk).sum().backward()
+        grads.append(x.grad[0, 1, :N])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6) and grads[0].abs().max() > 1e10
+
+
 def test_relu_square():
     h = randn(2, 37, 100, seed=1)
     h[0, 0, :10] = 0.0  # relu's kink: gradient 0 there in both
@@ -82,6 +115,8 @@ def piece_args(name):
                         randn(H * N, seed=7)], {"eps": 64e-5}
     if name == "sse_norm_gate":
         return [randn(B, T, D, seed=1), randn(B, T, 2, N, seed=2), randn(D, seed=3)], {"eps": 64e-5}
+    if name == "k_prep":
+        return [randn(B, T, D, seed=1), randn(B, T, D, seed=2).sigmoid(), randn(D, seed=3), randn(D, seed=4), 2], {}
     return [randn(B, T, D, seed=1)], {}
 
 
@@ -100,11 +135,11 @@ def test_bfloat16_output(name):
     assert rel_rms(got, want) > 1e-4  # the rounding happened
 
 
-@pytest.mark.parametrize("name", ["group_norm_bonus_gate", "sse_norm_gate"])
+@pytest.mark.parametrize("name", ["group_norm_bonus_gate", "sse_norm_gate", "k_prep"])
 def test_head_size_must_be_a_power_of_two(name):
     from backends.cuda.ops.elementwise.fused import ElementwiseInputError
 
-    args, kw = piece_args(name)
-    args = [a[..., :24] if a.dim() == 4 else a for a in args]  # heads of 24
+    args, kw = piece_args(name)  # k_prep: D = 80 over 2 heads, 40 each
+    args = [a[..., :24] if torch.is_tensor(a) and a.dim() == 4 else a for a in args]  # heads of 24
     with pytest.raises(ElementwiseInputError, match="power-of-two head size"):
         getattr(fused, name)(*args, **kw)

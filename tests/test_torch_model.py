@@ -445,14 +445,14 @@ def test_fused_elementwise_follows_the_arguments(meta, monkeypatch, kernels, fus
     from backends.cuda.ops.elementwise import fused as fused_module
 
     calls = []
-    for name in ("token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "relu_square"):
+    for name in ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square"):
         real = getattr(fused_module, name)
         monkeypatch.setattr(fused_module, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     p, model = meta
     toks = tokens(length=12)
     logits, _ = run(on_kernel_device(model), toks, kernels=kernels, fused=fused)
-    # per layer: two token shifts, the time-mix output, the SSE input, relu^2
-    assert len(calls) == (5 * CFG.n_layer if expected else 0), calls
+    # per layer: two token shifts, the keys, the time-mix output, the SSE input, relu^2
+    assert len(calls) == (6 * CFG.n_layer if expected else 0), calls
     assert rel_rms(logits, forward(p, CFG, toks)[0]) <= 1e-4
 
 

@@ -10,8 +10,8 @@ The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch c
 (`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
 `ops.wkv7.chunk_wkv7`, same signature; decode: the fused step), or any callable with that
 signature (tests substitute the naive recurrence or the sequential `triton_wkv7`). The
-elementwise pieces around the scan (token shift, GroupNorm + bonus + gate, SSE normalisation,
-relu^2) are plain torch (`ops.elementwise.naive`) or fused Triton kernels (`.fused`, the
+elementwise pieces around the scan (token shift, the keys kk and k', GroupNorm + bonus + gate,
+SSE normalisation, relu^2) are plain torch (`ops.elementwise.naive`) or fused Triton kernels (`.fused`, the
 default with "triton"); either way they are handed to the blocks in a `Kernels` tuple.
 """
 
@@ -132,8 +132,7 @@ class TimeMix(nn.Module):
         w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
         a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
         g = _mm(torch.sigmoid(_mm(x_g, self.g1)), self.g2)
-        kk = F.normalize((k * self.k_k.float()).view(B, T, H, N), dim=-1, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a.float())
+        kk, k = kern.ew.k_prep(k, a, self.k_k, self.k_a, H)
         if self.layer == 0:
             v_first = v
         else:

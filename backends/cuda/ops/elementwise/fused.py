@@ -8,6 +8,7 @@ dtype of the matmul that consumes it. Twins (same arguments, float32 results): n
     group_norm_bonus_gate  y, r, k, v [B, T, H, N], g [B, T, H*N], r_k [H, N],
                            weight, bias [H*N]                              -> [B, T, H*N]
     sse_norm_gate          xs [B, T, D], z [B, T, K, N], gate [D]          -> [B, T, D]
+    k_prep                 k, a [B, T, H*N], k_k, k_a [H*N]                -> kk [B, T, H, N], k [B, T, H*N]
     relu_square            h [...]                                         -> [...]
 
 Backward kernels recompute what the forward derived (shifted rows, norms) instead of saving
@@ -44,10 +45,6 @@ def _programs(tiles: int, device: torch.device) -> int:
     if device.type == "cuda":
         return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(tiles, 4)  # the interpreter: each program costs Python time
-
-
-def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    return x.contiguous().view(-1, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +332,98 @@ def sse_norm_gate(xs, z, gate, eps: float, out_dtype=torch.float32):
     xs [B, T, D], z [B, T, K, N], gate [D] -> [B, T, D].
     """
     return _SSENormGate.apply(xs, z, gate, eps, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan's keys: kk = l2norm_head(k * k_k), k' = k * (1 + (a - 1) * k_a)
+
+
+@triton.jit
+def _kprep_tile(k_ptr, a_ptr, kk_w_ptr, ka_ptr, rows, h, BT, H: tl.constexpr, N: tl.constexpr):
+    """One [ROWS, N] head tile: (io, mask, k, a, k_k, k_a, k * k_k, its norm)."""
+    cols = tl.arange(0, N)
+    m2 = (rows < BT)[:, None] & (cols < N)[None, :]
+    io = rows[:, None] * (H * N) + h * N + cols[None, :]
+    k = tl.load(k_ptr + io, mask=m2, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + io, mask=m2, other=0.0).to(tl.float32)
+    kk_w = tl.load(kk_w_ptr + h * N + cols).to(tl.float32)
+    ka = tl.load(ka_ptr + h * N + cols).to(tl.float32)
+    x = k * kk_w[None, :]
+    return io, m2, k, a, kk_w, ka, x, tl.sqrt(tl.sum(x * x, axis=1))
+
+
+@triton.jit
+def _kprep_fwd_kernel(k_ptr, a_ptr, kk_w_ptr, ka_ptr, kk_ptr, kout_ptr, BT,
+                      H: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    io, m2, k, a, kk_w, ka, x, norm = _kprep_tile(k_ptr, a_ptr, kk_w_ptr, ka_ptr, rows, tl.program_id(1), BT, H, N)
+    tl.store(kk_ptr + io, x / tl.maximum(norm, 1e-12)[:, None], mask=m2)  # F.normalize's eps
+    tl.store(kout_ptr + io, k * (1.0 + (a - 1.0) * ka[None, :]), mask=m2)
+
+
+@triton.jit
+def _kprep_bwd_kernel(k_ptr, a_ptr, kk_w_ptr, ka_ptr, dkk_ptr, dkout_ptr, dk_ptr, da_ptr, dpar_ptr, BT, TILES,
+                      H: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    d_kk_w = tl.zeros([N], dtype=tl.float32)
+    d_ka = tl.zeros([N], dtype=tl.float32)
+    for i in range(TILES):
+        rows = (pid * TILES + i).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        io, m2, k, a, kk_w, ka, x, norm = _kprep_tile(k_ptr, a_ptr, kk_w_ptr, ka_ptr, rows, h, BT, H, N)
+        dkk = tl.load(dkk_ptr + io, mask=m2, other=0.0).to(tl.float32)
+        dko = tl.load(dkout_ptr + io, mask=m2, other=0.0).to(tl.float32)
+        # x / max(|x|, eps): the projection off the unit vector, or a plain scale below eps
+        big = norm > 1e-12
+        inv = 1.0 / tl.maximum(norm, 1e-12)
+        y = x * inv[:, None]
+        dx = tl.where(big[:, None], (dkk - y * tl.sum(dkk * y, axis=1)[:, None]) * inv[:, None], dkk * 1e12)
+        tl.store(dk_ptr + io, dko * (1.0 + (a - 1.0) * ka[None, :]) + dx * kk_w[None, :], mask=m2)
+        tl.store(da_ptr + io, dko * k * ka[None, :], mask=m2)
+        d_kk_w += tl.sum(dx * k, axis=0)
+        d_ka += tl.sum(dko * k * (a - 1.0), axis=0)
+    base = pid * 2 * H * N + h * N + tl.arange(0, N)
+    tl.store(dpar_ptr + base, d_kk_w)
+    tl.store(dpar_ptr + base + H * N, d_ka)
+
+
+class _KPrep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, a, k_k, k_a, n_head):
+        B, T, A = k.shape
+        N = A // n_head
+        _check_head_size(N)
+        k, a, k_k, k_a = k.contiguous(), a.contiguous(), k_k.contiguous(), k_a.contiguous()
+        kk = torch.empty(B, T, n_head, N, device=k.device, dtype=torch.float32)
+        k_out = torch.empty(B, T, A, device=k.device, dtype=torch.float32)
+        _kprep_fwd_kernel[(triton.cdiv(B * T, ROWS), n_head)](k, a, k_k, k_a, kk, k_out, B * T, n_head, N, ROWS)
+        ctx.save_for_backward(k, a, k_k, k_a)
+        ctx.n_head = n_head
+        return kk, k_out
+
+    @staticmethod
+    def backward(ctx, dkk, dk_out):
+        k, a, k_k, k_a = ctx.saved_tensors
+        B, T, A = k.shape
+        H = ctx.n_head
+        dkk = torch.zeros(B, T, H, A // H, device=k.device) if dkk is None else dkk.contiguous()
+        dk_out = torch.zeros_like(k) if dk_out is None else dk_out.contiguous()
+        tiles = triton.cdiv(B * T, ROWS)
+        programs = _programs(tiles, k.device)
+        dk, da = torch.empty_like(k), torch.empty_like(a)
+        dpar = torch.empty(programs, 2, A, device=k.device, dtype=torch.float32)
+        _kprep_bwd_kernel[(programs, H)](k, a, k_k, k_a, dkk, dk_out, dk, da, dpar, B * T,
+                                         triton.cdiv(tiles, programs), H, A // H, ROWS)
+        d_kk_w, d_ka = dpar.sum(0)
+        return dk, da, d_kk_w.to(k_k.dtype), d_ka.to(k_a.dtype), None
+
+
+def k_prep(k, a, k_k, k_a, n_head: int):
+    """kk = l2-normalised (k * k_k) per head and k * (1 + (a - 1) * k_a), float32.
+
+    k, a [B, T, H*N], k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]).
+    """
+    return _KPrep.apply(k, a, k_k, k_a, n_head)
 
 
 # ---------------------------------------------------------------------------------------------
