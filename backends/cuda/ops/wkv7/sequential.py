@@ -43,6 +43,20 @@ _DECAY = tl.constexpr(DECAY_SCALE)
 
 
 @triton.jit
+def _step(S, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, o, rows, cols, mc, mr):
+    """S_t from S_{t-1} ([BI, N], this program's value rows) for the token at offset o; past the
+    sequence's end (masks mc, mr off) an identity step."""
+    x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+    w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
+    k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
+    kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+    sa = -tl.sum(S * kk[None, :], axis=1)
+    return S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+
+
+@triton.jit
 def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, y_ptr, states_ptr, sT_ptr,
                 T, NC, H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr,
                 CHUNK: tl.constexpr, HAS_S0: tl.constexpr):
@@ -62,15 +76,8 @@ def _fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, y_ptr, states
             mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
             mr = (rows * 0 + t) < T
             o = base + t * H * N
-            x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-            k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
-            kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
+            S = _step(S, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, o, rows, cols, mc, mr)
             r = tl.load(r_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            sa = -tl.sum(S * kk[None, :], axis=1)
-            S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
             tl.store(y_ptr + o + rows, tl.sum(S * r[None, :], axis=1), mask=mr)
     tl.store(sT_ptr + bh * N * N + soff, S)
 
@@ -95,14 +102,7 @@ def _replay_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, states_ptr, q_ptr, io_ptr
         mr = (rows * 0 + t) < T
         o = base + t * H * N
         qo = qbase + t * K * N
-        x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-        w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-        k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
-        kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-        sa = -tl.sum(S * kk[None, :], axis=1)
-        S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+        S = _step(S, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, o, rows, cols, mc, mr)
         if GRAD:
             dz = tl.load(q_ptr + qo + rows, mask=mr, other=0.0).to(tl.float32)
             dq = tl.sum(S * dz[:, None], axis=0)
@@ -146,15 +146,7 @@ def _bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, q_ptr, dy_ptr, dz_ptr
             mc = (cols * 0 + t) < T  # block-shaped masks: newer interpreters reject scalar ones
             mr = (rows * 0 + t) < T
             tl.store(scratch + s * BI * N + boff, S)
-            o = base + t * H * N
-            x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
-            k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + o + rows, mask=mr, other=0.0).to(tl.float32)
-            kk = tl.load(kk_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
-            sa = -tl.sum(S * kk[None, :], axis=1)
-            S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+            S = _step(S, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, base + t * H * N, rows, cols, mc, mr)
         # S is now S_t of the chunk's last token; step the adjoint back through the chunk.
         for si in range(CHUNK):
             s = CHUNK - 1 - si
