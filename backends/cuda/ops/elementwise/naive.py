@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _f(x: torch.Tensor) -> torch.Tensor:
-    """At least float32."""
-    return x if x.dtype == torch.float64 else x.float()
+from .. import at_least_f32 as f32
 
 
 def token_shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor,
@@ -23,9 +20,9 @@ def token_shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor,
 
     x [B, T, D], prev [B, D] (the token before x[:, 0]), mix [M, D] -> [M, B, T, D].
     """
-    x = _f(x)
-    shifted = torch.cat([_f(prev[:, None]), x[:, :-1]], dim=1)
-    return (x + (shifted - x) * _f(mix)[:, None, None]).to(out_dtype)
+    x = f32(x)
+    shifted = torch.cat([f32(prev[:, None]), x[:, :-1]], dim=1)
+    return (x + (shifted - x) * f32(mix)[:, None, None]).to(out_dtype)
 
 
 def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtype=torch.float32) -> torch.Tensor:
@@ -33,9 +30,9 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
 
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
-    y = F.layer_norm(_f(y), y.shape[-1:], eps=eps).flatten(-2) * _f(weight) + _f(bias)
-    bonus = (_f(r) * _f(k) * _f(r_k)).sum(-1, keepdim=True) * _f(v)
-    return ((y + bonus.flatten(-2)) * _f(g)).to(out_dtype)
+    y = F.layer_norm(f32(y), y.shape[-1:], eps=eps).flatten(-2) * f32(weight) + f32(bias)
+    bonus = (f32(r) * f32(k) * f32(r_k)).sum(-1, keepdim=True) * f32(v)
+    return ((y + bonus.flatten(-2)) * f32(g)).to(out_dtype)
 
 
 def sse_norm_gate(xs: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, eps: float,
@@ -44,16 +41,16 @@ def sse_norm_gate(xs: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, eps: fl
 
     xs [B, T, D], z [B, T, K, N] (the state readout), gate [D] -> [B, T, D].
     """
-    z = _f(z)
+    z = f32(z)
     KN = z.shape[-2] * z.shape[-1]
     z = (z * torch.rsqrt((z * z).mean(-1, keepdim=True) + eps)).flatten(-2)
-    xs = _f(xs)
-    return torch.cat([xs[..., :KN] + _f(gate[:KN]) * z, xs[..., KN:]], dim=-1).to(out_dtype)
+    xs = f32(xs)
+    return torch.cat([xs[..., :KN] + f32(gate[:KN]) * z, xs[..., KN:]], dim=-1).to(out_dtype)
 
 
 def relu_square(h: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
     """relu(h)^2, the token-parameter attention weights. Any shape."""
-    return (torch.relu(_f(h)) ** 2).to(out_dtype)
+    return (torch.relu(f32(h)) ** 2).to(out_dtype)
 
 
 def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, n_head: int):
@@ -62,6 +59,6 @@ def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tenso
 
     k, a [B, T, H*N] (a in (0, 1)), k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]), float32.
     """
-    k, a = _f(k), _f(a)
-    kk = F.normalize((k * _f(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=1e-12)
-    return kk, k * (1 + (a - 1) * _f(k_a))
+    k, a = f32(k), f32(a)
+    kk = F.normalize((k * f32(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=1e-12)
+    return kk, k * (1 + (a - 1) * f32(k_a))

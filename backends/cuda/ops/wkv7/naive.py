@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import at_least_f32
+
 DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(w_raw)) in (0.545, 1)
-
-
-def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
-    """float32, or float64 kept (the tests' exact references)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def decay_log(w_raw: torch.Tensor) -> torch.Tensor:
     """log w from the decay pre-activation, in float32 (float64 for float64 input)."""
-    return DECAY_SCALE * torch.sigmoid(_at_least_f32(w_raw))
+    return DECAY_SCALE * torch.sigmoid(at_least_f32(w_raw))
 
 
 def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
@@ -34,7 +31,7 @@ def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
         all float32, or float64 when k is (the arithmetic follows).
     """
     B, T, H, N = k.shape
-    dtype = _at_least_f32(k[:0]).dtype
+    dtype = at_least_f32(k[:0]).dtype
     S = torch.zeros(B, H, N, N, device=k.device, dtype=dtype) if S0 is None else S0.to(dtype)
     ys, zs = [], []
     for t in range(T):
@@ -51,7 +48,7 @@ def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
     """One token: S [B, H, N, N] float32, inputs [B, H, N] -> (y [B, H, N] float32, new S)
     (float64 throughout for float64 inputs)."""
     w = torch.exp(decay_log(w_raw))
-    r, k, v, kk, a = (_at_least_f32(t) for t in (r, k, v, kk, a))
+    r, k, v, kk, a = (at_least_f32(t) for t in (r, k, v, kk, a))
     sa = torch.einsum("bhij,bhj->bhi", S, -kk)
     S = S * w[:, :, None, :] + sa[..., :, None] * (kk * a)[:, :, None, :] + v[..., :, None] * k[:, :, None, :]
     return torch.einsum("bhij,bhj->bhi", S, r), S
@@ -59,4 +56,4 @@ def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
 
 def state_readout(S, q):
     """z = S q over the first K heads: S [B, H, N, N], q [B, K, N] -> [B, K, N] float32."""
-    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], _at_least_f32(q))
+    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], at_least_f32(q))
