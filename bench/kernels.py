@@ -203,28 +203,29 @@ def sweep(args):
 
 
 def bench_model(size, batch, seq_len, repeats=5):
-    """Whole-model throughput (metastate bench's measurement), bf16, one run: the model's Triton
-    default (chunked kernels, fused elementwise pieces), the same with the elementwise pieces as
-    plain torch ops (the before of issue point 2d), with activation checkpointing, and with the
-    sequential kernel. Also decode latency (batch 1, after a 64-token prefill) fused vs plain."""
+    """Whole-model throughput (metastate bench's measurement), one run: the model's Triton
+    default with bf16 weights (chunked kernels, fused elementwise pieces, chunked loss), the same
+    with the elementwise pieces as plain torch ops (the before of issue point 2d), with the loss
+    from the whole logits, with activation checkpointing, and as `metastate train` runs (float32
+    weights, bf16 autocast). Also decode latency (batch 1, after a 64-token prefill) fused vs plain."""
     import tempfile
 
     from backends.cuda import load_model
-    from backends.cuda.ops.wkv7 import triton_wkv7 as sequential
     from metastate.bench import bench_training, sized_model
 
-    print(f"\n| model {size}, B={batch} T={seq_len}, bf16 | forward tok/s | fwd+bwd+AdamW tok/s | peak MiB |"
+    print(f"\n| model {size}, B={batch} T={seq_len} | forward tok/s | fwd+bwd+AdamW tok/s | peak MiB |"
           "\n|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = sized_model(size, Path(tmp))
-        cases = (("triton (chunked, fused elementwise)", "triton", False, None),
-                 ("triton (chunked), plain-torch elementwise", "triton", False, False),
-                 ("triton, --grad-checkpoint", "triton", True, None),
-                 ("sequential kernel, plain-torch elementwise", sequential, False, False))
-        for name, kernels, ckpt, fused in cases:
-            r = bench_training(path, kernels, "bfloat16", batch, seq_len, repeats, grad_checkpoint=ckpt, fused=fused)
-            rows.append({"kernels": name, **{k: v for k, v in r.items() if k != "kernels"}})
+        cases = (("bf16, triton (chunked, fused elementwise)", "bfloat16", {}),
+                 ("bf16, plain-torch elementwise", "bfloat16", {"fused": False}),
+                 ("bf16, loss from the whole logits", "bfloat16", {"plain_loss": True}),
+                 ("bf16, --grad-checkpoint", "bfloat16", {"grad_checkpoint": True}),
+                 ("float32 weights, bf16 autocast (the trainer)", "float32", {"autocast": True}))
+        for name, dtype, options in cases:
+            r = bench_training(path, "triton", dtype, batch, seq_len, repeats, **options)
+            rows.append({"case": name, **r})
             print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
                   flush=True)
             torch.cuda.empty_cache()

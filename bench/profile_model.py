@@ -139,8 +139,9 @@ def main():
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
 
     def step():
-        logits, _ = model(tokens[:, :-1], kernels=kernels, fused=False if args.plain_elementwise else None)
-        torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1)).backward()
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], kernels=kernels,
+                        fused=False if args.plain_elementwise else None)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

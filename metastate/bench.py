@@ -43,6 +43,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-fused-elementwise", dest="fused_elementwise", action="store_false",
                    help="training with --kernels triton: plain torch ops for the elementwise pieces "
                         "(the 'before' of the fused kernels)")
+    p.add_argument("--plain-loss", action="store_true",
+                   help="training: cross-entropy from the whole [B, T, V] logits (the 'before' of the "
+                        "chunked loss the trainer uses)")
+    p.add_argument("--autocast", action="store_true",
+                   help="training: forward and loss under bfloat16 autocast (with --dtype float32 this is "
+                        "what `metastate train` runs on a GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
@@ -93,8 +99,12 @@ def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats)
             "peak_memory_mib": _peak_memory_mib(engine.backend)}
 
 
-def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False, fused=None) -> dict:
-    """fused: the model's elementwise pieces as fused kernels (None: the model's default)."""
+def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False, fused=None,
+                   plain_loss=False, autocast=False) -> dict:
+    """fused: the model's elementwise pieces as fused kernels (None: the model's default).
+    plain_loss: the loss from the whole [B, T, V] logits instead of the model's chunked loss.
+    autocast: run forward and loss under bfloat16 autocast (`metastate train` on a GPU does, with
+    float32 weights)."""
     try:
         import torch
 
@@ -112,15 +122,25 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
 
+    amp = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)  # noqa: E731
+
+    def training_loss():
+        if plain_loss:
+            logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint, fused=fused)
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], kernels=kernels,  # as the trainer does
+                        grad_checkpoint=grad_checkpoint, fused=fused)
+        return loss
+
     def train_step():
-        logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint, fused=fused)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+        with amp():
+            loss = training_loss()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def forward_only():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             model(tokens[:, :-1], kernels=kernels, fused=fused)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -128,6 +148,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
     return {"mode": "training", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "kernels": kernels, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "batch": batch, "seq_len": seq_len, "grad_checkpoint": grad_checkpoint, "fused": fused,
+            "loss": "plain" if plain_loss else "chunked", "autocast": autocast,
             "forward_tok_s": n / _median_time(forward_only, repeats, sync),
             "train_tok_s": n / _median_time(train_step, repeats, sync),
             "peak_memory_mib": _peak_memory_mib("torch")}
@@ -158,7 +179,8 @@ def cmd_bench(args) -> int:
             if args.backend not in ("auto", "torch"):
                 raise BenchError("--train measures the torch backend only")
             result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats,
-                                    args.grad_checkpoint, fused=None if args.fused_elementwise else False)
+                                    args.grad_checkpoint, fused=None if args.fused_elementwise else False,
+                                    plain_loss=args.plain_loss, autocast=args.autocast)
         else:
             result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
                                       args.decode, args.repeats)

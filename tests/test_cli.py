@@ -276,6 +276,12 @@ def test_bench_reports_speeds(tmp_path, capsys):
                  "--repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["train_tok_s"] > 0 and result["kernels"] == "ops" and result["fused"] is None
+    assert result["loss"] == "chunked" and result["autocast"] is False
+    assert main(["bench", "--size", "64,1,50", "--train", "--batch", "1", "--seq-len", "8", "--plain-loss",
+                 "--autocast", "--dtype", "float32", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["train_tok_s"] > 0 and result["loss"] == "plain" and result["autocast"] is True
+    assert result["dtype"] == "float32"
     if importlib.util.find_spec("triton") is not None:  # the Triton scan with the plain pieces
         assert main(["bench", "--size", "64,1,50", "--train", "--kernels", "triton", "--no-fused-elementwise",
                      "--batch", "1", "--seq-len", "8", "--repeats", "1", "--json"]) == 0

@@ -31,6 +31,7 @@ from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
+from .ops.cross_entropy import chunked as chunked_cross_entropy
 from .ops.elementwise import naive as naive_elementwise
 from .ops.wkv7.naive import naive_wkv7_step, state_readout
 from .ops.wkv7.torch_chunked import torch_chunked_wkv7
@@ -218,8 +219,12 @@ class Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, *,
                 kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False,
-                fused: bool | None = None):
+                fused: bool | None = None, targets: torch.Tensor | None = None):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
+
+        targets [B, T] (or [T]): return the mean cross-entropy against them (a float32 scalar)
+        instead of the logits, computed a chunk of rows at a time (`ops.cross_entropy.chunked`),
+        so the [B, T, V] logits and their gradient never exist at once.
 
         The input state is not modified. kernels: "ops", "triton" or a callable with the
         signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
@@ -250,8 +255,21 @@ class Model(nn.Module):
             att_x.append(xa_last)
             meta_x.append(xm_last)
             wkv_out.append(S)
-        logits = _linear(self.ln_out(x), self.head)
-        return logits, State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
+        state_out = State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
+        if targets is not None:
+            return self._loss(self.ln_out(x), targets), state_out
+        return _linear(self.ln_out(x), self.head), state_out
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits for h [B, T, d] against targets."""
+        if targets.dim() == 1:
+            targets = targets[None]
+        if targets.shape != h.shape[:2]:
+            raise ModelError(f"targets must have the tokens' shape {list(h.shape[:2])}, got {list(targets.shape)}")
+        W = self.head.weight
+        # the matmul's dtype, as _linear gets it: autocast's, else the weight's
+        dt = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
+        return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), W, targets.flatten(), dt)
 
     def _wkv(self, kernels, T: int, chunk_size: int, device: torch.device) -> Callable:
         """The WKV sequence function for this call."""

@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from metastate_core.config import ModelConfig
@@ -499,11 +498,11 @@ class Trainer:
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         """Mean next-token cross-entropy of batch [B, T + 1] (float32)."""
         x = torch.from_numpy(batch).to(self.device)
-        with self.autocast():
-            logits, _ = self.model(x[:, :-1], kernels=self.kernels, chunk_size=self.cfg.chunk_size,
-                                   grad_checkpoint=self.cfg.grad_checkpoint,
-                                   fused=None if self.cfg.fused_elementwise else False)
-        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        with self.autocast():  # targets: the loss a chunk of logits at a time, never all of them
+            loss, _ = self.model(x[:, :-1], targets=x[:, 1:], kernels=self.kernels, chunk_size=self.cfg.chunk_size,
+                                 grad_checkpoint=self.cfg.grad_checkpoint,
+                                 fused=None if self.cfg.fused_elementwise else False)
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float:
