@@ -2,8 +2,8 @@
 # GPU check of the Triton WKV-7 kernels: bench/kernels.py against flash-linear-attention (fla-core
 # installed, or carried as wheels in bench/build/) with the fused elementwise pieces and the whole
 # model, then the kernel and model tests compiled for CUDA (no interpreter), then a profile of
-# whole-model training steps (bench/profile_model.py). At most 560 s with the default timeouts
-# (BENCH_TIMEOUT, TEST_TIMEOUT, PROFILE_TIMEOUT).
+# whole-model training steps (bench/profile_model.py). At most 570 s with the default timeouts
+# (BENCH_TIMEOUT, TEST_TIMEOUT, TRAIN_TEST_TIMEOUT, PROFILE_TIMEOUT).
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 # Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
 set -uo pipefail
@@ -24,11 +24,17 @@ if [ $# -eq 0 ]; then
 fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
+timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
     tests/test_triton_wkv7.py tests/test_fused_elementwise.py tests/test_torch_model.py -k "triton or fused" \
     2>&1 | tail -20 | tee "$OUT/tests.log"
 tests=$?
+# The trainer with its GPU defaults (Triton kernels, fused pieces, bf16 autocast, chunked loss):
+# bitwise resume and checkpointing, and the chunked loss on CUDA.
+timeout "${TRAIN_TEST_TIMEOUT:-60}" "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py \
+    tests/test_cross_entropy.py -k "resume_reproduces or grad_checkpoint_trains or cuda" \
+    2>&1 | tail -20 | tee -a "$OUT/tests.log"
+tests=$(( tests != 0 ? tests : $? ))
 # The profile that shows where a training step's time goes (docs/kernels.md); last, as the least needed.
-timeout "${PROFILE_TIMEOUT:-80}" "$PY" bench/profile_model.py --json "$OUT/profile.json" 2>&1 \
+timeout "${PROFILE_TIMEOUT:-60}" "$PY" bench/profile_model.py --json "$OUT/profile.json" 2>&1 \
     | grep -v "^USDT\|^STAGE" | tee "$OUT/profile.log"
 exit $(( tests != 0 ? tests : bench ))

@@ -32,13 +32,19 @@ def test_chunked_matches_naive_float64(rows):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
-def test_bf16_autocast_within_one_rounding_of_float64():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # cuda: scripts/gpu_check.sh
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_within_one_rounding_of_float64(device):
     """float32 master weights under bf16 autocast, as the trainer runs: the chunked loss and
     gradients are as close to the float64 truth as the plain path's."""
     h, W, t = _problem(N=64, d=32, V=300)
     exact = _value_and_grads(naive.linear_cross_entropy, h, W, t)
-    h32, W32 = (x.detach().float().requires_grad_() for x in (h, W))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    exact = tuple(x.to(device) for x in exact)
+    h32, W32 = (x.detach().float().to(device).requires_grad_() for x in (h, W))
+    t = t.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         plain = _value_and_grads(naive.linear_cross_entropy, h32, W32, t, compute_dtype=torch.bfloat16)
         ours = _value_and_grads(chunked.linear_cross_entropy, h32, W32, t, compute_dtype=torch.bfloat16,
                                 chunk_rows=16)
