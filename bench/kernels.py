@@ -207,10 +207,12 @@ def bench_model(size, batch, seq_len, repeats=5):
     default with bf16 weights (chunked kernels, fused elementwise pieces, chunked loss), the same
     with the elementwise pieces as plain torch ops (the before of issue point 2d), with the loss
     from the whole logits, with activation checkpointing, and as `metastate train` runs (float32
-    weights, bf16 autocast). Also decode latency (batch 1, after a 64-token prefill) fused vs plain."""
+    weights, bf16 autocast). Also decode latency (batch 1, after a 64-token prefill): fused
+    pieces, plain ones, and fused from a CUDA graph."""
     import tempfile
 
     from backends.cuda import load_model
+    from backends.cuda.decode_graph import DecodeGraph
     from metastate.bench import bench_training, sized_model
 
     print(f"\n| model {size}, B={batch} T={seq_len} | forward tok/s | fwd+bwd+AdamW tok/s | peak MiB |"
@@ -230,14 +232,17 @@ def bench_model(size, batch, seq_len, repeats=5):
                   flush=True)
             torch.cuda.empty_cache()
         model = load_model(path, device="cuda", dtype="bfloat16")
-        print("\n| decode, batch 1 | ms / token |\n|---|---|")
-        for name, fused in (("fused elementwise", True), ("plain-torch elementwise", False)):
-            with torch.no_grad():
-                _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device="cuda"), kernels="triton")
-                token = torch.ones(1, 1, dtype=torch.long, device="cuda")
-                t = ms(lambda: model(token, state, kernels="triton", fused=fused))
-            rows.append({"decode": name, "ms_per_token": t})
-            print(f"| {name} | {t:.3f} |", flush=True)
+        graph = DecodeGraph(model)
+        print("\n| decode, batch 1, bf16 | ms / token |\n|---|---|")
+        with torch.no_grad():
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device="cuda"), kernels="triton")
+            token = torch.ones(1, 1, dtype=torch.long, device="cuda")
+            for name, step in (("fused elementwise", lambda: model(token, state, kernels="triton")),
+                               ("plain-torch elementwise", lambda: model(token, state, kernels="triton", fused=False)),
+                               ("fused elementwise, CUDA graph", lambda: graph(token, state))):
+                t = ms(step)
+                rows.append({"decode": name, "ms_per_token": t})
+                print(f"| {name} | {t:.3f} |", flush=True)
     return rows
 
 

@@ -172,17 +172,25 @@ class TorchEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, model, device, kernels: str):
+    def __init__(self, model, device, kernels: str, cuda_graphs: bool = False):
         super().__init__(model.cfg)
         self.model, self.device, self.kernels = model.eval(), device, kernels
-        self.description = f"torch ({device}, kernels={kernels})"
+        self.description = f"torch ({device}, kernels={kernels}{', CUDA graphs' if cuda_graphs else ''})"
+        self.decode_graph = None
+        if cuda_graphs:  # single-token steps replayed from one graph (captured at the first)
+            from backends.cuda.decode_graph import DecodeGraph
+
+            self.decode_graph = DecodeGraph(model, batch=1, kernels=kernels)
 
     def _forward(self, ids, state, every=False):
         import torch
 
         with torch.no_grad():
             tokens = torch.as_tensor(ids, device=self.device)[None]
-            logits, state = self.model(tokens, state, kernels=self.kernels)
+            if self.decode_graph is not None and len(ids) == 1:
+                logits, state = self.decode_graph(tokens, state)
+            else:
+                logits, state = self.model(tokens, state, kernels=self.kernels)
             logits = logits[0] if every else logits[0, -1]  # sliced on the device: one row crosses
             return logits.float().cpu().numpy(), state
 
@@ -260,13 +268,13 @@ def select_backend() -> tuple[str, str]:
 
 
 def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str | None = None,
-         device: str | None = None) -> tuple[Engine, Tokenizer | None]:
+         device: str | None = None, cuda_graphs: bool = False) -> tuple[Engine, Tokenizer | None]:
     """(model, tokenizer) from a model directory; `path` None is the shipped weights/default/.
 
     backend: "auto" (see `select_backend`), "numpy", "torch" or "mlx". kernels: "auto" or the
     backend's own ("ops", "triton", "metal"). dtype: None keeps the stored weights (numpy:
     float32 compute), or "float32" / "bfloat16" / "float16". tokenizer is None for a model
-    without one.
+    without one. cuda_graphs: (torch on CUDA) replay each decoded token from a CUDA graph.
     """
     from metastate_core.tokenizers import load_tokenizer
     from weights import load_config
@@ -282,7 +290,12 @@ def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str 
         kernels = auto_kernels if kernels == "auto" else kernels
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
-    engine = _LOADERS[backend](path, kernels, dtype, device)
+    if cuda_graphs and backend != "torch":
+        raise BackendError(f"CUDA graphs are a torch backend option, and the backend is {backend}")
+    if backend == "torch":
+        engine = _load_torch(path, kernels, dtype, device, cuda_graphs)
+    else:
+        engine = _LOADERS[backend](path, kernels, dtype, device)
     engine.path = path.resolve()
     engine.fingerprint = model_fingerprint(path, engine.cfg)
     return engine, load_tokenizer(path, cfg.tokenizer)
@@ -300,7 +313,7 @@ def _load_numpy(path, kernels, dtype, device):
     return NumpyEngine(cfg, tensors, np.float64 if dtype == "float64" else np.float32)
 
 
-def _load_torch(path, kernels, dtype, device):
+def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
     try:
         import torch
 
@@ -312,7 +325,9 @@ def _load_torch(path, kernels, dtype, device):
         kernels = "triton" if str(device).startswith("cuda") else "ops"
     if kernels not in ("ops", "triton"):
         raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
-    return TorchEngine(load_model(path, device=device, dtype=dtype), device, kernels)
+    if cuda_graphs and not str(device).startswith("cuda"):
+        raise BackendError(f"CUDA graphs need a CUDA device, and the torch backend is on {device}")
+    return TorchEngine(load_model(path, device=device, dtype=dtype), device, kernels, cuda_graphs)
 
 
 def _load_mlx(path, kernels, dtype, device):

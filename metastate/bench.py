@@ -36,6 +36,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (generation mode)")
     p.add_argument("--decode", type=int, default=32, help="decode steps (generation mode)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="generation, torch on an NVIDIA GPU: decode from a CUDA graph")
     p.add_argument("--train", action="store_true", help="measure forward+backward+AdamW (torch)")
     p.add_argument("--batch", type=int, default=4, help="training batch")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
@@ -79,10 +81,10 @@ def _peak_memory_mib(backend: str) -> float | None:
     return None
 
 
-def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats) -> dict:
+def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats, cuda_graphs=False) -> dict:
     from metastate.api import load
 
-    engine, _ = load(path, backend, kernels=kernels, dtype=dtype)
+    engine, _ = load(path, backend, kernels=kernels, dtype=dtype, cuda_graphs=cuda_graphs)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, engine.cfg.vocab_size, prompt_len)
     prefill_s = _median_time(lambda: engine.prefill(prompt), repeats)
@@ -183,7 +185,7 @@ def cmd_bench(args) -> int:
                                     plain_loss=args.plain_loss, autocast=args.autocast)
         else:
             result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
-                                      args.decode, args.repeats)
+                                      args.decode, args.repeats, args.cuda_graphs)
     if args.json:
         print(json.dumps(result))
     else:

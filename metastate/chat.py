@@ -179,7 +179,8 @@ def _sampling(args) -> SamplingParams:
 
 def _load(args) -> tuple[Engine, object, SamplingParams]:
     sampling = _sampling(args)  # bad sampling values fail before the model loads
-    model, tokenizer = load(args.model, args.backend, kernels=args.kernels, dtype=args.dtype)
+    model, tokenizer = load(args.model, args.backend, kernels=args.kernels, dtype=args.dtype,
+                            cuda_graphs=args.cuda_graphs)
     print(f"backend: {model.description}", file=sys.stderr, flush=True)
     return model, tokenizer, sampling
 
@@ -322,6 +323,8 @@ def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_to
                    help="default auto: mlx on Apple silicon, torch (Triton) on NVIDIA, else torch on the CPU")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto", help="the backend's WKV kernels")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: as stored)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch on an NVIDIA GPU: replay each decoded token from a CUDA graph")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per answer (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
     p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus mass (default {top_p})")

@@ -1,0 +1,63 @@
+"""Single-token decoding replayed from a CUDA graph.
+
+One decoded token through the Triton path is a few hundred small kernel launches (`python
+bench/profile_model.py --decode-ops` counts them), each costing the CPU more time than the GPU
+spends on it, so decoding a small model is bound by launches (docs/benchmarks.md). Captured once
+into a CUDA graph, a token is one replay plus the copies in and out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import Model, ModelError, State
+
+
+class DecodeGraph:
+    """`Model.forward` for one token per sequence at a fixed batch, captured on first call.
+
+    Calls look like the model's: `graph(tokens [B, 1], state) -> (logits [B, 1, V], State)`, and
+    the input state is not modified. Inside, the tokens and state are copied into static buffers,
+    the graph replays, and the outputs are cloned out of its memory pool. The graph reads the
+    model's parameters where they are: update them in place (as optimizers and
+    `load_state_dict` do), not by replacing tensors.
+    """
+
+    def __init__(self, model: Model, batch: int = 1, kernels: str = "triton", warmup: int = 2):
+        device = model.head.weight.device
+        if device.type != "cuda":
+            raise ModelError(f"CUDA graphs need the model on a CUDA device, and it is on {device}")
+        if batch < 1:
+            raise ModelError(f"batch must be at least 1, got {batch}")
+        self.model, self.kernels, self.warmup = model, kernels, warmup
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.state = State.zeros(model.cfg, batch, device)
+        self.graph = None
+
+    def _capture(self) -> None:
+        with torch.no_grad():
+            side = torch.cuda.Stream(self.tokens.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile the kernels, warm cuBLAS, off the capture
+                for _ in range(self.warmup):
+                    self.model(self.tokens, self.state, kernels=self.kernels)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits, self.next_state = self.model(self.tokens, self.state, kernels=self.kernels)
+        self.graph = graph
+
+    def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        B = self.tokens.shape[0]
+        if tokens.numel() != B:
+            raise ModelError(f"this graph decodes one token for each of {B} sequences, got tokens {list(tokens.shape)}")
+        for name, buf, x in zip(State._fields, self.state, state):
+            if x.shape != buf.shape:
+                raise ModelError(f"state.{name} must be {list(buf.shape)}, got {list(x.shape)}")
+        if self.graph is None:
+            self._capture()
+        self.tokens.copy_(tokens.reshape(B, 1))
+        for buf, x in zip(self.state, state):
+            buf.copy_(x)
+        self.graph.replay()
+        return self.logits.clone(), State(*(x.clone() for x in self.next_state))
