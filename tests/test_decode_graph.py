@@ -52,15 +52,23 @@ def test_cuda_graph_decode_matches_eager(batch, dtype):
         graph = DecodeGraph(model, batch=batch)
         eager_state = graph_state = state
         before = [x.clone() for x in state]
+        kept = []  # every output: they must not be the graph's buffers, which the next replay overwrites
         for _ in range(12):
             tok = torch.randint(0, 97, (batch, 1), device="cuda", generator=g)
             want, eager_state = model(tok, eager_state, kernels="triton")
             got, graph_state = graph(tok, graph_state)
+            kept.append((want, got, eager_state, graph_state))
+        for want, got, eager, graphed in kept:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            for a, b in zip(graph_state, eager_state):
+            for a, b in zip(graphed, eager):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert all(torch.equal(a, b) for a, b in zip(state, before))  # inputs left alone
         # the static buffers carry nothing between calls: an older state gives its own answer
+        want, _ = model(tok, state, kernels="triton")
+        got, _ = graph(tok, state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the graph reads the parameters where they are: an in-place update shows in the replay
+        model.head.weight.mul_(2)
         want, _ = model(tok, state, kernels="triton")
         got, _ = graph(tok, state)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

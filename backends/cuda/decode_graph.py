@@ -27,23 +27,24 @@ class DecodeGraph:
         device = model.head.weight.device
         if device.type != "cuda":
             raise ModelError(f"CUDA graphs need the model on a CUDA device, and it is on {device}")
-        if batch < 1:
-            raise ModelError(f"batch must be at least 1, got {batch}")
+        if batch < 1 or warmup < 1:  # warm-up compiles the kernels: nothing may compile under capture
+            raise ModelError(f"batch and warmup must be at least 1, got {batch} and {warmup}")
         self.model, self.kernels, self.warmup = model, kernels, warmup
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.state = State.zeros(model.cfg, batch, device)
         self.graph = None
 
     def _capture(self) -> None:
+        device = self.tokens.device
         with torch.no_grad():
-            side = torch.cuda.Stream(self.tokens.device)
-            side.wait_stream(torch.cuda.current_stream())
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # compile the kernels, warm cuBLAS, off the capture
                 for _ in range(self.warmup):
                     self.model(self.tokens, self.state, kernels=self.kernels)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 self.logits, self.next_state = self.model(self.tokens, self.state, kernels=self.kernels)
         self.graph = graph
 
@@ -54,10 +55,11 @@ class DecodeGraph:
         for name, buf, x in zip(State._fields, self.state, state):
             if x.shape != buf.shape:
                 raise ModelError(f"state.{name} must be {list(buf.shape)}, got {list(x.shape)}")
-        if self.graph is None:
-            self._capture()
-        self.tokens.copy_(tokens.reshape(B, 1))
-        for buf, x in zip(self.state, state):
-            buf.copy_(x)
-        self.graph.replay()
-        return self.logits.clone(), State(*(x.clone() for x in self.next_state))
+        with torch.cuda.device(self.tokens.device):  # streams and capture on the model's GPU
+            if self.graph is None:
+                self._capture()
+            self.tokens.copy_(tokens.reshape(B, 1))
+            for buf, x in zip(self.state, state):
+                buf.copy_(x)
+            self.graph.replay()
+            return self.logits.clone(), State(*(x.clone() for x in self.next_state))

@@ -380,8 +380,9 @@ class Trainer:
                                       freeze_sse_gate=cfg.freeze_sse_gate)
         self.model = self._wrap(self.raw)
         self.names = {p: n for n, p in self.model.named_parameters()}
+        # fused: one kernel for every parameter's update instead of a few per tensor list
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True)
         if resume_state is not None:
             self._load_optimizer(opt_arrays)
             _set_rng_state(resume_state["rng"], opt_arrays)
@@ -458,7 +459,7 @@ class Trainer:
         for p, name in self.names.items():
             s = state.get(name.removeprefix("module."))
             if s is not None:
-                self.opt.state[p] = {k: v.to(self.device) if k != "step" else v for k, v in s.items()}
+                self.opt.state[p] = {k: v.to(self.device) for k, v in s.items()}  # fused: step too
 
     def save_checkpoint(self, val_loss: float | None) -> Path | None:
         """Write checkpoints/step-NNNNNN atomically (rank 0), then apply retention."""

@@ -10,6 +10,7 @@ for the two matmuls.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from metastate_core.errors import MetaStateError
 
@@ -35,14 +36,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     _check(h, weight, targets)
     V = weight.shape[0]
-    rows = chunk_rows or max(1, CHUNK_LOGITS // V)
+    rows = chunk_rows if chunk_rows is not None else max(1, CHUNK_LOGITS // V)
     if rows < 1:
         raise CrossEntropyInputError(f"chunk_rows must be at least 1, got {rows}")
     dt = compute_dtype or weight.dtype
     targets = targets.long()
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, dt, rows)
-    return _forward(h, weight, targets, dt, rows, grads=False)[0]
+    return _forward(h, weight, targets, dt, rows, False, False)[0]
 
 
 def _check(h, weight, targets):
@@ -53,51 +54,63 @@ def _check(h, weight, targets):
         raise CrossEntropyInputError(f"targets must be [N] = [{h.shape[0]}], got {list(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise CrossEntropyInputError(f"targets must be integer token ids, got {targets.dtype}")
+    if targets.device != h.device or weight.device != h.device:
+        raise CrossEntropyInputError(f"hidden states, head and targets must be on one device, got "
+                                     f"{h.device}, {weight.device} and {targets.device}")
     if h.shape[0] == 0:
         raise CrossEntropyInputError("no targets: the mean cross-entropy of nothing is undefined")
-    lo, hi = torch.stack(torch.aminmax(targets)).tolist()  # one sync: a clear error, not a device assert
-    if lo < 0 or hi >= weight.shape[0]:
-        raise CrossEntropyInputError(f"targets must lie in [0, {weight.shape[0]}), got [{lo}, {hi}]")
+    # Checked where it costs no device sync; on a GPU an id out of range is a device-side assert,
+    # as in nn.Embedding and F.cross_entropy.
+    if targets.device.type == "cpu":
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise CrossEntropyInputError(f"targets must lie in [0, {weight.shape[0]}), got [{lo}, {hi}]")
 
 
-def _forward(h, weight, targets, dt, rows, grads: bool):
-    """(loss, dh, dweight) of the mean; the gradients are None when grads is False."""
+def _forward(h, weight, targets, dt, rows, need_dh: bool, need_dw: bool):
+    """(loss, dh, dweight) of the mean; a gradient not asked for is None."""
     with torch.autocast(h.device.type, enabled=False):  # the dtypes are explicit here
-        return _chunks(h, weight, targets, dt, rows, grads)
+        return _chunks(h, weight, targets, dt, rows, need_dh, need_dw)
 
 
-def _chunks(h, weight, targets, dt, rows, grads):
+def _chunks(h, weight, targets, dt, rows, need_dh, need_dw):
     N = h.shape[0]
     soft_dt = torch.float64 if dt == torch.float64 else torch.float32
     w = weight.to(dt)
     total = torch.zeros((), dtype=soft_dt, device=h.device)
-    dh = torch.empty_like(h) if grads else None
-    dw = torch.zeros(weight.shape, dtype=soft_dt, device=h.device) if grads else None
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=soft_dt, device=h.device) if need_dw else None
     for s in range(0, N, rows):
         hc, tc = h[s:s + rows].to(dt), targets[s:s + rows]
         logits = (hc @ w.T).to(soft_dt)                            # [c, V]
         lse = torch.logsumexp(logits, dim=-1)
         total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
-        if grads:
+        if need_dh or need_dw:
             p = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
             p[torch.arange(len(tc), device=p.device), tc] -= 1.0
             g = p.div_(N).to(dt)                                   # d mean / d logits
-            dh[s:s + rows] = g @ w
-            dw += (g.T @ hc).to(soft_dt)
+            if need_dh:
+                dh[s:s + rows] = g @ w
+            if need_dw and dt == soft_dt:
+                dw.addmm_(g.T, hc)
+            elif need_dw:  # a bf16/fp16 matmul, summed over chunks in float32
+                dw += (g.T @ hc).to(soft_dt)
     return (total / N).to(h.dtype), dh, dw
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dt, rows):
-        loss, dh, dw = _forward(h, weight, targets, dt, rows, grads=True)
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        loss, dh, dw = _forward(h, weight, targets, dt, rows, need_dh, need_dw)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(dh, dw)
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dloss):
         dh, dw = ctx.saved_tensors
-        dh = dh * dloss.to(dh.dtype) if ctx.needs_input_grad[0] else None
-        dw = (dw * dloss.to(dw.dtype)).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        dh = dh * dloss.to(dh.dtype) if dh is not None else None
+        dw = (dw * dloss.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
         return dh, dw, None, None, None
