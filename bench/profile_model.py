@@ -134,7 +134,7 @@ def main():
         return decode_ops(args.decode_ops or None, kernels)
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
 

@@ -120,7 +120,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = load_model(path, device=device, dtype=dtype)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
 
