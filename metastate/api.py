@@ -190,8 +190,8 @@ class TorchEngine(Engine):
             if self.decode_graph is not None and len(ids) == 1:
                 logits, state = self.decode_graph(tokens, state)
             else:
-                logits, state = self.model(tokens, state, kernels=self.kernels)
-            logits = logits[0] if every else logits[0, -1]  # sliced on the device: one row crosses
+                logits, state = self.model(tokens, state, kernels=self.kernels, last_only=not every)
+            logits = logits[0] if every else logits[0, -1]
             return logits.float().cpu().numpy(), state
 
     def state_to_arrays(self, state):

@@ -148,6 +148,19 @@ def test_prefill_then_decode_equals_one_pass(meta):
     assert_state_close(st, ref_st, 1e-4)
 
 
+def test_last_only_logits_are_the_last_row(meta):
+    # prefill asks for the last position only: the same row, against the reference, same state
+    p, model = meta
+    toks = tokens(length=19)
+    ref, ref_st = forward(p, CFG, toks)
+    full, st_full = run(model, toks)
+    last, st = run(model, toks, last_only=True)
+    assert last.shape == (2, 1, CFG.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    assert rel_rms(last, ref[:, -1:]) <= 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(st, st_full))
+
+
 def test_batch_rows_do_not_leak(meta):
     """Three different sequences from three different states: each row as if alone."""
     p, model = meta

@@ -219,12 +219,14 @@ class Model(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, *,
                 kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False,
-                fused: bool | None = None, targets: torch.Tensor | None = None):
+                fused: bool | None = None, targets: torch.Tensor | None = None, last_only: bool = False):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
 
         targets [B, T] (or [T]): return the mean cross-entropy against them (a float32 scalar)
         instead of the logits, computed a chunk of rows at a time (`ops.cross_entropy.chunked`),
         so the [B, T, V] logits and their gradient never exist at once.
+        last_only: logits of the last position only, [B, 1, V] (prefill: the head's matmul for one
+        token instead of T).
 
         The input state is not modified. kernels: "ops", "triton" or a callable with the
         signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
@@ -258,7 +260,7 @@ class Model(nn.Module):
         state_out = State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
         if targets is not None:
             return self._loss(self.ln_out(x), targets), state_out
-        return _linear(self.ln_out(x), self.head), state_out
+        return _linear(self.ln_out(x[:, -1:] if last_only else x), self.head), state_out
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head's logits for h [B, T, d] against targets."""
