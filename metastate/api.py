@@ -223,7 +223,7 @@ class MLXEngine(Engine):
         import mlx.core as mx
 
         cache = self._copy(state)  # the model updates its cache in place; states stay immutable
-        logits = self.model(mx.array(ids.astype(np.int32))[None], cache)[0]
+        logits = self.model(mx.array(ids.astype(np.int32))[None], cache, last_only=not every)[0]
         logits = logits if every else logits[-1]
         mx.eval(logits, cache.state)
         return np.array(logits.astype(mx.float32)), cache

@@ -85,6 +85,19 @@ def test_prefill_then_decode_equals_one_pass(case):
     assert rel_rms(steps, forward(weights, cfg, toks[:, :8])[0]) <= 1e-5
 
 
+def test_last_only_logits_are_the_last_row(case):
+    cfg, weights, model = case
+    toks = tokens(2, 21, seed=4)
+    full_cache, cache = model.make_cache(), model.make_cache()
+    full = run(model, toks, full_cache)
+    last = np.array(model(mx.array(toks.astype(np.int32)), cache, last_only=True))
+    assert last.shape == (2, 1, V)
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    assert rel_rms(last, forward(weights, cfg, toks)[0][:, -1:]) <= 1e-4
+    for name, arr in cache_arrays(cache).items():
+        np.testing.assert_array_equal(arr, cache_arrays(full_cache)[name])
+
+
 def test_batch_rows_are_independent(case):
     cfg, weights, model = case
     toks = tokens(3, 21, seed=3)

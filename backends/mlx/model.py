@@ -241,8 +241,9 @@ class Model(nn.Module):
     def make_cache(self) -> Cache:
         return Cache(self.args)
 
-    def __call__(self, tokens, cache: Cache | None = None):
-        """tokens int [B, T] (or [T]) -> logits float32 [B, T, V]; `cache` is advanced by T tokens."""
+    def __call__(self, tokens, cache: Cache | None = None, last_only: bool = False):
+        """tokens int [B, T] (or [T]) -> logits float32 [B, T, V]; `cache` is advanced by T tokens.
+        last_only: logits of the last position only, [B, 1, V] (prefill)."""
         tokens = tokens if isinstance(tokens, mx.array) else mx.array(np.asarray(tokens, np.int32))
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -254,7 +255,7 @@ class Model(nn.Module):
         v_first = None
         for l, block in enumerate(self.blocks):
             x, v_first = block(x, cache, l, v_first, self.wkv_ops)
-        return _linear(self.ln_out(x), self.head)
+        return _linear(self.ln_out(x[:, -1:] if last_only else x), self.head)
 
     @staticmethod
     def sanitize(weights: dict) -> dict:
