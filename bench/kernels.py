@@ -240,7 +240,13 @@ def bench_model(size, batch, seq_len, repeats=5):
             for name, step in (("fused elementwise", lambda: model(token, state, kernels="triton")),
                                ("plain-torch elementwise", lambda: model(token, state, kernels="triton", fused=False)),
                                ("fused elementwise, CUDA graph", lambda: graph(token, state))):
-                t = ms(step)
+                try:
+                    step()  # the graph captures here, outside the timing
+                    t = ms(step)
+                except Exception as e:  # one failing row must not cost the others their report
+                    rows.append({"decode": name, "error": repr(e)})
+                    print(f"| {name} | failed: {e!r} |", flush=True)
+                    continue
                 rows.append({"decode": name, "ms_per_token": t})
                 print(f"| {name} | {t:.3f} |", flush=True)
     return rows
