@@ -69,32 +69,28 @@ def _check(h, weight, targets):
 
 def _forward(h, weight, targets, dt, rows, need_dh: bool, need_dw: bool):
     """(loss, dh, dweight) of the mean; a gradient not asked for is None."""
-    with torch.autocast(h.device.type, enabled=False):  # the dtypes are explicit here
-        return _chunks(h, weight, targets, dt, rows, need_dh, need_dw)
-
-
-def _chunks(h, weight, targets, dt, rows, need_dh, need_dw):
     N = h.shape[0]
     soft_dt = torch.float64 if dt == torch.float64 else torch.float32
     w = weight.to(dt)
     total = torch.zeros((), dtype=soft_dt, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=soft_dt, device=h.device) if need_dw else None
-    for s in range(0, N, rows):
-        hc, tc = h[s:s + rows].to(dt), targets[s:s + rows]
-        logits = (hc @ w.T).to(soft_dt)                            # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
-        if need_dh or need_dw:
-            p = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
-            p[torch.arange(len(tc), device=p.device), tc] -= 1.0
-            g = p.div_(N).to(dt)                                   # d mean / d logits
-            if need_dh:
-                dh[s:s + rows] = g @ w
-            if need_dw and dt == soft_dt:
-                dw.addmm_(g.T, hc)
-            elif need_dw:  # a bf16/fp16 matmul, summed over chunks in float32
-                dw += (g.T @ hc).to(soft_dt)
+    with torch.autocast(h.device.type, enabled=False):  # the dtypes are explicit here
+        for s in range(0, N, rows):
+            hc, tc = h[s:s + rows].to(dt), targets[s:s + rows]
+            logits = (hc @ w.T).to(soft_dt)                            # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
+            if need_dh or need_dw:
+                p = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
+                p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+                g = p.div_(N).to(dt)                                   # d mean / d logits
+                if need_dh:
+                    dh[s:s + rows] = g @ w
+                if need_dw and dt == soft_dt:
+                    dw.addmm_(g.T, hc)
+                elif need_dw:  # a bf16/fp16 matmul, summed over chunks in float32
+                    dw += (g.T @ hc).to(soft_dt)
     return (total / N).to(h.dtype), dh, dw
 
 

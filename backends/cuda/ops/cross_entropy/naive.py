@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import at_least_f32
+
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -20,6 +22,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         loss: [] in the dtype of h.
     """
     dt = compute_dtype or weight.dtype
-    logits = h.to(dt) @ weight.to(dt).T
-    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logits = at_least_f32(h.to(dt) @ weight.to(dt).T)
     return F.cross_entropy(logits, targets).to(h.dtype)
