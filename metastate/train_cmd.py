@@ -41,6 +41,8 @@ HELP = {
     "data_start": "first sample index of the run (continue on unseen data)",
     "kernels": "auto (triton on cuda, ops on cpu), ops or triton",
     "precision": "auto (bf16 autocast on cuda, float32 on cpu), float32 or bf16",
+    "max_bad_steps": "a step whose loss or gradient is NaN/inf is skipped (no update); stop after "
+                     "this many in a row (default 10)",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
     "grad_checkpoint": "recompute each block during backward: activation memory of one block for "
                        "one more forward pass per step (identical gradients)",

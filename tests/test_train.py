@@ -194,6 +194,76 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path, fsdp):
         np.testing.assert_allclose(resumed, expected[2:], rtol=1e-5)
 
 
+class _NanGradient(torch.autograd.Function):
+    """The loss unchanged, its gradient NaN: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
+def _poison(monkeypatch, steps, kind):
+    """The training loss (kind "loss") or its gradient ("grad") turns NaN at these 0-based steps."""
+    real = Trainer.loss
+
+    def loss(self, batch):
+        out = real(self, batch)
+        if self.step in steps and self.model.training:
+            return out * math.nan if kind == "loss" else _NanGradient.apply(out)
+        return out
+
+    monkeypatch.setattr(Trainer, "loss", loss)
+
+
+def _strict_json(line: str) -> dict:
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl: not JSON"))
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_a_non_finite_step_is_skipped_without_an_update(data_dir, tmp_path, monkeypatch, kind):
+    _poison(monkeypatch, {2}, kind)
+    trainer = Trainer(tiny(data_dir, tmp_path, max_steps=4, save_interval=4, eval_interval=4))
+    weights, real_step = [], trainer.train_step
+
+    def step():
+        out = real_step()
+        weights.append({n: p.detach().clone() for n, p in trainer.raw.named_parameters()})
+        return out
+
+    trainer.train_step = step
+    result = trainer.fit()
+    assert all(torch.equal(weights[2][n], weights[1][n]) for n in weights[1])  # step 3: no update
+    assert all(not torch.equal(weights[3][n], weights[2][n]) for n in ("head.weight", "emb.weight"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights[3].values())
+    assert math.isnan(result["losses"][2]) == (kind == "loss") and result["skipped_steps"] == 1
+    assert all(int(s["step"]) == 3 for s in trainer.opt.state.values())  # 4 steps, 3 updates
+    records = [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    what = "loss" if kind == "loss" else "gradient norm"
+    assert [r for r in records if "skipped" in r] == [
+        {"step": 3, "tokens": 3 * 4 * 16, "skipped": f"non-finite {what}", "in_a_row": 1}]
+    logged = next(r for r in records if r["step"] == 3 and "lr" in r)
+    assert (logged["loss"] is None) == (kind == "loss") and logged["grad_norm"] is None
+    state, _ = read_trainer_state(result["checkpoint"])
+    assert state["skipped_steps"] == 1 and state["bad_steps"] == 0
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_clear_error(data_dir, tmp_path, monkeypatch):
+    _poison(monkeypatch, set(range(3, 100)), "loss")
+    cfg = tiny(data_dir, tmp_path, max_steps=8, save_interval=3, eval_interval=3, max_bad_steps=2)
+    with pytest.raises(TrainError, match=r"step 5: the loss or gradient has not been finite for 2 steps in a row"
+                                         r" \(each skipped, so the weights are those of step 3\).*step-000003"):
+        train(cfg)
+    (ckpt,) = list_checkpoints(tmp_path)  # the last good checkpoint stays, nothing NaN is saved
+    assert ckpt.name == "step-000003"
+    assert all(np.isfinite(t).all() for t in load_model(ckpt)[1].values())
+    with pytest.raises(TrainError, match="max_bad_steps must be a positive integer"):
+        tiny(data_dir, tmp_path, max_bad_steps=0).validate()
+
+
 def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
     full = train(tiny(data_dir, tmp_path / "a", max_steps=3, save_interval=3))
     accum = train(tiny(data_dir, tmp_path / "b", max_steps=3, save_interval=3, micro_batch=1))

@@ -98,6 +98,8 @@ class TrainConfig:
     beta2: float = 0.99
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    max_bad_steps: int = 10             # stop after this many steps in a row with a non-finite loss or
+                                        # gradient (each is skipped: no update)
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_sequences: int = 64            # held-out windows per evaluation (the first ones, in order)
@@ -120,7 +122,7 @@ class TrainConfig:
     # keys that may change between a checkpoint and its resume without changing the run
     RESUME_FREE = ("out", "resume", "init_from", "progress", "plot", "eval_interval", "log_interval",
                    "save_interval", "keep_last", "keep_best", "save_dtype", "device", "kernels",
-                   "micro_batch", "fsdp", "grad_checkpoint", "fused_elementwise")
+                   "micro_batch", "fsdp", "grad_checkpoint", "fused_elementwise", "max_bad_steps")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -158,7 +160,7 @@ class TrainConfig:
         if not self.data:
             raise TrainError("no training data: set data (a directory from `metastate prepare-data`)")
         for name in ("seq_len", "batch_size", "max_steps", "eval_sequences", "log_interval",
-                     "save_interval", "keep_last", "eval_interval"):
+                     "save_interval", "keep_last", "eval_interval", "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise TrainError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.data_start < 0:
@@ -353,6 +355,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.step, self.best, resume_state, opt_arrays = 0, math.inf, None, None
+        self.bad_steps = self.skipped = 0  # non-finite steps: in a row now, and in the whole run
         ckpt = self._resume_dir()
         if ckpt is not None:
             resume_state, opt_arrays = read_trainer_state(ckpt)
@@ -361,7 +364,9 @@ class Trainer:
                 diff = [k for k, v in cfg.to_dict().items() if k not in cfg.RESUME_FREE and old.get(k) != v]
                 raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(diff)})")
             mcfg, tensors = load_model(ckpt, dtype="float32")
-            self.step, self.best = resume_state["step"], resume_state.get("best_val_loss", math.inf)
+            self.step, self.best = resume_state["step"], _or_inf(resume_state.get("best_val_loss"))
+            self.bad_steps = resume_state.get("bad_steps", 0)
+            self.skipped = resume_state.get("skipped_steps", 0)
             self.resumed_from = ckpt
         elif cfg.init_from:
             mcfg, tensors = load_model(cfg.init_from, dtype="float32")
@@ -468,8 +473,9 @@ class Trainer:
         if self.dist.main:
             rng_meta, rng_arrays = _rng_state()
             state = {"step": self.step, "samples": self.cfg.data_start + self.step * self.cfg.batch_size,
-                     "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": val_loss,
-                     "best_val_loss": self.best, "world_size": self.dist.world,
+                     "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": _finite(val_loss),
+                     "best_val_loss": _finite(self.best), "world_size": self.dist.world,
+                     "bad_steps": self.bad_steps, "skipped_steps": self.skipped,
                      "config": self.cfg.to_dict(), "config_hash": self.cfg.run_hash(), "rng": rng_meta,
                      "torch_version": torch.__version__}
             extra = {STATE_FILE: (json.dumps(state, indent=1) + "\n").encode(),
@@ -525,7 +531,12 @@ class Trainer:
         return total / count
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step on the global batch of this step. Returns (loss, grad norm)."""
+        """One optimizer step on the global batch of this step. Returns (loss, grad norm).
+
+        A step whose loss or gradient norm is not finite changes nothing but the step count (its
+        data is used up): one overflow would otherwise make every weight NaN. Both values are
+        global, so every rank skips the same steps. `bad_steps` counts such steps in a row.
+        """
         cfg, W = self.cfg, self.dist.world
         per_rank = cfg.batch_size // W
         first = cfg.data_start + self.step * cfg.batch_size + self.dist.rank * per_rank
@@ -544,11 +555,17 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.opt.step()
+        (loss,) = self.dist.all_mean([total], self.device)
+        norm = float(norm)
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.opt.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped += 1
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        (loss,) = self.dist.all_mean([total], self.device)
-        return loss, float(norm)
+        return loss, norm
 
     def fit(self) -> dict:
         """Train to max_steps; returns {"losses": per-step losses of this process's run, "val_loss", ...}."""
@@ -572,6 +589,8 @@ class Trainer:
             self.losses.append(loss)
             window_steps += 1
             bar.update()
+            if self.bad_steps:
+                self._skipped(loss, norm, bar)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 now = time.time()
                 tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
@@ -597,12 +616,27 @@ class Trainer:
                 window_t = time.time()  # tokens/s counts training time only
         bar.close()
         return {"losses": self.losses, "val_loss": val, "best_val_loss": self.best, "step": self.step,
-                "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+                "skipped_steps": self.skipped, "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+
+    def _skipped(self, loss: float, norm: float, bar) -> None:
+        """Report the step just skipped; stop the run after max_bad_steps of them in a row."""
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        self._log({"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len,
+                   "skipped": f"non-finite {what}", "in_a_row": self.bad_steps})
+        if self.dist.main:
+            bar.write(f"step {self.step}: non-finite {what} ({loss if what == 'loss' else norm}), "
+                      "step skipped (no update)", file=sys.stderr)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            last = latest_checkpoint(self.out)
+            raise TrainError(
+                f"step {self.step}: the loss or gradient has not been finite for {self.bad_steps} steps in a "
+                f"row (each skipped, so the weights are those of step {self.step - self.bad_steps}); stopping. "
+                f"Last checkpoint: {last or 'none'}. Try a lower lr or grad_clip, or check the data.")
 
     def _log(self, record: dict) -> None:
-        if self.dist.main:
+        if self.dist.main:  # NaN and inf are not JSON: they are written as null
             with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
 
     def _trim_metrics(self) -> None:
         """On resume, drop records past the checkpoint (they belonged to the killed tail)."""
@@ -615,6 +649,15 @@ class Trainer:
         keep = [line for line in file.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= self.step]
         file.write_text("".join(line + "\n" for line in keep))
+
+
+def _finite(x):
+    """x, or None for a float NaN / inf (JSON has neither)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _or_inf(x) -> float:
+    return math.inf if x is None else x
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -633,6 +676,12 @@ def read_metrics(file: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
 
 
+def _points(records: list[dict], key: str, min_tokens: int = 0) -> list[tuple[int, float]]:
+    """(tokens, value) of the records holding key; a null value (non-finite) is a gap."""
+    return [(r["tokens"], math.nan if r[key] is None else r[key])
+            for r in records if key in r and r["tokens"] >= min_tokens]
+
+
 def plot_metrics(metrics_file: str | Path, png: str | Path, title: str | None = None) -> bool:
     """Train / held-out loss against tokens as a PNG; False (with a warning) without matplotlib."""
     try:
@@ -644,8 +693,7 @@ def plot_metrics(metrics_file: str | Path, png: str | Path, title: str | None = 
         warnings.warn("matplotlib is not installed: skipping the loss plot", stacklevel=2)
         return False
     records = read_metrics(metrics_file)
-    train_pts = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
-    val_pts = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    train_pts, val_pts = _points(records, "loss"), _points(records, "val_loss")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train_pts:
         ax.plot(*zip(*train_pts), lw=1, alpha=0.7, label="train")
@@ -679,7 +727,7 @@ def plot_runs(runs: dict[str, str | Path], png: str | Path, title: str = "held-o
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, file in runs.items():
-        pts = [(r["tokens"], r[key]) for r in read_metrics(file) if key in r and r["tokens"] >= min_tokens]
+        pts = _points(read_metrics(file), key, min_tokens)
         ax.plot(*zip(*pts), "o-" if key == "val_loss" else "-", ms=3, lw=1, label=label)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
