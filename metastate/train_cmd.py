@@ -40,7 +40,8 @@ HELP = {
     "micro_batch": "sequences per rank per forward (gradient accumulation when smaller)",
     "data_start": "first sample index of the run (continue on unseen data)",
     "kernels": "auto (triton on cuda, ops on cpu), ops or triton",
-    "precision": "auto (bf16 autocast on cuda, float32 on cpu), float32 or bf16",
+    "precision": "auto (bf16 autocast on a GPU with bf16, fp16 with loss scaling on older GPUs, float32 on "
+                 "cpu), float32, bf16 or fp16",
     "max_bad_steps": "a step whose loss or gradient is NaN/inf is skipped (no update); stop after "
                      "this many in a row (default 10)",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",

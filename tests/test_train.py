@@ -22,8 +22,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from backends.cuda.data import prepare_data  # noqa: E402
-from backends.cuda.train import (TrainConfig, TrainError, Trainer, decays, list_checkpoints,  # noqa: E402
-                                 lr_at, param_groups, read_metrics, read_trainer_state, train)
+from backends.cuda.train import (TrainConfig, TrainError, Trainer, amp_dtype, decays,  # noqa: E402
+                                 list_checkpoints, lr_at, param_groups, read_metrics, read_trainer_state,
+                                 train)
 from weights import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +263,38 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_clear_error(data_dir, tmp
     assert all(np.isfinite(t).all() for t in load_model(ckpt)[1].values())
     with pytest.raises(TrainError, match="max_bad_steps must be a positive integer"):
         tiny(data_dir, tmp_path, max_bad_steps=0).validate()
+
+
+def test_precision_picks_the_autocast_dtype(monkeypatch):
+    gpu = torch.device("cuda")
+    for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert amp_dtype("auto", gpu) == expected  # T4 / V100: float16; A100, H100: bfloat16
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("fp16", torch.device("cpu")) == torch.float16 and amp_dtype("float32", gpu) is None
+    with pytest.raises(TrainError, match="precision must be one of auto, float32, bf16, fp16"):
+        TrainConfig(data="x", precision="fp8").validate()
+
+
+def test_fp16_scales_the_loss_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    f32 = train(tiny(data_dir, tmp_path / "f32", max_steps=1, save_interval=1))
+    _poison(monkeypatch, {1}, "grad")  # an overflow at step 2
+    cfg = tiny(data_dir, tmp_path / "full", precision="fp16", max_steps=6, keep_last=5)
+    full = Trainer(cfg)
+    result = full.fit()
+    # the forward ran in float16: close to float32, not equal
+    assert result["losses"][0] != f32["losses"][0]
+    assert result["losses"][0] == pytest.approx(f32["losses"][0], rel=1e-2)
+    # the overflow is skipped and halves the loss scale (2^16 at first)
+    assert result["skipped_steps"] == 1 and full.scaler.get_scale() == 2.0 ** 15
+    assert result["losses"][-1] < result["losses"][0]
+    scales = [r["loss_scale"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "lr" in r]
+    assert scales == [2.0 ** 16] + [2.0 ** 15] * 5
+    # resume from step 3: the scale comes back with the weights, and the losses bit for bit
+    ckpt = list_checkpoints(tmp_path / "full")[0]
+    resumed = Trainer(dataclasses.replace(cfg, resume=str(ckpt)))
+    assert resumed.scaler.get_scale() == 2.0 ** 15
+    assert resumed.fit()["losses"] == result["losses"][3:]
 
 
 def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):

@@ -62,8 +62,22 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
+PRECISIONS = ("auto", "float32", "bf16", "fp16")
+
+
 class TrainError(MetaStateError):
     """A training configuration or checkpoint that cannot be used."""
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run, None for float32 throughout. "auto": bfloat16 on a GPU that
+    computes it natively (compute capability 8.0 and later), float16 on older GPUs (their
+    tensor cores have it; the trainer then scales the loss), float32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @dataclass
@@ -114,7 +128,8 @@ class TrainConfig:
     device: str = "auto"                # auto: cuda if available, else cpu
     kernels: str = "auto"               # auto: triton on cuda, ops on cpu
     chunk_size: int = 16
-    precision: str = "auto"             # auto: bf16 autocast on cuda, float32 on cpu
+    precision: str = "auto"             # auto: bf16 autocast on a GPU that has bf16 (fp16 with loss
+                                        # scaling on older ones), float32 on cpu
     fsdp: bool = False                  # FSDP2 (fully_shard) instead of DDP when distributed
     grad_checkpoint: bool = False       # recompute each block in backward: less activation memory
     fused_elementwise: bool = True      # with the Triton kernels: fused elementwise pieces too
@@ -169,8 +184,8 @@ class TrainConfig:
             raise TrainError(f"min_lr must be in [0, lr], got {self.min_lr} (lr {self.lr})")
         if self.init_from and self.resume:
             raise TrainError("init_from starts a new run and resume continues one: give only one")
-        if self.precision not in ("auto", "float32", "bf16"):
-            raise TrainError(f"precision must be auto, float32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.kernels not in ("auto", "ops", "triton"):
             raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
 
@@ -334,8 +349,12 @@ class Trainer:
         self.dist = Dist.from_env(torch.device(dev).type)
         self.device = torch.device(dev)
         self.kernels = cfg.kernels if cfg.kernels != "auto" else ("triton" if self.device.type == "cuda" else "ops")
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.amp = amp_dtype(cfg.precision, self.device)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp)) if self.amp else nullcontext
+        # float16 gradients underflow (and overflow past 65504) unless the loss is scaled
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
+        if self.scaler and cfg.fsdp and self.dist.world > 1:
+            raise TrainError("fp16 loss scaling is not supported with --fsdp: use bf16, or DDP (no --fsdp)")
         self.out = Path(cfg.out)
 
         W = self.dist.world
@@ -391,6 +410,8 @@ class Trainer:
         if resume_state is not None:
             self._load_optimizer(opt_arrays)
             _set_rng_state(resume_state["rng"], opt_arrays)
+            if self.scaler and resume_state.get("grad_scaler"):
+                self.scaler.load_state_dict(resume_state["grad_scaler"])
         self.losses: list[float] = []
 
     def _resume_dir(self) -> Path | None:
@@ -476,6 +497,7 @@ class Trainer:
                      "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": _finite(val_loss),
                      "best_val_loss": _finite(self.best), "world_size": self.dist.world,
                      "bad_steps": self.bad_steps, "skipped_steps": self.skipped,
+                     "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                      "config": self.cfg.to_dict(), "config_hash": self.cfg.run_hash(), "rng": rng_meta,
                      "torch_version": torch.__version__}
             extra = {STATE_FILE: (json.dumps(state, indent=1) + "\n").encode(),
@@ -535,7 +557,9 @@ class Trainer:
 
         A step whose loss or gradient norm is not finite changes nothing but the step count (its
         data is used up): one overflow would otherwise make every weight NaN. Both values are
-        global, so every rank skips the same steps. `bad_steps` counts such steps in a row.
+        global, so every rank skips the same steps. `bad_steps` counts such steps in a row. With
+        fp16 the loss is scaled (GradScaler), and an overflow, which also lowers the scale, is
+        such a step.
         """
         cfg, W = self.cfg, self.dist.world
         per_rank = cfg.batch_size // W
@@ -549,20 +573,24 @@ class Trainer:
             ctx = nullcontext() if sync else self.model.no_sync()
             with ctx:
                 loss = self.loss(batch) / self.accum
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler:
+            self.scaler.unscale_(self.opt)  # clip the true gradient
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         (loss,) = self.dist.all_mean([total], self.device)
         norm = float(norm)
         if math.isfinite(loss) and math.isfinite(norm):
-            self.opt.step()
+            self.scaler.step(self.opt) if self.scaler else self.opt.step()
             self.bad_steps = 0
         else:
             self.bad_steps += 1
             self.skipped += 1
+        if self.scaler:
+            self.scaler.update()  # an overflow halves the scale, a run of good steps doubles it
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return loss, norm
@@ -598,7 +626,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
                 self._log({"step": self.step, "tokens": self.step * tokens_per_step, "loss": loss,
                            "lr": lr_at(cfg, self.step - 1), "grad_norm": norm, "tok_per_s": tps,
-                           "elapsed_s": now - t0})
+                           "elapsed_s": now - t0, **self._scale_record()})
             val = None
             last = self.step == cfg.max_steps
             if self.step % cfg.eval_interval == 0 or last:
@@ -622,16 +650,20 @@ class Trainer:
         """Report the step just skipped; stop the run after max_bad_steps of them in a row."""
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         self._log({"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len,
-                   "skipped": f"non-finite {what}", "in_a_row": self.bad_steps})
+                   "skipped": f"non-finite {what}", "in_a_row": self.bad_steps, **self._scale_record()})
         if self.dist.main:
+            scale = f"; fp16 loss scale now {self.scaler.get_scale():g}" if self.scaler else ""
             bar.write(f"step {self.step}: non-finite {what} ({loss if what == 'loss' else norm}), "
-                      "step skipped (no update)", file=sys.stderr)
+                      f"step skipped (no update){scale}", file=sys.stderr)
         if self.bad_steps >= self.cfg.max_bad_steps:
             last = latest_checkpoint(self.out)
             raise TrainError(
                 f"step {self.step}: the loss or gradient has not been finite for {self.bad_steps} steps in a "
                 f"row (each skipped, so the weights are those of step {self.step - self.bad_steps}); stopping. "
                 f"Last checkpoint: {last or 'none'}. Try a lower lr or grad_clip, or check the data.")
+
+    def _scale_record(self) -> dict:
+        return {"loss_scale": self.scaler.get_scale()} if self.scaler else {}
 
     def _log(self, record: dict) -> None:
         if self.dist.main:  # NaN and inf are not JSON: they are written as null
