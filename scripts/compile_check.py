@@ -82,8 +82,10 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
             "spill_loads": num(r"(\d+) bytes spill loads")}
 
 
-# Per SM, compute capability 8.0 / 9.0: registers, shared memory (KB) and resident warps.
-SM_LIMITS = {80: (65536, 164, 64), 90: (65536, 228, 64)}
+# Per SM: registers, shared memory (KB) and resident warps, by compute capability (7.5: T4, RTX 20xx;
+# 8.0: A100; 8.6 / 8.9: RTX 30xx / 40xx, A10, L4; 9.0: H100, H200).
+SM_LIMITS = {75: (65536, 64, 32), 80: (65536, 164, 64), 86: (65536, 100, 48), 89: (65536, 100, 48),
+             90: (65536, 228, 64)}
 
 
 def blocks_per_sm(arch: int, registers: int, shared: int, warps: int) -> int:
@@ -180,7 +182,9 @@ def check(arch: int, chunk_size=16, num_warps=4) -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 (H100/H200) 80")
+    p.add_argument("--arch", type=int, nargs="+", default=[90],
+                   help=f"compute capabilities, e.g. 90 (H100/H200) 80 (A100) 75 (T4); blocks per SM known for "
+                        f"{', '.join(map(str, SM_LIMITS))}")
     p.add_argument("--chunk-size", type=int, default=16, help="of the chunked WKV kernels (16, 32, 64)")
     p.add_argument("--num-warps", type=int, default=4, help="of the chunked WKV kernels")
     p.add_argument("--json", help="also write the rows here")

@@ -3,7 +3,9 @@
 Triton's interpreter (which runs the kernel tests on a CPU) accepts programs the GPU compiler
 rejects; scripts/compile_check.py runs the launchers with each launch replaced by a real
 compilation down to a cubin (ptxas included in the triton wheel) for Hopper (sm_90: H100,
-H200) and Ampere (sm_80: A100). Run in a subprocess: the test session runs the interpreter.
+H200), Ampere (sm_80: A100) and Turing (sm_75: T4, the oldest GPU the trainer's fp16 mode is
+for: no bfloat16 or TF32 instructions, no asynchronous copies). Run in subprocesses: the test
+session runs the interpreter.
 """
 
 import json
@@ -23,13 +25,13 @@ KERNELS = {"_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", 
            "_relu_sq_bwd_kernel", "_kprep_fwd_kernel", "_kprep_bwd_kernel"}
 
 
-def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
+def test_every_kernel_compiles_for_sm90_sm80_and_sm75(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh compile, not a cached one
     runs = {arch: subprocess.Popen(  # one process per architecture, side by side
         [sys.executable, str(ROOT / "scripts" / "compile_check.py"), "--arch", str(arch),
          "--json", str(tmp_path / f"sm{arch}.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=env) for arch in (90, 80)}
+        text=True, env=env) for arch in (90, 80, 75)}
     for arch, run in runs.items():
         _, err = run.communicate(timeout=900)
         assert (tmp_path / f"sm{arch}.json").exists(), err[-3000:]
