@@ -99,6 +99,8 @@ class Engine:
     def prefill(self, ids: Sequence[int], state=None, step: int = PREFILL_STEP):
         """ids [T >= 1] -> (logits of the last token [V] float32, state after all of them)."""
         ids = self.check_ids(ids)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise GenerationError(f"the prefill step must be a positive number of tokens, got {step!r}")
         state = self.zero_state() if state is None else state
         for start in range(0, len(ids), step):
             logits, state = self._forward(ids[start:start + step], state)
@@ -113,12 +115,7 @@ class Engine:
         return self._forward(self.check_ids(ids), self.zero_state(), every=True)[0]
 
     def check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise GenerationError("the prompt is empty: give at least one token")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise GenerationError(f"token id out of range for vocab_size {self.cfg.vocab_size}")
-        return ids
+        return check_tokens(ids, self.cfg.vocab_size)
 
     # -- backend specific -----------------------------------------------------------------
     def _forward(self, ids: np.ndarray, state, every: bool = False):
@@ -321,13 +318,21 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
     except ImportError as e:
         raise BackendUnavailable(f"the torch backend cannot be imported ({e}): pip install 'metastate[torch]'") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise BackendError(f"unknown torch device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device}: torch sees no CUDA GPU here (leave device out, or use cpu)")
     if kernels == "auto":
         kernels = "triton" if str(device).startswith("cuda") else "ops"
     if kernels not in ("ops", "triton"):
         raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise BackendError(f"CUDA graphs need a CUDA device, and the torch backend is on {device}")
-    return TorchEngine(load_model(path, device=device, dtype=dtype), device, kernels, cuda_graphs)
+    model = load_model(path, device=device, dtype=dtype)
+    model.check_kernels(kernels)  # now, not at the first token
+    return TorchEngine(model, device, kernels, cuda_graphs)
 
 
 def _load_mlx(path, kernels, dtype, device):
@@ -345,15 +350,20 @@ _LOADERS = {"numpy": _load_numpy, "torch": _load_torch, "mlx": _load_mlx}
 
 
 def check_tokens(tokens, vocab_size: int) -> np.ndarray:
-    """Token ids as int64 [T]; raises on an empty list or an id outside [0, vocab_size)."""
-    tokens = np.asarray(tokens)
+    """Token ids as int64 [T]; raises on an empty list, non-integers (1.7 is not rounded, a list
+    of prompts is not flattened) or an id outside [0, vocab_size)."""
+    try:
+        tokens = np.asarray(tokens)
+    except ValueError:  # ragged nesting
+        raise GenerationError("expected one list of token ids") from None
     if tokens.ndim != 1 or tokens.size == 0:
-        raise MetaStateError("expected a non-empty list of token ids")
+        raise GenerationError("expected a non-empty list of token ids" if tokens.ndim <= 1 else
+                              f"expected one list of token ids, got a {tokens.ndim}-d array (one sequence at a time)")
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise MetaStateError("token ids must be integers")
+        raise GenerationError(f"token ids must be integers, got {tokens.dtype} values")
     bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
     if bad.size:
-        raise MetaStateError(f"token id {int(bad[0])} is out of range for vocab_size {vocab_size}")
+        raise GenerationError(f"token id {int(bad[0])} is out of range for vocab_size {vocab_size}")
     return tokens.astype(np.int64)
 
 

@@ -118,6 +118,10 @@ def cmd_train(args) -> int:
     result = train(cfg)
     if result["checkpoint"] is not None:  # rank 0
         val = result["val_loss"]
-        print(f"trained to step {result['step']}: held-out loss {val:.4f} nats/token "
-              f"(perplexity {math.exp(val):.2f}); checkpoint {result['checkpoint']}")
+        if val is None:  # resumed at max_steps: no step left
+            print(f"the run is already at step {result['step']} (max_steps): nothing to train; "
+                  f"checkpoint {result['checkpoint']}")
+        else:
+            print(f"trained to step {result['step']}: held-out loss {val:.4f} nats/token "
+                  f"(perplexity {math.exp(min(val, 50)):.2f}); checkpoint {result['checkpoint']}")
     return 0

@@ -121,3 +121,11 @@ def test_bad_inputs_raise_data_errors(tmp_path):
     prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, val_fraction=0.05)
     with pytest.raises(DataError, match="fewer than seq_len"):
         TokenData(tmp_path / "d", "val", 10_000)
+    # a bad setting is refused before the existing shards are touched
+    before = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
+    for kw, match in (({"shard_tokens": 0}, "shard_tokens must be a positive integer"),
+                      ({"shard_tokens": -5}, "shard_tokens must be a positive integer"),
+                      ({"vocab_size": 0}, "vocab_size must be an integer >= 2")):
+        with pytest.raises(DataError, match=match):
+            prepare_data([tmp_path / "t.txt"], tmp_path / "d", **kw)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before

@@ -218,6 +218,25 @@ def test_api_errors(model):
         generate(engine, tok, [10_000], 5)
     with pytest.raises(api.MetaStateError, match="top_p"):
         generate(engine, tok, "the", 5, top_p=2.0)
+    with pytest.raises(api.GenerationError, match="must be integers"):  # not rounded to [1, 2]
+        generate(engine, tok, [1.7, 2.2], 5)
+    with pytest.raises(api.GenerationError, match="one list of token ids"):  # a batch is not flattened
+        generate(engine, tok, [[1, 2], [3, 4]], 5)
+    with pytest.raises(api.GenerationError, match="prefill step must be a positive"):
+        generate(engine, tok, [1, 2], 5, prefill_step=0)
+
+
+def test_torch_load_refuses_what_it_cannot_run(model, monkeypatch):
+    torch = pytest.importorskip("torch")
+    path, _, _ = model
+    if not torch.cuda.is_available():
+        with pytest.raises(api.BackendError, match="sees no CUDA GPU"):
+            load(path, "torch", device="cuda")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU stand-in for a GPU
+        with pytest.raises(api.MetaStateError, match="Triton kernels run on CUDA tensors"):
+            load(path, "torch", kernels="triton")  # at load, not at the first token
+    with pytest.raises(api.BackendError, match="unknown torch device 'gpu'"):
+        load(path, "torch", device="gpu")
 
 
 # -- `metastate generate` -------------------------------------------------------------------

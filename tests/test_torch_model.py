@@ -492,3 +492,18 @@ def test_fused_elementwise_needs_a_kernel_device(meta, monkeypatch):
     pytest.importorskip("triton")
     with pytest.raises(ModelError, match="CUDA tensors"):
         run(model, tokens(length=4), kernels="ops", fused=True)
+
+
+def test_forward_refuses_what_it_cannot_compute():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layer=1, head_size=16)
+    model = Model.from_tensors(cfg, random_params(cfg, 0, np.float32), dtype="float32")
+    tokens = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ModelError, match="at least one token"):
+        model(tokens[:, :0])
+    with pytest.raises(ModelError, match="last_only and targets"):
+        model(tokens, targets=tokens, last_only=True)
+    _, state = model(tokens)
+    with pytest.raises(ModelError, match=r"state.wkv must be float32 \[1, 1, 2, 16, 16\].*float16"):
+        model(tokens[:, :1], State(state.att_x, state.meta_x, state.wkv.half()))
+    with pytest.raises(ModelError, match="a batch of 2"):
+        model(torch.tensor([[1], [2]]), state)

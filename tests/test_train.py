@@ -297,6 +297,101 @@ def test_fp16_scales_the_loss_and_resumes_exactly(data_dir, tmp_path, monkeypatc
     assert resumed.fit()["losses"] == result["losses"][3:]
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("lr", "abc", "lr must be a number"), ("seq_len", True, "seq_len must be an integer"),
+    ("keep_best", "no", "keep_best must be true or false"), ("save_dtype", "fp16", "save_dtype must be one of"),
+    ("grad_clip", -1.0, "grad_clip >= 0"), ("beta1", 2.0, "beta1 and beta2 must be in"),
+    ("micro_batch", 0, "micro_batch must be a positive integer"), ("chunk_size", 0, "chunk_size must be in"),
+    ("device", "gpu", "device must be auto, cpu, cuda"), ("lr", 0.0, "lr must be > 0")])
+def test_bad_settings_are_refused_before_training(data_dir, tmp_path, setting, value, message):
+    with pytest.raises(TrainError, match=message):
+        TrainConfig.from_dict({"data": str(data_dir), setting: value})
+
+
+def test_a_new_run_refuses_an_out_holding_another_runs_checkpoints(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, max_steps=3))
+    before = [p.name for p in list_checkpoints(tmp_path)]
+    with pytest.raises(TrainError, match="already holds a run's checkpoints.*--resume"):
+        Trainer(tiny(data_dir, tmp_path, max_steps=4, lr=5e-3))
+    assert [p.name for p in list_checkpoints(tmp_path)] == before == ["step-000003"]
+
+
+def test_resume_knows_the_data_by_content_and_the_precision_by_meaning(data_dir, tmp_path, monkeypatch):
+    train(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)  # the same data elsewhere, given as a relative path
+    monkeypatch.chdir(tmp_path)
+    out = train(tiny("moved", tmp_path / "run", max_steps=4, save_interval=2, precision="float32", resume="auto"))
+    assert out["step"] == 4 and len(out["losses"]) == 2  # on the CPU auto means float32
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    other = tmp_path / "other"
+    prepare_data([data_dir.parent / "doc0.txt"], other, vocab_size=300, val_fraction=0.1)
+    with pytest.raises(TrainError, match=r"settings changed \(data\)"):
+        Trainer(tiny(other, tmp_path / "run", max_steps=4, save_interval=2, resume="auto"))
+
+
+def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    from metastate.cli import main
+
+    cfg = tiny(data_dir, tmp_path, max_steps=2, save_interval=2)
+    train(cfg)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.to_dict().items()
+             if v is not None and not isinstance(v, bool) and k != "resume"]
+    assert main(["train", *flags, "--no-progress", "--no-plot", "--resume"]) == 0
+    assert "already at step 2 (max_steps): nothing to train" in capsys.readouterr().out
+
+
+def test_damaged_training_state_gives_clear_errors(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path / "run", max_steps=2, save_interval=2))
+    good = list_checkpoints(tmp_path / "run")[0]
+    cases = {}
+
+    def damaged(name, mutate):
+        ckpt = tmp_path / name / "checkpoints" / good.name
+        shutil.copytree(good, ckpt)
+        mutate(ckpt)
+        cases[name] = ckpt
+
+    opt = good / "optimizer.npz"
+    damaged("cut", lambda c: (c / "optimizer.npz").write_bytes(opt.read_bytes()[: opt.stat().st_size // 2]))
+
+    def rewrite(c, change):
+        with np.load(opt) as z:
+            arrays = {k: z[k] for k in z.files}
+        change(arrays)
+        np.savez(c / "optimizer.npz", **arrays)
+
+    damaged("shape", lambda c: rewrite(c, lambda a: a.update({"opt.emb.weight.exp_avg": a["opt.emb.weight.exp_avg"][:1]})))
+    damaged("rng", lambda c: rewrite(c, lambda a: a.pop("rng.torch")))
+    for name, message in (("cut", "corrupt training checkpoint"), ("shape", "corrupt optimizer state opt.emb.weight.exp_avg"),
+                          ("rng", "no rng.torch")):
+        with pytest.raises(TrainError, match=message):
+            Trainer(tiny(data_dir, tmp_path / name, max_steps=2, save_interval=2, resume="auto"))
+
+
+def test_a_metrics_line_cut_by_a_kill_does_not_block_resume(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path, max_steps=4, save_interval=2))
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "tokens": 51')
+    train(tiny(data_dir, tmp_path, max_steps=4, save_interval=2, resume="auto"))
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_init_from_refuses_a_model_with_another_tokenizer(data_dir, tmp_path):
+    with pytest.raises(TrainError, match="tokenizer .* is not the one .* prepare-data --tokenizer"):
+        Trainer(tiny(data_dir, tmp_path, init_from=str(REPO / "weights" / "default")))
+
+
+def test_grad_clip_zero_means_no_clipping(data_dir, tmp_path):
+    runs = [Trainer(tiny(data_dir, tmp_path / str(clip), max_steps=2, grad_clip=clip)) for clip in (0.0, 1e9)]
+    for t in runs:
+        t.fit()
+    a, b = (dict(t.raw.named_parameters()) for t in runs)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
     full = train(tiny(data_dir, tmp_path / "a", max_steps=3, save_interval=3))
     accum = train(tiny(data_dir, tmp_path / "b", max_steps=3, save_interval=3, micro_batch=1))

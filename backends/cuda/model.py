@@ -238,9 +238,15 @@ class Model(nn.Module):
         if tokens.dim() == 1:
             tokens = tokens[None]
         B, T = tokens.shape
-        if state is None:
-            state = State.zeros(self.cfg, B, tokens.device)
+        if T == 0:
+            raise ModelError("tokens must hold at least one token per sequence")
+        if targets is not None and last_only:
+            raise ModelError("last_only and targets do not go together: the loss needs every position")
         device = self.head.weight.device
+        if state is None:
+            state = State.zeros(self.cfg, B, device)
+        else:
+            _check_state(self.cfg, state, B)
         if fused is None:
             fused = kernels == "triton"
         kern = Kernels(self._wkv(kernels, T, chunk_size, device), _elementwise(fused, device))
@@ -273,22 +279,27 @@ class Model(nn.Module):
         dt = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
         return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), W, targets.flatten(), dt)
 
+    def check_kernels(self, kernels: str) -> None:
+        """Raise ModelError now if this model cannot run `kernels` ("ops" or "triton")."""
+        if kernels not in ("ops", "triton"):
+            raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
+        if kernels == "triton":
+            _check_triton_device(self.head.weight.device)
+
     def _wkv(self, kernels, T: int, chunk_size: int, device: torch.device) -> Callable:
         """The WKV sequence function for this call."""
         if callable(kernels):
             return kernels
         decode = T == 1 and not torch.is_grad_enabled()  # one token: a plain step, no chunks
+        self.check_kernels(kernels)
         if kernels == "ops":
             if decode:
                 return _ops_decode
             return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
-        if kernels != "triton":
-            raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
         try:  # imported here: triton is needed only for these kernels
             from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7_step
         except ImportError as e:
             raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
-        _check_triton_device(device)
         if decode:  # one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
         # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
@@ -320,6 +331,15 @@ class Model(nn.Module):
         """Canonical name -> numpy array (bfloat16 as ml_dtypes.bfloat16), in canonical order."""
         state = self.state_dict()
         return {name: _to_numpy(state[name]) for name in param_shapes(self.cfg)}
+
+
+def _check_state(cfg: ModelConfig, state: State, batch: int) -> None:
+    L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
+    want = State((L, batch, d), (L, batch, d), (L, batch, H, N, N))
+    for name, t, shape in zip(State._fields, state, want):
+        if tuple(t.shape) != shape or t.dtype != torch.float32:
+            raise ModelError(f"state.{name} must be float32 {list(shape)} for this model and a batch of {batch}, "
+                             f"got {t.dtype} {list(t.shape)}")
 
 
 def _check_triton_device(device: torch.device) -> None:

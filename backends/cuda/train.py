@@ -35,10 +35,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
 import warnings
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0              # global gradient-norm bound; 0: no clipping
     max_bad_steps: int = 10             # stop after this many steps in a row with a non-finite loss or
                                         # gradient (each is skipped: no update)
     # evaluation, logging, checkpoints
@@ -172,16 +174,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # TOML and JSON can hold any type: check each
+            _check_type(f.name, str(f.type), getattr(self, f.name))
         if not self.data:
             raise TrainError("no training data: set data (a directory from `metastate prepare-data`)")
         for name in ("seq_len", "batch_size", "max_steps", "eval_sequences", "log_interval",
                      "save_interval", "keep_last", "eval_interval", "max_bad_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise TrainError(f"micro_batch must be a positive integer, got {self.micro_batch}")
         if self.warmup_steps < 0 or self.data_start < 0:
             raise TrainError("warmup_steps and data_start must be >= 0")
+        if not self.lr > 0:
+            raise TrainError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise TrainError(f"min_lr must be in [0, lr], got {self.min_lr} (lr {self.lr})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise TrainError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not (self.adam_eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise TrainError(f"adam_eps must be > 0, weight_decay and grad_clip >= 0 (0: no clipping), got "
+                             f"{self.adam_eps}, {self.weight_decay}, {self.grad_clip}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise TrainError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if not 1 <= self.chunk_size <= 64:
+            raise TrainError(f"chunk_size must be in [1, 64], got {self.chunk_size}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise TrainError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.init_from and self.resume:
             raise TrainError("init_from starts a new run and resume continues one: give only one")
         if self.precision not in PRECISIONS:
@@ -193,6 +212,21 @@ class TrainConfig:
         """Hash of the settings that define the loss curve (everything but RESUME_FREE)."""
         d = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """value against a field annotation such as "int", "float" or "str | None"."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind = next(k for k in kinds if k != "None")
+    if not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool)):
+        raise TrainError(f"{name} must be {_TYPE_WORDS[kind]}, got {value!r}")
 
 
 # -- schedule and parameter groups -----------------------------------------------------------
@@ -331,8 +365,12 @@ def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError as e:
         raise TrainError(f"{ckpt} is not a training checkpoint: {Path(e.filename).name} is missing") from None
-    except ValueError as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise TrainError(f"corrupt training checkpoint {ckpt}: {e}") from None
+    missing = ([k for k in ("step", "config", "rng") if k not in state] if isinstance(state, dict) else [STATE_FILE])
+    missing += [k for k in ("rng.torch", "rng.numpy") if k not in arrays]
+    if missing:
+        raise TrainError(f"corrupt training checkpoint {ckpt}: no {', '.join(missing)}")
     return state, arrays
 
 
@@ -343,6 +381,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainError(f"device {dev}: torch sees no CUDA GPU here (use --device cpu or auto)")
         if dev == "cuda":  # one GPU per process, chosen before NCCL starts
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(dev)
@@ -375,13 +415,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.step, self.best, resume_state, opt_arrays = 0, math.inf, None, None
         self.bad_steps = self.skipped = 0  # non-finite steps: in a row now, and in the whole run
+        self.data_id = data_fingerprint(cfg.data, meta)
         ckpt = self._resume_dir()
+        if ckpt is None and list_checkpoints(self.out):  # a new run would mix with (and prune) the old one's
+            raise TrainError(f"{self.out} already holds a run's checkpoints (latest {latest_checkpoint(self.out)}): "
+                             "continue it with --resume, or give the new run another --out")
         if ckpt is not None:
             resume_state, opt_arrays = read_trainer_state(ckpt)
-            if resume_state["config_hash"] != cfg.run_hash():
-                old = resume_state["config"]
-                diff = [k for k, v in cfg.to_dict().items() if k not in cfg.RESUME_FREE and old.get(k) != v]
-                raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(diff)})")
+            changed = self._changed_settings(resume_state)
+            if changed:
+                raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(changed)})")
             mcfg, tensors = load_model(ckpt, dtype="float32")
             self.step, self.best = resume_state["step"], _or_inf(resume_state.get("best_val_loss"))
             self.bad_steps = resume_state.get("bad_steps", 0)
@@ -389,6 +432,7 @@ class Trainer:
             self.resumed_from = ckpt
         elif cfg.init_from:
             mcfg, tensors = load_model(cfg.init_from, dtype="float32")
+            self._check_tokenizer(Path(cfg.init_from), mcfg)
         else:
             mcfg = ModelConfig(vocab_size=meta["vocab_size"], d_model=cfg.d_model, n_layer=cfg.n_layer,
                                head_size=cfg.head_size, d_att=cfg.d_att, n_param_tokens=cfg.n_param_tokens,
@@ -413,6 +457,34 @@ class Trainer:
             if self.scaler and resume_state.get("grad_scaler"):
                 self.scaler.load_state_dict(resume_state["grad_scaler"])
         self.losses: list[float] = []
+
+    def _changed_settings(self, state: dict) -> list[str]:
+        """The settings that define the loss curve and differ from a checkpoint's. The data is
+        compared by content (data_fingerprint), the precision by what it means on this device."""
+        cfg, old = self.cfg, state["config"]
+        changed = [k for k, v in cfg.to_dict().items()
+                   if k not in cfg.RESUME_FREE and k not in ("data", "precision") and old.get(k) != v]
+        if amp_dtype(old.get("precision", "auto"), self.device) != self.amp:
+            changed.append("precision")
+        if "data_fingerprint" in state:
+            if state["data_fingerprint"] != self.data_id:
+                changed.append("data")
+        elif Path(old.get("data", "")).resolve() != Path(cfg.data).resolve():
+            changed.append("data")
+        return changed
+
+    def _check_tokenizer(self, model_dir: Path, mcfg: ModelConfig) -> None:
+        """A model may continue on data only if both use the same tokenizer (ids mean the same)."""
+        tok = mcfg.tokenizer
+        if tok is None:  # e.g. an imported official checkpoint: nothing to compare
+            return
+        file = model_dir / tok.get("file", "")
+        same = (tok.get("type") == "sentencepiece" and file.is_file() and self.tokenizer_file.is_file()
+                and file.read_bytes() == self.tokenizer_file.read_bytes())
+        if not same:
+            raise TrainError(f"{model_dir}'s tokenizer ({tok.get('type')}, {tok.get('file')}) is not the one "
+                             f"{self.cfg.data} was prepared with: its token ids mean other pieces. Prepare the "
+                             f"data with `metastate prepare-data --tokenizer {file}`")
 
     def _resume_dir(self) -> Path | None:
         r = self.cfg.resume
@@ -470,9 +542,15 @@ class Trainer:
 
     def _load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
         state: dict[str, dict] = {}
+        shapes = {n: tuple(p.shape) for n, p in self.raw.named_parameters() if p.requires_grad}
         for key, value in arrays.items():
             if key.startswith("opt."):
                 name, k = key[4:].rsplit(".", 1)
+                # the fused AdamW kernel reads moments unchecked: a wrong shape must stop here
+                want = () if k == "step" else shapes.get(name)
+                if want is None or tuple(value.shape) != want or value.dtype != np.float32:
+                    raise TrainError(f"corrupt optimizer state {key}: {value.dtype} {list(value.shape)}, expected "
+                                     + (f"float32 {list(want)}" if want is not None else "no such parameter"))
                 state.setdefault(name, {})[k] = torch.from_numpy(value.copy())
         if self.cfg.fsdp and self.dist.world > 1:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
@@ -496,7 +574,7 @@ class Trainer:
             state = {"step": self.step, "samples": self.cfg.data_start + self.step * self.cfg.batch_size,
                      "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": _finite(val_loss),
                      "best_val_loss": _finite(self.best), "world_size": self.dist.world,
-                     "bad_steps": self.bad_steps, "skipped_steps": self.skipped,
+                     "bad_steps": self.bad_steps, "skipped_steps": self.skipped, "data_fingerprint": self.data_id,
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                      "config": self.cfg.to_dict(), "config_hash": self.cfg.run_hash(), "rng": rng_meta,
                      "torch_version": torch.__version__}
@@ -578,7 +656,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(self.opt)  # clip the true gradient
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # 0: measured, not clipped
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         (loss,) = self.dist.all_mean([total], self.device)
@@ -678,9 +756,25 @@ class Trainer:
         if self.step == 0:
             file.unlink()  # a fresh run in a used directory starts a fresh log
             return
-        keep = [line for line in file.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        keep = [line for line in file.read_text().splitlines() if _record_step(line) <= self.step]
         file.write_text("".join(line + "\n" for line in keep))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; infinity for a blank or cut-off one (a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def data_fingerprint(data_dir: str | Path, meta: dict) -> str:
+    """What a prepared data directory holds, wherever it lies: its meta.json (token counts per
+    shard, dtype, vocabulary, seed; not the source paths) and its tokenizer file."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sources"}, sort_keys=True).encode())
+    tok = Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE)
+    h.update(tok.read_bytes() if tok.is_file() else b"")
+    return h.hexdigest()[:16]
 
 
 def _finite(x):
