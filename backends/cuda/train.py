@@ -10,7 +10,7 @@ Run layout (`cfg.out`):
     checkpoints/step-000200/          a model directory (weights.save_model: `metastate logits`,
         config.json model.safetensors   `grow`, `inspect` work on it) plus the trainer state:
         tokenizer.model
-        trainer_state.json            step, data position, RNG states, config and its hash, losses
+        trainer_state.json            step, data position and fingerprint, RNG states, config, skip counts, fp16 loss scale
         optimizer.npz                 AdamW moments by canonical parameter name (no pickles)
 
 A checkpoint is written by one `weights.save_model` call (temp directory, fsync, rename), so a
@@ -207,11 +207,6 @@ class TrainConfig:
             raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.kernels not in ("auto", "ops", "triton"):
             raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
-
-    def run_hash(self) -> str:
-        """Hash of the settings that define the loss curve (everything but RESUME_FREE)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.RESUME_FREE}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -576,7 +571,7 @@ class Trainer:
                      "best_val_loss": _finite(self.best), "world_size": self.dist.world,
                      "bad_steps": self.bad_steps, "skipped_steps": self.skipped, "data_fingerprint": self.data_id,
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-                     "config": self.cfg.to_dict(), "config_hash": self.cfg.run_hash(), "rng": rng_meta,
+                     "config": self.cfg.to_dict(), "rng": rng_meta,
                      "torch_version": torch.__version__}
             extra = {STATE_FILE: (json.dumps(state, indent=1) + "\n").encode(),
                      OPT_FILE: _npz_bytes({**opt, **rng_arrays})}
