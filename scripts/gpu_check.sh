@@ -29,9 +29,10 @@ timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test
     2>&1 | tail -20 | tee "$OUT/tests.log"
 tests=$?
 # The trainer with its GPU defaults (Triton kernels, fused pieces, bf16 autocast, chunked loss):
-# bitwise resume and checkpointing; the chunked loss on CUDA; decoding from a CUDA graph.
+# bitwise resume and checkpointing; fp16 with loss scaling; the chunked loss on CUDA; decoding
+# from a CUDA graph.
 timeout "${TRAIN_TEST_TIMEOUT:-60}" "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py \
-    tests/test_cross_entropy.py tests/test_decode_graph.py -k "resume_reproduces or grad_checkpoint_trains or cuda" \
+    tests/test_cross_entropy.py tests/test_decode_graph.py -k "resume_reproduces or grad_checkpoint_trains or fp16_scales or cuda" \
     2>&1 | tail -20 | tee -a "$OUT/tests.log"
 tests=$(( tests != 0 ? tests : $? ))
 # The profile that shows where a training step's time goes (docs/kernels.md); last, as the least needed.
