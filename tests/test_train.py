@@ -277,7 +277,7 @@ def test_precision_picks_the_autocast_dtype(monkeypatch):
 
 
 def test_fp16_scales_the_loss_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
-    f32 = train(tiny(data_dir, tmp_path / "f32", max_steps=1, save_interval=1))
+    f32 = train(tiny(data_dir, tmp_path / "f32", max_steps=1, save_interval=1, precision="float32"))
     _poison(monkeypatch, {1}, "grad")  # an overflow at step 2
     cfg = tiny(data_dir, tmp_path / "full", precision="fp16", max_steps=6, keep_last=5)
     full = Trainer(cfg)
