@@ -500,6 +500,9 @@ def test_forward_refuses_what_it_cannot_compute():
     tokens = torch.tensor([[1, 2, 3]])
     with pytest.raises(ModelError, match="at least one token"):
         model(tokens[:, :0])
+    for bad in (tokens.float(), tokens.to(torch.uint8), tokens[None]):
+        with pytest.raises(ModelError, match="tokens must be int64 or int32 ids"):
+            model(bad)
     with pytest.raises(ModelError, match="last_only and targets"):
         model(tokens, targets=tokens, last_only=True)
     _, state = model(tokens)

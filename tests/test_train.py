@@ -160,19 +160,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cfg: TrainConfig) -> list[float]:
-    """Train with 2 CPU processes (gloo), as torchrun would; rank 0's losses + final held-out loss."""
+def _launch_ranks(cfg: TrainConfig, script: str, tag: str) -> list:
+    """Run script with 2 CPU processes (gloo), as torchrun would; each rank's `tag` line, as JSON
+    (None for a rank that printed none)."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, "-c", DIST_SCRIPT, json.dumps(cfg.to_dict())], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg.to_dict())], env=env,
                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
-    line = next(x for x in outs[0][0].splitlines() if x.startswith("LOSSES"))
-    return json.loads(line.split(" ", 1)[1])
+    lines = [next((x for x in out.splitlines() if x.startswith(tag + " ")), None) for out, _ in outs]
+    return [json.loads(line.split(" ", 1)[1]) if line else None for line in lines]
+
+
+def _launch(cfg: TrainConfig) -> list[float]:
+    """Rank 0's losses + final held-out loss of a 2-process run."""
+    return _launch_ranks(cfg, DIST_SCRIPT, "LOSSES")[0]
+
+
+POISON_SCRIPT = """
+import hashlib, json, math, sys, torch
+torch.set_num_threads(1)
+from backends.cuda.train import TrainConfig, Trainer
+real = Trainer.loss
+def loss(self, batch):  # rank 1 alone meets a NaN loss, at step 3
+    out = real(self, batch)
+    return out * math.nan if self.step == 2 and self.dist.rank == 1 and self.model.training else out
+Trainer.loss = loss
+t = Trainer(TrainConfig(**json.loads(sys.argv[1])))
+r = t.fit()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.raw.parameters())).hexdigest()
+print("RESULT", json.dumps({"skipped": r["skipped_steps"], "losses": r["losses"], "weights": digest}))
+"""
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(data_dir, tmp_path):
+    cfg = tiny(data_dir, tmp_path / "dist", max_steps=4, save_interval=4, eval_interval=4)
+    ranks = _launch_ranks(cfg, POISON_SCRIPT, "RESULT")
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    assert all(math.isnan(r["losses"][2]) and len(r["losses"]) == 4 for r in ranks)  # global loss, then on
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the replicas stay identical
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])

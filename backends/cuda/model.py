@@ -235,6 +235,9 @@ class Model(nn.Module):
         input for backward and recompute the block there (activation memory of one block
         instead of all; about one more forward pass of compute).
         """
+        if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (1, 2):
+            raise ModelError(f"tokens must be int64 or int32 ids shaped [B, T] or [T], got {tokens.dtype} "
+                             f"{list(tokens.shape)}")
         if tokens.dim() == 1:
             tokens = tokens[None]
         B, T = tokens.shape
