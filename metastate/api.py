@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import platform
 import tempfile
@@ -99,7 +100,7 @@ class Engine:
     def prefill(self, ids: Sequence[int], state=None, step: int = PREFILL_STEP):
         """ids [T >= 1] -> (logits of the last token [V] float32, state after all of them)."""
         ids = self.check_ids(ids)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
             raise GenerationError(f"the prefill step must be a positive number of tokens, got {step!r}")
         state = self.zero_state() if state is None else state
         for start in range(0, len(ids), step):

@@ -185,10 +185,19 @@ POISON_SCRIPT = """
 import hashlib, json, math, sys, torch
 torch.set_num_threads(1)
 from backends.cuda.train import TrainConfig, Trainer
+
+class NanValue(torch.autograd.Function):  # the loss NaN, its gradient untouched (finite)
+    @staticmethod
+    def forward(ctx, x):
+        return x * math.nan
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
 real = Trainer.loss
-def loss(self, batch):  # rank 1 alone meets a NaN loss, at step 3
+def loss(self, batch):  # rank 1 alone meets a NaN loss, at step 3; every gradient stays finite
     out = real(self, batch)
-    return out * math.nan if self.step == 2 and self.dist.rank == 1 and self.model.training else out
+    return NanValue.apply(out) if self.step == 2 and self.dist.rank == 1 and self.model.training else out
 Trainer.loss = loss
 t = Trainer(TrainConfig(**json.loads(sys.argv[1])))
 r = t.fit()
@@ -355,6 +364,16 @@ def test_resume_knows_the_data_by_content_and_the_precision_by_meaning(data_dir,
     out = train(tiny("moved", tmp_path / "run", max_steps=4, save_interval=2, precision="float32", resume="auto"))
     assert out["step"] == 4 and len(out["losses"]) == 2  # on the CPU auto means float32
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    # the dtype the run computed in is what counts: recorded, or for older checkpoints inferred
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["amp"] == "float32"
+    state_file.write_text(json.dumps({**state, "amp": "bf16"}))  # as if run with bf16 autocast
+    with pytest.raises(TrainError, match=r"settings changed \(precision\)"):
+        Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, resume="auto"))
+    Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, precision="bf16", resume="auto"))
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "amp"}))  # written before "amp"
+    Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, precision="float32", resume="auto"))
     other = tmp_path / "other"
     prepare_data([data_dir.parent / "doc0.txt"], other, vocab_size=300, val_fraction=0.1)
     with pytest.raises(TrainError, match=r"settings changed \(data\)"):

@@ -23,6 +23,7 @@ data-parallel equivalence rest on.
 from __future__ import annotations
 
 import json
+import numbers
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -135,9 +136,10 @@ def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: st
 
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
         raise DataError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
-    if tokenizer is None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2):
+    if tokenizer is None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral)
+                              or vocab_size < 2):
         raise DataError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
     if not inputs:
         raise DataError("no inputs: give text files, folders, JSONL files or a corpus name")

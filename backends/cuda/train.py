@@ -71,6 +71,20 @@ class TrainError(MetaStateError):
     """A training configuration or checkpoint that cannot be used."""
 
 
+AMP_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _recorded_amp(state: dict, arrays: dict) -> str:
+    """The dtype a checkpoint's run computed in; before it was recorded, "auto" meant bf16 on a
+    GPU (whose RNG state the checkpoint then holds) and float32 on the CPU."""
+    if "amp" in state:
+        return state["amp"]
+    precision = state["config"].get("precision", "auto")
+    if precision == "auto":
+        return "bf16" if "rng.cuda" in arrays else "float32"
+    return precision
+
+
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a run, None for float32 throughout. "auto": bfloat16 on a GPU that
     computes it natively (compute capability 8.0 and later), float16 on older GPUs (their
@@ -417,7 +431,7 @@ class Trainer:
                              "continue it with --resume, or give the new run another --out")
         if ckpt is not None:
             resume_state, opt_arrays = read_trainer_state(ckpt)
-            changed = self._changed_settings(resume_state)
+            changed = self._changed_settings(resume_state, opt_arrays)
             if changed:
                 raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(changed)})")
             mcfg, tensors = load_model(ckpt, dtype="float32")
@@ -453,13 +467,13 @@ class Trainer:
                 self.scaler.load_state_dict(resume_state["grad_scaler"])
         self.losses: list[float] = []
 
-    def _changed_settings(self, state: dict) -> list[str]:
+    def _changed_settings(self, state: dict, arrays: dict) -> list[str]:
         """The settings that define the loss curve and differ from a checkpoint's. The data is
-        compared by content (data_fingerprint), the precision by what it means on this device."""
+        compared by content (data_fingerprint), the precision by the dtype the run computed in."""
         cfg, old = self.cfg, state["config"]
         changed = [k for k, v in cfg.to_dict().items()
                    if k not in cfg.RESUME_FREE and k not in ("data", "precision") and old.get(k) != v]
-        if amp_dtype(old.get("precision", "auto"), self.device) != self.amp:
+        if _recorded_amp(state, arrays) != AMP_NAMES[self.amp]:
             changed.append("precision")
         if "data_fingerprint" in state:
             if state["data_fingerprint"] != self.data_id:
@@ -476,10 +490,13 @@ class Trainer:
         file = model_dir / tok.get("file", "")
         same = (tok.get("type") == "sentencepiece" and file.is_file() and self.tokenizer_file.is_file()
                 and file.read_bytes() == self.tokenizer_file.read_bytes())
+        if tok.get("type") != "sentencepiece":
+            raise TrainError(f"{model_dir}'s tokenizer is {tok.get('type')!r}; the trainer's data is tokenized by "
+                             "sentencepiece only, so its token ids would mean other pieces")
         if not same:
-            raise TrainError(f"{model_dir}'s tokenizer ({tok.get('type')}, {tok.get('file')}) is not the one "
-                             f"{self.cfg.data} was prepared with: its token ids mean other pieces. Prepare the "
-                             f"data with `metastate prepare-data --tokenizer {file}`")
+            raise TrainError(f"{model_dir}'s tokenizer ({tok.get('file')}) is not the one {self.cfg.data} was "
+                             f"prepared with: its token ids mean other pieces. Prepare the data with "
+                             f"`metastate prepare-data --tokenizer {file}`")
 
     def _resume_dir(self) -> Path | None:
         r = self.cfg.resume
@@ -570,6 +587,7 @@ class Trainer:
                      "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": _finite(val_loss),
                      "best_val_loss": _finite(self.best), "world_size": self.dist.world,
                      "bad_steps": self.bad_steps, "skipped_steps": self.skipped, "data_fingerprint": self.data_id,
+                     "amp": AMP_NAMES[self.amp],
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                      "config": self.cfg.to_dict(), "rng": rng_meta,
                      "torch_version": torch.__version__}
