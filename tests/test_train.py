@@ -380,6 +380,19 @@ def test_resume_knows_the_data_by_content_and_the_precision_by_meaning(data_dir,
         Trainer(tiny(other, tmp_path / "run", max_steps=4, save_interval=2, resume="auto"))
 
 
+def test_a_checkpoint_from_before_the_skip_counts_resumes_exactly(data_dir, tmp_path):
+    full = train(tiny(data_dir, tmp_path / "full", max_steps=4, save_interval=2))
+    train(tiny(data_dir, tmp_path / "old", max_steps=4, save_interval=2))
+    shutil.rmtree(tmp_path / "old" / "checkpoints" / "step-000004")
+    state_file = tmp_path / "old" / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())  # the keys of the earlier trainer_state.json
+    old = {k: v for k, v in state.items() if k not in ("amp", "data_fingerprint", "bad_steps", "skipped_steps",
+                                                     "grad_scaler")}
+    state_file.write_text(json.dumps({**old, "config_hash": "0123456789abcdef"}))
+    resumed = train(tiny(data_dir, tmp_path / "old", max_steps=4, save_interval=2, resume="auto"))
+    assert resumed["losses"] == full["losses"][2:]
+
+
 def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
     from metastate.cli import main
 
