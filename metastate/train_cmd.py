@@ -124,4 +124,7 @@ def cmd_train(args) -> int:
         else:
             print(f"trained to step {result['step']}: held-out loss {val:.4f} nats/token "
                   f"(perplexity {math.exp(min(val, 50)):.2f}); checkpoint {result['checkpoint']}")
+        if result["skipped_steps"]:
+            print(f"skipped {result['skipped_steps']} of {result['step']} steps for a non-finite loss or gradient "
+                  "(metrics.jsonl: the 'skipped' records)")
     return 0

@@ -393,13 +393,16 @@ def test_a_checkpoint_from_before_the_skip_counts_resumes_exactly(data_dir, tmp_
     assert resumed["losses"] == full["losses"][2:]
 
 
-def test_resuming_a_finished_run_says_so(data_dir, tmp_path, capsys):
+def test_the_cli_summary_reports_skips_and_a_finished_run(data_dir, tmp_path, capsys, monkeypatch):
     from metastate.cli import main
 
+    _poison(monkeypatch, {0}, "loss")
     cfg = tiny(data_dir, tmp_path, max_steps=2, save_interval=2)
-    train(cfg)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.to_dict().items()
              if v is not None and not isinstance(v, bool) and k != "resume"]
+    assert main(["train", *flags, "--no-progress", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 2" in out and "skipped 1 of 2 steps for a non-finite loss" in out
     assert main(["train", *flags, "--no-progress", "--no-plot", "--resume"]) == 0
     assert "already at step 2 (max_steps): nothing to train" in capsys.readouterr().out
 
