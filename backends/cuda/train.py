@@ -52,7 +52,7 @@ from tqdm import tqdm
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import init_params
-from weights import load_model, save_model  # imported up front: a long run never re-imports code
+from weights import SUPPORTED_DTYPES, load_model, save_model  # imported up front: a long run never re-imports code
 
 from .data import TOKENIZER_FILE, TokenData, read_meta
 from .model import Model, _to_numpy
@@ -64,14 +64,12 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
-PRECISIONS = ("auto", "float32", "bf16", "fp16")
-
-
 class TrainError(MetaStateError):
     """A training configuration or checkpoint that cannot be used."""
 
 
-AMP_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+AMP_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype -> precision
+PRECISIONS = ("auto", *AMP_NAMES.values())
 
 
 def _recorded_amp(state: dict, arrays: dict) -> str:
@@ -93,7 +91,7 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             return None
         precision = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
-    return {"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return next(dtype for dtype, name in AMP_NAMES.items() if name == precision)
 
 
 @dataclass
@@ -209,8 +207,8 @@ class TrainConfig:
         if not (self.adam_eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
             raise TrainError(f"adam_eps must be > 0, weight_decay and grad_clip >= 0 (0: no clipping), got "
                              f"{self.adam_eps}, {self.weight_decay}, {self.grad_clip}")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise TrainError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.save_dtype not in SUPPORTED_DTYPES:
+            raise TrainError(f"save_dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {self.save_dtype!r}")
         if not 1 <= self.chunk_size <= 64:
             raise TrainError(f"chunk_size must be in [1, 64], got {self.chunk_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -223,7 +221,6 @@ class TrainConfig:
             raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
 
 
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -435,7 +432,8 @@ class Trainer:
             if changed:
                 raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(changed)})")
             mcfg, tensors = load_model(ckpt, dtype="float32")
-            self.step, self.best = resume_state["step"], _or_inf(resume_state.get("best_val_loss"))
+            best = resume_state.get("best_val_loss")  # null when no finite held-out loss was seen
+            self.step, self.best = resume_state["step"], math.inf if best is None else best
             self.bad_steps = resume_state.get("bad_steps", 0)
             self.skipped = resume_state.get("skipped_steps", 0)
             self.resumed_from = ckpt
@@ -487,13 +485,12 @@ class Trainer:
         tok = mcfg.tokenizer
         if tok is None:  # e.g. an imported official checkpoint: nothing to compare
             return
-        file = model_dir / tok.get("file", "")
-        same = (tok.get("type") == "sentencepiece" and file.is_file() and self.tokenizer_file.is_file()
-                and file.read_bytes() == self.tokenizer_file.read_bytes())
         if tok.get("type") != "sentencepiece":
             raise TrainError(f"{model_dir}'s tokenizer is {tok.get('type')!r}; the trainer's data is tokenized by "
                              "sentencepiece only, so its token ids would mean other pieces")
-        if not same:
+        file = model_dir / tok.get("file", "")
+        if not (file.is_file() and self.tokenizer_file.is_file()
+                and file.read_bytes() == self.tokenizer_file.read_bytes()):
             raise TrainError(f"{model_dir}'s tokenizer ({tok.get('file')}) is not the one {self.cfg.data} was "
                              f"prepared with: its token ids mean other pieces. Prepare the data with "
                              f"`metastate prepare-data --tokenizer {file}`")
@@ -793,10 +790,6 @@ def data_fingerprint(data_dir: str | Path, meta: dict) -> str:
 def _finite(x):
     """x, or None for a float NaN / inf (JSON has neither)."""
     return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _or_inf(x) -> float:
-    return math.inf if x is None else x
 
 
 def train(cfg: TrainConfig) -> dict:
