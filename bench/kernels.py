@@ -11,6 +11,9 @@ Prints a markdown table (median times of triton.testing.do_bench):
   - decode: one token at batch 1 and 64, our step (+ readout) vs fla's fused_recurrent_rwkv7.
 fla is optional: without it only our kernels are timed. A first line checks that both compute
 the same y (fla's convention: w = log decay, a = -kk, b = kk * a, state [B, H, K, V]).
+
+`--device cpu` (with TRITON_INTERPRET=1 and tiny shapes) is a dry run: every part of the script
+runs, with wall-clock times that mean nothing, so a bug in it does not cost GPU time.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import partial
+import time
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -36,12 +40,13 @@ except Exception as e:  # ImportError, or an fla too new/old for this torch/trit
     print(f"fla not installed ({type(e).__name__}: {e})")
 
 N = 64
+DEV = "cuda"  # --device
 
 
 def inputs(B, T, H, dtype=torch.bfloat16, grad=False):
     """RWKV-7-like inputs [B, T, H, N] on the GPU."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda: torch.randn(B, T, H, N, device="cuda", generator=g)  # noqa: E731
+    g = torch.Generator(device=DEV).manual_seed(0)
+    rnd = lambda: torch.randn(B, T, H, N, device=DEV, generator=g)  # noqa: E731
     r, w_raw, k, v = rnd(), rnd() - 1, rnd() * 0.5, rnd()
     kk = torch.nn.functional.normalize(rnd(), dim=-1)
     a = torch.sigmoid(rnd())
@@ -55,7 +60,22 @@ def fla_args(r, w_raw, k, v, kk, a):
 
 
 def ms(fn):
+    if DEV == "cpu":  # dry run: one call after a warm-up
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def check_agreement(algorithm="sequential", chunk_kw=None):
@@ -72,9 +92,9 @@ def train_fns(B, T, H, block_rows=None, algorithm="sequential", chunk_kw=None, s
     "train" is forward + backward, "prefill" the forward alone; sse False leaves the readout out
     (WKV alone, fla's workload)."""
     xs = inputs(B, T, H, grad=True)
-    q = torch.randn(B, T, H, N, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(B, T, H, N, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     gy, gz = torch.randn_like(q), torch.randn_like(q)
-    S0 = torch.zeros(B, H, N, N, device="cuda")
+    S0 = torch.zeros(B, H, N, N, device=DEV)
 
     if algorithm == "chunk":
         wkv = lambda *a: chunk_wkv7(*a, **(chunk_kw or {}))  # noqa: E731
@@ -94,7 +114,7 @@ def train_fns(B, T, H, block_rows=None, algorithm="sequential", chunk_kw=None, s
     fns = {"train ours": ours, "prefill ours": ours_fwd}
     if chunk_rwkv7 is not None:
         leaves = [x.detach().requires_grad_() for x in xs]
-        h0 = torch.zeros(B, H, N, N, device="cuda")
+        h0 = torch.zeros(B, H, N, N, device=DEV)
 
         def fla():
             y, _ = chunk_rwkv7(*fla_args(*leaves), scale=1.0, initial_state=h0, output_final_state=True)
@@ -125,26 +145,29 @@ def kernel_breakdown(B, T, H, chunk_kw, steps=3):
         if not who.startswith("train"):
             continue
         fn()  # compile and warm up
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 fn()
-            torch.cuda.synchronize()
-        rows = [(e.key, e.count / steps, e.self_device_time_total / steps / 1e3) for e in prof.key_averages()
-                if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]  # kernels, not ops
+            sync()
+        if DEV == "cuda":
+            rows = [(e.key, e.count / steps, e.self_device_time_total / steps / 1e3) for e in prof.key_averages()
+                    if e.self_device_time_total > 0 and e.device_type != DeviceType.CPU]  # kernels, not ops
+        else:  # dry run: CPU operators
+            rows = [(e.key, e.count / steps, e.self_cpu_time_total / steps / 1e3) for e in prof.key_averages()]
         out[who.split()[1]] = sorted(rows, key=lambda r: -r[2])
     return out
 
 
 def bench_decode(B, H):
     xs = [x[:, 0] for x in inputs(B, 1, H)]
-    S = torch.zeros(B, H, N, N, device="cuda")
-    q = torch.randn(B, H, N, device="cuda", dtype=torch.bfloat16)
+    S = torch.zeros(B, H, N, N, device=DEV)
+    q = torch.randn(B, H, N, device=DEV, dtype=torch.bfloat16)
     row = {"step ours": ms(lambda: triton_wkv7_step(S, *xs)),
            "step+read ours": ms(lambda: (triton_wkv7_step(S, *xs), triton_state_read(S, q)))}
     if fused_recurrent_rwkv7 is not None:
         args = fla_args(*[x[:, None] for x in xs])
-        h0 = torch.zeros(B, H, N, N, device="cuda")
+        h0 = torch.zeros(B, H, N, N, device=DEV)
         row["step fla"] = ms(lambda: fused_recurrent_rwkv7(*args, scale=1.0, initial_state=h0,
                                                            output_final_state=True))
     return row
@@ -195,7 +218,7 @@ def sweep(args):
             rows.append((f"chunk {text}", tr, pf))
             print(f"| {H} | chunk {text} (WKV+SSE) | {tr:.3f} | {pf:.3f} | "
                   f"{f'{tr / fla:.2f}' if fla else '-'} |", flush=True)
-            torch.cuda.empty_cache()
+            empty_cache()
         results.append({"H": H, "rows": rows})
         if args.json:  # after each H: a run cut short by its time limit keeps what it measured
             Path(args.json).write_text(json.dumps({"sweep": results}, indent=1))
@@ -230,16 +253,16 @@ def bench_model(size, batch, seq_len, repeats=5):
             rows.append({"case": name, **r})
             print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
                   flush=True)
-            torch.cuda.empty_cache()
-        model = load_model(path, device="cuda", dtype="bfloat16")
-        graph = DecodeGraph(model)
+            empty_cache()
+        model = load_model(path, device=DEV, dtype="bfloat16")
+        graph = lru_cache(None)(lambda: DecodeGraph(model))  # built in its row: it needs CUDA
         print("\n| decode, batch 1, bf16 | ms / token |\n|---|---|")
         with torch.no_grad():
-            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device="cuda"), kernels="triton")
-            token = torch.ones(1, 1, dtype=torch.long, device="cuda")
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=DEV), kernels="triton")
+            token = torch.ones(1, 1, dtype=torch.long, device=DEV)
             for name, step in (("fused elementwise", lambda: model(token, state, kernels="triton")),
                                ("plain-torch elementwise", lambda: model(token, state, kernels="triton", fused=False)),
-                               ("fused elementwise, CUDA graph", lambda: graph(token, state))):
+                               ("fused elementwise, CUDA graph", lambda: graph()(token, state))):
                 try:
                     step()  # the graph captures here, outside the timing
                     t = ms(step)
@@ -252,7 +275,7 @@ def bench_model(size, batch, seq_len, repeats=5):
     return rows
 
 
-def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None, dev="cuda"):
+def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None):
     """Each fused elementwise piece vs its plain-torch twin at the RWKV-7 0.1B shape (d 768,
     head size 64, SSE on every head), forward and forward+backward, bf16 outputs as in the
     model. -> rows of {piece, mode, fused_ms, plain_ms}."""
@@ -260,7 +283,7 @@ def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None, dev="cuda"):
 
     H, n_param = d // N, n_param or 4 * d
     bf = torch.bfloat16
-    rnd = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, device=DEV)  # noqa: E731
     pieces = {  # name: (the function in a module, its arguments)
         "token shift, 6 mixes": (lambda m: partial(m.token_shift_mix, out_dtype=bf),
                                  (rnd(B, T, d), rnd(B, d), rnd(6, d).sigmoid())),
@@ -319,9 +342,17 @@ def main():
                    "forward+backward (the first --sweep configuration, and fla), from torch.profiler")
     p.add_argument("--elementwise", action="store_true", help="with --sweep: also time each fused "
                    "elementwise piece against its plain-torch twin")
+    p.add_argument("--model-shape", metavar="B,T", default="8,1024", help="with --model: batch and sequence length")
+    p.add_argument("--elementwise-shape", metavar="B,T,D", default="8,1024,768",
+                   help="with --elementwise: batch, sequence length, model width")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of this script (TRITON_INTERPRET=1, tiny shapes); times mean nothing")
     args = p.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    global DEV
+    DEV = args.device
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (dry run, TRITON_INTERPRET=1)"
+    print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}")
     if args.sweep:
         results = {"sweep": sweep(args)}
 
@@ -350,10 +381,10 @@ def main():
                     print(f"| total | | {sum(r[2] for r in rows):.3f} |", flush=True)
                 save()
         if args.elementwise:
-            results["elementwise"] = bench_elementwise()
+            results["elementwise"] = bench_elementwise(*map(int, args.elementwise_shape.split(",")))
             save()
         if args.model:
-            results["model"] = bench_model(args.model, 8, 1024)
+            results["model"] = bench_model(args.model, *map(int, args.model_shape.split(",")))
         save()
         return
     chunk_kw = dict(chunk_size=args.chunk_size, block_v=args.block_v, precision=args.precision,
@@ -374,7 +405,7 @@ def main():
         shape += f", C={args.chunk_size})" if args.algorithm == "chunk" else ")"
         line(f"fwd+bwd, WKV+SSE(K=H) vs WKV, {shape}", r["train ours"], r.get("train fla"))
         line(f"forward (prefill), WKV+SSE vs WKV, {shape}", r["prefill ours"], r.get("prefill fla"))
-        torch.cuda.empty_cache()
+        empty_cache()
     for B in () if args.no_decode else (1, 64):
         r = bench_decode(B, 12)
         line(f"decode step, B={B} H=12", r["step ours"], r.get("step fla"))

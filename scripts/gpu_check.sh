@@ -6,6 +6,8 @@
 # (BENCH_TIMEOUT, TEST_TIMEOUT, TRAIN_TEST_TIMEOUT, PROFILE_TIMEOUT).
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 # Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
+# Before spending GPU time on a changed benchmark, dry-run it on the CPU (tests/test_bench_scripts.py
+# does, in CI): TRITON_INTERPRET=1 python bench/kernels.py --device cpu --B 1 --T 16 --heads 1 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
