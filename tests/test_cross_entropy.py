@@ -157,3 +157,20 @@ def test_model_targets_path_equals_loss_of_logits():
     assert abs(float(l32 - l16)) > 1e-5  # and autocast's dtype was used for the head
     with pytest.raises(ModelError, match="targets must have the tokens' shape"):
         model(toks[:, :-1], targets=toks)
+
+
+def test_fp16_gradients_take_the_loss_scale_before_rounding():
+    """Under fp16 with GradScaler the incoming gradient is the loss scale; softmax / N is mostly
+    below float16's range, so the logits' gradient must be scaled before it is rounded, as autograd
+    through the plain twin does. Rounded first, the gradients lose about a digit here."""
+    h, W, t = _problem(N=1024, d=32, V=4096, seed=3)
+    exact = _value_and_grads(naive.linear_cross_entropy, h, W, t)
+    h32, W32 = (x.detach().float().requires_grad_() for x in (h, W))
+    scale = 2.0**16
+    plain = _value_and_grads(naive.linear_cross_entropy, h32, W32, t, scale=scale, compute_dtype=torch.float16)
+    ours = _value_and_grads(chunked.linear_cross_entropy, h32, W32, t, scale=scale, compute_dtype=torch.float16,
+                            chunk_rows=300)
+    for e, p, o in zip(exact[1:], plain[1:], ours[1:]):
+        err = lambda x: float((x.double() / scale - e).norm() / e.norm())  # noqa: E731
+        assert err(p) < 1e-3 and err(o) < 1.5 * err(p) + 1e-5
+    torch.testing.assert_close(ours[0], plain[0], rtol=1e-6, atol=1e-6)

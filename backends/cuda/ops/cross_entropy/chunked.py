@@ -5,6 +5,10 @@ two matmuls), so nothing of size [N, V] outlives its chunk and backward only sca
 incoming gradient. Same arithmetic as the naive twin and autograd through it: logits rounded to
 compute_dtype, softmax in float32 (float64 kept), the logits' gradient rounded to compute_dtype
 for the two matmuls.
+
+Except in float16: there the incoming gradient carries the loss scale (GradScaler), which must
+multiply the logits' gradient before it is rounded to float16 (most of softmax / N is below
+float16's range), so backward computes the logits a second time, one chunk at a time.
 """
 
 from __future__ import annotations
@@ -67,8 +71,9 @@ def _check(h, weight, targets):
             raise CrossEntropyInputError(f"targets must lie in [0, {weight.shape[0]}), got [{lo}, {hi}]")
 
 
-def _forward(h, weight, targets, dt, rows, need_dh: bool, need_dw: bool):
-    """(loss, dh, dweight) of the mean; a gradient not asked for is None."""
+def _forward(h, weight, targets, dt, rows, need_dh: bool, need_dw: bool, dloss=None):
+    """(loss, dh, dweight) of the mean, the gradients times dloss (None: 1) when asked for (else
+    None)."""
     N = h.shape[0]
     soft_dt = torch.float64 if dt == torch.float64 else torch.float32
     w = weight.to(dt)
@@ -84,7 +89,8 @@ def _forward(h, weight, targets, dt, rows, need_dh: bool, need_dw: bool):
             if need_dh or need_dw:
                 p = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
                 p[torch.arange(len(tc), device=p.device), tc] -= 1.0
-                g = p.div_(N).to(dt)                                   # d mean / d logits
+                p = p.div_(N) if dloss is None else p.mul_(dloss / N)
+                g = p.to(dt)                                           # d mean / d logits
                 if need_dh:
                     dh[s:s + rows] = g @ w
                 if need_dw and dt == soft_dt:
@@ -98,6 +104,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, dt, rows):
         need_dh, need_dw = ctx.needs_input_grad[:2]
+        ctx.recompute = (dt, rows) if dt == torch.float16 else None  # the module docstring says why
+        if ctx.recompute:
+            ctx.save_for_backward(h, weight, targets)
+            return _forward(h, weight, targets, dt, rows, False, False)[0]
         loss, dh, dw = _forward(h, weight, targets, dt, rows, need_dh, need_dw)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(dh, dw)
@@ -106,6 +116,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss):
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        if ctx.recompute:
+            h, weight, targets = ctx.saved_tensors
+            _, dh, dw = _forward(h, weight, targets, *ctx.recompute, need_dh, need_dw, dloss.float())
+            return dh, dw.to(weight.dtype) if dw is not None else None, None, None, None
         dh, dw = ctx.saved_tensors
         dh = dh * dloss.to(dh.dtype) if dh is not None else None
         dw = (dw * dloss.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
