@@ -45,9 +45,9 @@ def test_bf16_autocast_within_one_rounding_of_float64(device):
     h32, W32 = (x.detach().float().to(device).requires_grad_() for x in (h, W))
     t = t.to(device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        plain = _value_and_grads(naive.linear_cross_entropy, h32, W32, t, compute_dtype=torch.bfloat16)
-        ours = _value_and_grads(chunked.linear_cross_entropy, h32, W32, t, compute_dtype=torch.bfloat16,
-                                chunk_rows=16)
+        # compute_dtype None, as the model calls it: the matmuls take autocast's dtype in both
+        plain = _value_and_grads(naive.linear_cross_entropy, h32, W32, t)
+        ours = _value_and_grads(chunked.linear_cross_entropy, h32, W32, t, chunk_rows=16)
     for e, p, o in zip(exact, plain, ours):
         assert o.dtype == torch.float32
         err_plain, err_ours = (float((x.double() - e).abs().max()) for x in (p, o))
@@ -174,3 +174,10 @@ def test_fp16_gradients_take_the_loss_scale_before_rounding():
         err = lambda x: float((x.double() / scale - e).norm() / e.norm())  # noqa: E731
         assert err(p) < 1e-3 and err(o) < 1.5 * err(p) + 1e-5
     torch.testing.assert_close(ours[0], plain[0], rtol=1e-6, atol=1e-6)
+
+
+def test_double_backward_raises():
+    h, W, t = _problem()
+    loss = chunked.linear_cross_entropy(h, W, t, chunk_rows=8)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        torch.autograd.grad(loss, (h, W), create_graph=True)

@@ -141,5 +141,76 @@ def test_head_size_must_be_a_power_of_two(name):
 
     args, kw = piece_args(name)  # k_prep: D = 80 over 2 heads, 40 each
     args = [a[..., :24] if torch.is_tensor(a) and a.dim() == 4 else a for a in args]  # heads of 24
+    if name == "group_norm_bonus_gate":  # and the per-channel inputs to match: 2 heads of 24
+        args[4:] = [args[4][..., :48], args[5][:, :24], args[6][:48], args[7][:48]]
     with pytest.raises(ElementwiseInputError, match="power-of-two head size"):
         getattr(fused, name)(*args, **kw)
+
+
+@pytest.mark.parametrize("name", ["token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "k_prep", "relu_square"])
+def test_double_backward_raises(name):
+    """The kernels have no second derivative: create_graph=True must raise, not leave them out
+    (as a silent zero, which once_differentiable gives for a cotangent without grad)."""
+    args, kw = piece_args(name)
+    if name == "k_prep":
+        args[-1] = 5  # heads of 16: D = 80
+    leaves = [a.requires_grad_() for a in args if torch.is_tensor(a)]
+    for module in (naive, fused):
+        out = getattr(module, name)(*args, **kw)
+        total = sum(o.sum() for o in (out if isinstance(out, tuple) else (out,)))
+        if module is naive:
+            torch.autograd.grad(total, leaves, create_graph=True)  # the plain twin has one
+        else:
+            with pytest.raises(NotImplementedError, match="no second derivative"):
+                torch.autograd.grad(total, leaves, create_graph=True)
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("token_shift_mix", lambda a: a.__setitem__(1, a[1][:1]), r"prev must be \[2, 80\]"),  # one batch row's state
+    ("token_shift_mix", lambda a: a.__setitem__(2, a[2][:, :40]), r"mix must be \[6, 80\]"),
+    ("group_norm_bonus_gate", lambda a: a.__setitem__(4, a[4][..., :32]), r"g must be \[2, 9, 64\]"),
+    ("group_norm_bonus_gate", lambda a: a.__setitem__(5, a[5][:1]), r"r_k must be \[2, 32\]"),
+    ("group_norm_bonus_gate", lambda a: a.__setitem__(7, a[7][:10]), r"bias must be \[64\]"),
+    ("sse_norm_gate", lambda a: a.__setitem__(2, a[2][:64]), r"gate must be \[80\]"),
+    ("sse_norm_gate", lambda a: a.__setitem__(1, torch.randn(2, 9, 4, 32)), "more than xs's 80"),
+    ("k_prep", lambda a: a.__setitem__(4, 3), "80 channels do not split into 3 heads"),
+    ("k_prep", lambda a: a.__setitem__(3, a[3][:16]), r"k_a must be \[80\]"),
+    ("relu_square", None, None),
+])
+def test_mismatched_shapes_raise(name, bad, match):
+    """The kernels index by the first input's shape: any other input that does not fit it would be
+    read out of bounds, so it is refused."""
+    from backends.cuda.ops.elementwise.fused import ElementwiseInputError
+
+    args, kw = piece_args(name)
+    if name == "k_prep":
+        args[-1] = 5
+    getattr(fused, name)(*args, **kw)  # the unmodified inputs are fine
+    if bad is None:
+        return
+    bad(args)
+    with pytest.raises(ElementwiseInputError, match=match):
+        getattr(fused, name)(*args, **kw)
+
+
+@pytest.mark.parametrize("name", ["token_shift_mix", "group_norm_bonus_gate", "sse_norm_gate", "k_prep", "relu_square"])
+def test_no_rows(name):
+    """B = 0: empty outputs, and zero parameter gradients, as the plain twin gives."""
+    args, kw = piece_args(name)
+    if name == "k_prep":
+        args[-1] = 5
+    per_sequence = lambda i, a: torch.is_tensor(a) and (a.dim() >= 3 or name == "token_shift_mix" and i == 1)  # noqa: E731
+    args = [a[:0].clone() if per_sequence(i, a) else a for i, a in enumerate(args)]
+    outs = {}
+    for module in (naive, fused):
+        leaves = [a.detach().requires_grad_() if torch.is_tensor(a) else a for a in args]
+        out = getattr(module, name)(*leaves, **kw)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(o.numel() == 0 for o in out)
+        grads = torch.autograd.grad(out, [a for a in leaves if torch.is_tensor(a)], [torch.ones_like(o) for o in out],
+                                    allow_unused=True)
+        outs[module] = grads
+    for g_naive, g_fused in zip(outs[naive], outs[fused]):
+        if g_naive is None:
+            continue
+        torch.testing.assert_close(g_fused, g_naive)

@@ -305,3 +305,17 @@ def test_only_the_final_state_in_the_loss_and_no_zero_filled_gradients(monkeypat
     assert not torch.any(x[0].grad)  # S_T does not depend on r
     errs = {n: rel_rms(t.grad, gn) for n, t, gn in zip(NAMES[1:], x[1:], grads_n[1:])}
     assert all(e <= 1e-3 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("kernel", ["chunk", "sequential"])
+@pytest.mark.parametrize("through", ["y", "z"])
+def test_double_backward_raises(kernel, through):
+    """Neither kernel's backward is differentiable: create_graph=True raises through y and
+    through the readout z, where it would otherwise leave the kernels' terms out."""
+    from backends.cuda.ops.wkv7 import triton_wkv7
+
+    ins = [x.requires_grad_() for x in rwkv_inputs(1, 20, 1, 16, torch.Generator().manual_seed(0))[0]]
+    y, _, read = (chunk_wkv7 if kernel == "chunk" else triton_wkv7)(*ins)
+    out = y if through == "y" else read(torch.randn(1, 20, 1, 16, device=DEV))
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        torch.autograd.grad(out.sum(), ins, create_graph=True)

@@ -184,3 +184,25 @@ def test_input_errors():
     S = torch.zeros(1, 2, 16, 16, device=DEV)
     with pytest.raises(WKV7InputError, match="float32"):
         triton_wkv7_step(S.half(), *[x[:, 0] for x in ins])
+
+
+@pytest.mark.parametrize("rows", [0, 12, 32, -8])
+def test_block_rows_must_divide_the_head(rows):
+    """Each entry point checks its block_rows: 32 rows at N = 16 would launch no program and return
+    uninitialised memory; 12 fails inside Triton; 0 is not "the default"."""
+    ins, S0 = make_inputs(1, 4, 2, 16)
+    step = [x[:, 0] for x in ins]
+    calls = (lambda: triton_wkv7(*ins, block_rows=rows),
+             lambda: triton_wkv7_step(S0.clone(), *step, block_rows=rows),
+             lambda: triton_state_read(S0, step[0], block_rows=rows))
+    for call in calls:
+        with pytest.raises(WKV7InputError, match=f"block_rows = {rows} must be a power of two dividing N = 16"):
+            call()
+
+
+def test_sequence_past_32_bit_offsets_is_refused():
+    """The sequential kernel indexes tokens in 32 bits: a sequence of 2^31 elements per batch row
+    is refused before any memory is touched (expanded views: nothing is allocated)."""
+    x = torch.zeros(1, 1, 1, 1, device=DEV).expand(1, 2**25, 1, 64)
+    with pytest.raises(WKV7InputError, match="use chunk_wkv7"):
+        triton_wkv7(x, x, x, x, x, x)

@@ -277,10 +277,8 @@ class Model(nn.Module):
             targets = targets[None]
         if targets.shape != h.shape[:2]:
             raise ModelError(f"targets must have the tokens' shape {list(h.shape[:2])}, got {list(targets.shape)}")
-        W = self.head.weight
-        # the matmul's dtype, as _linear gets it: autocast's, else the weight's
-        dt = torch.get_autocast_dtype(W.device.type) if torch.is_autocast_enabled(W.device.type) else W.dtype
-        return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), W, targets.flatten(), dt)
+        # the matmul's dtype is _linear's: autocast's, else the weight's
+        return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
 
     def check_kernels(self, kernels: str) -> None:
         """Raise ModelError now if this model cannot run `kernels` ("ops" or "triton")."""

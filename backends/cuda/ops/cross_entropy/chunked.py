@@ -14,9 +14,10 @@ float16's range), so backward computes the logits a second time, one chunk at a 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from metastate_core.errors import MetaStateError
+
+from .. import first_order_only
 
 CHUNK_LOGITS = 2**26  # logits per chunk: 256 MB in float32, a few chunks per batch at V = 65536
 
@@ -33,7 +34,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h: [N, d] hidden states (float32 or float64).
         weight: [V, d] the head.
         targets: [N] integer token ids in [0, V).
-        compute_dtype: the matmuls' dtype (None: the weight's).
+        compute_dtype: the matmuls' dtype (None: autocast's where it is on, as a matmul there
+            gets it, else the weight's).
         chunk_rows: rows per chunk (None: CHUNK_LOGITS // V).
     Returns:
         loss: [] in the dtype of h.
@@ -43,7 +45,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows = chunk_rows if chunk_rows is not None else max(1, CHUNK_LOGITS // V)
     if rows < 1:
         raise CrossEntropyInputError(f"chunk_rows must be at least 1, got {rows}")
-    dt = compute_dtype or weight.dtype
+    device = weight.device.type
+    dt = compute_dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
     targets = targets.long()
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, dt, rows)
@@ -114,7 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dloss):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         if ctx.recompute:

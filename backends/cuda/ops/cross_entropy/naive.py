@@ -16,7 +16,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h: [N, d] hidden states (float32 or float64).
         weight: [V, d] the head.
         targets: [N] int64 token ids in [0, V).
-        compute_dtype: the matmul's dtype (None: the weight's). The logits are rounded to it, as a
+        compute_dtype: the matmul's dtype (None: autocast's where it is on, else the weight's). The logits are rounded to it, as a
             matmul in that dtype returns them, then the softmax is taken in float32 (float64 kept).
     Returns:
         loss: [] in the dtype of h.

@@ -24,6 +24,8 @@ import triton.language as tl
 
 from metastate_core.errors import MetaStateError
 
+from .. import first_order_only
+
 ROWS = 16          # rows (tokens) per tile of a per-head piece: [ROWS, N]
 MIX_ROWS = 4       # rows per tile of the token shift: [mixes (8), MIX_ROWS, BLOCK_D], in registers
 BLOCK_D = 64       # channels per tile of the token shift (128: 234 registers in backward, 64: 96)
@@ -40,11 +42,24 @@ def _check_head_size(N: int) -> None:
                                     "use the plain pieces (fused=False)")
 
 
+def _check_shapes(piece: str, dims: int, shapes: dict) -> None:
+    """shapes: {name: (tensor, expected shape)}; the first tensor must have `dims` dimensions (the
+    expected shapes are read from it). The kernels index by these shapes, so a mismatch would read
+    out of bounds instead of failing."""
+    first, (t, _) = next(iter(shapes.items()))
+    if t.dim() != dims:
+        raise ElementwiseInputError(f"{piece}: {first} must have {dims} dimensions, got {list(t.shape)}")
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != tuple(shape):
+            raise ElementwiseInputError(f"{piece}: {name} must be {list(shape)}, got {list(t.shape)}")
+
+
 def _programs(tiles: int, device: torch.device) -> int:
-    """Programs that loop over row tiles when a kernel reduces parameter gradients."""
+    """Programs that loop over row tiles when a kernel reduces parameter gradients (at least one,
+    which stores the zero gradient of no rows)."""
     if device.type == "cuda":
-        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(tiles, 4)  # the interpreter: each program costs Python time
+        return max(1, min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(tiles, 4))  # the interpreter: each program costs Python time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +134,7 @@ class _TokenShiftMix(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dout):
         x, prev, mix = ctx.saved_tensors
         B, T, D = x.shape
@@ -135,6 +151,9 @@ class _TokenShiftMix(torch.autograd.Function):
 
 def token_shift_mix(x, prev, mix, out_dtype=torch.float32):
     """x + (shift(x) - x) * mix[m] for each m. x [B, T, D], prev [B, D], mix [M, D] -> [M, B, T, D]."""
+    B, T, D = x.shape if x.dim() == 3 else (0, 0, 0)
+    _check_shapes("token_shift_mix", 3, {"x": (x, x.shape), "prev": (prev, (B, D)),
+                                         "mix": (mix, (mix.shape[0] if mix.dim() else 0, D))})
     return _TokenShiftMix.apply(x, prev, mix, out_dtype)
 
 
@@ -226,6 +245,7 @@ class _GroupNormBonusGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dout):
         y, r, k, v, g, r_k, weight, bias = ctx.saved_tensors
         B, T, H, N = y.shape
@@ -246,6 +266,10 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
 
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
+    B, T, H, N = y.shape if y.dim() == 4 else (0, 0, 0, 0)
+    _check_shapes("group_norm_bonus_gate", 4, {"y": (y, y.shape), "r": (r, y.shape), "k": (k, y.shape),
+                                               "v": (v, y.shape), "g": (g, (B, T, H * N)), "r_k": (r_k, (H, N)),
+                                               "weight": (weight, (H * N,)), "bias": (bias, (H * N,))})
     return _GroupNormBonusGate.apply(y, r, k, v, g, r_k, weight, bias, eps, out_dtype)
 
 
@@ -311,6 +335,7 @@ class _SSENormGate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dout):
         xs, z, gate = ctx.saved_tensors
         B, T, D = xs.shape
@@ -331,6 +356,11 @@ def sse_norm_gate(xs, z, gate, eps: float, out_dtype=torch.float32):
 
     xs [B, T, D], z [B, T, K, N], gate [D] -> [B, T, D].
     """
+    B, T, D = xs.shape if xs.dim() == 3 else (0, 0, 0)
+    K, N = z.shape[2:] if z.dim() == 4 else (0, 0)
+    _check_shapes("sse_norm_gate", 3, {"xs": (xs, xs.shape), "z": (z, (B, T, K, N)), "gate": (gate, (D,))})
+    if K * N > D:
+        raise ElementwiseInputError(f"sse_norm_gate: z has {K} x {N} channels, more than xs's {D}")
     return _SSENormGate.apply(xs, z, gate, eps, out_dtype)
 
 
@@ -402,6 +432,7 @@ class _KPrep(torch.autograd.Function):
         return kk, k_out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dkk, dk_out):
         k, a, k_k, k_a = ctx.saved_tensors
         B, T, A = k.shape
@@ -423,6 +454,10 @@ def k_prep(k, a, k_k, k_a, n_head: int):
 
     k, a [B, T, H*N], k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]).
     """
+    _check_shapes("k_prep", 3, {"k": (k, k.shape), "a": (a, k.shape), "k_k": (k_k, k.shape[-1:]),
+                                "k_a": (k_a, k.shape[-1:])})
+    if n_head < 1 or k.shape[-1] % n_head:
+        raise ElementwiseInputError(f"k_prep: {k.shape[-1]} channels do not split into {n_head} heads")
     return _KPrep.apply(k, a, k_k, k_a, n_head)
 
 
@@ -455,6 +490,7 @@ class _ReluSquare(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dout):
         (h,) = ctx.saved_tensors
         dh = torch.empty_like(h)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import first_order_only
 from .naive import DECAY_SCALE
 from .sequential import graph_task
 
@@ -72,7 +73,8 @@ def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_p
     cols = tl.arange(0, N)
     t = c * C + rows
     m = (t < T)[:, None]
-    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
+    # int64 token offsets: T * H * N passes 2^31 in a long sequence (masks stay int32: registers)
+    io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N + cols[None, :]
     x = tl.load(w_ptr + io, mask=m, other=0.0).to(tl.float32)
     logw = tl.where(m, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0)  # padding: log w = 0
     G = tl.cumsum(logw, axis=0)
@@ -126,7 +128,7 @@ def _state_kernel(k_ptr, v_ptr, kk_ptr, a_ptr, s0_ptr, g_ptr, wf_ptr, uv_ptr,
         tl.store(states_ptr + (bh * NC + c) * N * N + soff, S)
         t = c * C + rows
         m = (t < T)[:, None]
-        io = (b * T * H + h) * N + t[:, None] * H * N
+        io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N
         cb = (bh * NC + c) * C * N + rows[:, None] * N
         kk = tl.load(kk_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + io + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -161,8 +163,8 @@ def _read_kernel(q_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, u_ptr, states_ptr, o
     cols = tl.arange(0, N)
     t = c * C + rows
     m = (t < T)[:, None]
-    io = (b * T * H + h) * N + t[:, None] * H * N
-    qo = (b * T * K + h) * N + t[:, None] * K * N
+    io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N
+    qo = (b * T * K + h) * N + t[:, None].to(tl.int64) * K * N
     cb = (bh * NC + c) * C * N + rows[:, None] * N
     G = tl.load(g_ptr + cb + cols[None, :])
     q = tl.load(q_ptr + qo + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -218,8 +220,8 @@ def _read_bwd_kernel(q_ptr, do_ptr, q2_ptr, do2_ptr, k_ptr, v_ptr, kk_ptr, a_ptr
     cols = tl.arange(0, N)
     t = c * C + rows
     m = (t < T)[:, None]
-    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
-    qo = (b * T * K + h) * N + t[:, None] * K * N + cols[None, :]
+    io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N + cols[None, :]
+    qo = (b * T * K + h) * N + t[:, None].to(tl.int64) * K * N + cols[None, :]
     co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
     G = tl.load(g_ptr + co)
     q = tl.load(q_ptr + qo, mask=m, other=0.0).to(tl.float32)
@@ -237,7 +239,7 @@ def _read_bwd_kernel(q_ptr, do_ptr, q2_ptr, do2_ptr, k_ptr, v_ptr, kk_ptr, a_ptr
     if TERMS:
         if K2 > 0:
             if h < K2:
-                q2o = (b * T * K2 + h) * N + t[:, None] * K2 * N + cols[None, :]
+                q2o = (b * T * K2 + h) * N + t[:, None].to(tl.int64) * K2 * N + cols[None, :]
                 q2 = tl.load(q2_ptr + q2o, mask=m, other=0.0).to(tl.float32)
                 dO2 = tl.load(do2_ptr + q2o, mask=m, other=0.0).to(tl.float32)
                 _, dG2, dU2, dV2, dBh2, dKh2 = _read_grads(q2, dO2, S, U, v, Bh, Kh, eg, rows, PREC)
@@ -282,7 +284,7 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
         tl.store(dstates_ptr + (bh * NC + c) * N * N + soff, dS)
         t = c * C + rows
         m = (t < T)[:, None]
-        io = (b * T * H + h) * N + t[:, None] * H * N
+        io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N
         cb = (bh * NC + c) * C * N + rows[:, None] * N
         G = tl.load(g_ptr + cb + cols[None, :])
         g = tl.load(g_ptr + (bh * NC + c) * C * N + (C - 1) * N + cols)
@@ -299,7 +301,7 @@ def _dstate_kernel(r_ptr, dy_ptr, q_ptr, dz_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, d
               + _dot(tl.trans(dy), r * eg, PREC))
         if HAS_Z:
             mz = m & ((t * 0 + h) < K)[:, None]  # block-shaped: newer interpreters reject scalar masks
-            qo = (b * T * K + h) * N + t[:, None] * K * N
+            qo = (b * T * K + h) * N + t[:, None].to(tl.int64) * K * N
             q = tl.load(q_ptr + qo + cols[None, :], mask=mz, other=0.0).to(tl.float32)
             dz = tl.load(dz_ptr + qo + vb[None, :], mask=mz, other=0.0).to(tl.float32)
             dS += _dot(tl.trans(dz), q * eg, PREC)
@@ -319,7 +321,7 @@ def _bwd_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_pt
     cols = tl.arange(0, N)
     t = c * C + rows
     m = (t < T)[:, None]
-    io = (b * T * H + h) * N + t[:, None] * H * N + cols[None, :]
+    io = (b * T * H + h) * N + t[:, None].to(tl.int64) * H * N + cols[None, :]
     co = (bh * NC + c) * C * N + rows[:, None] * N + cols[None, :]
     so = (bh * NC + c) * N * N + cols[:, None] * N + cols[None, :]
     x = tl.load(w_ptr + io, mask=m, other=0.0).to(tl.float32)
@@ -579,6 +581,7 @@ class _ChunkWKV7(torch.autograd.Function):
         return y, sT, sT.new_zeros(()), *internals
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, dS_T, _dlink, *_internals):
         r, w_raw, k, v, kk, a, *internals = ctx.saved_tensors
         sh = ctx.shared
@@ -604,6 +607,7 @@ class _ChunkRead(torch.autograd.Function):
         return chunk_wkv7_read(_read_view(shared, k, v, kk, a, G, U, states), q)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dz):
         q, *tensors = ctx.saved_tensors
         sh = ctx.shared

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import first_order_only
 from .naive import DECAY_SCALE
 
 CHUNK = 16  # tokens between saved states: memory T/16 * N^2 per head, scratch 16 * BI * N per program
@@ -301,6 +302,7 @@ class _WKV7(torch.autograd.Function):
         return y, sT, sT.new_zeros(()), states
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, dS_T, _dlink, _dstates):
         r, w_raw, k, v, kk, a, states = ctx.saved_tensors
         sh = ctx.shared
@@ -322,6 +324,7 @@ class _Read(torch.autograd.Function):
         return wkv7_replay(w_raw, k, v, kk, a, states, q, shared.BI)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dz):
         q, w_raw, k, v, kk, a, states = ctx.saved_tensors
         sh = ctx.shared

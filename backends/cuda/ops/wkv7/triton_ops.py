@@ -60,6 +60,13 @@ def _check_query(q, B, T_shape, H, N, dtype_ok=_DTYPES):
         raise WKV7InputError(f"query has dtype {q.dtype}; expected float32, bfloat16 or float16")
 
 
+def _block_rows(block_rows, default, N):
+    BI = default if block_rows is None else block_rows
+    if BI < 1 or N % BI or BI & (BI - 1):
+        raise WKV7InputError(f"block_rows = {BI} must be a power of two dividing N = {N}")
+    return BI
+
+
 def check_read_once(shared, q, B, T, H, N, device, name):
     """A sequence kernel's read(q): called at most once, with a query [B, T, K <= H, N] on `device`."""
     if shared.read_called:
@@ -89,12 +96,13 @@ def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None
     B, T, H, N = k.shape
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
+    if T * H * N >= 2**31:  # int64 offsets cost this kernel a block per SM; chunk_wkv7 has them
+        raise WKV7InputError(f"T * H * N = {T * H * N} elements per sequence is past the sequential kernel's "
+                             "32-bit token offsets: use chunk_wkv7")
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
-    BI = block_rows or default_block_rows(N, k.device)
-    if BI < 1 or N % BI or BI & (BI - 1):
-        raise WKV7InputError(f"block_rows = {BI} must be a power of two dividing N = {N}")
+    BI = _block_rows(block_rows, default_block_rows(N, k.device), N)
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
     shared = _Shared(BI)
     y, sT, link, states = _WKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
@@ -116,9 +124,7 @@ def triton_wkv7_step(S, r, w_raw, k, v, kk, a, *, block_rows: int | None = None)
     _check_state(S, B, H, N, k.device, name="S")
     if not S.is_contiguous():
         raise WKV7InputError("S must be contiguous (it is updated in place)")
-    BI = block_rows or default_decode_rows(N, k.device)
-    if N % BI or BI & (BI - 1):
-        raise WKV7InputError(f"block_rows = {BI} must be a power of two dividing N = {N}")
+    BI = _block_rows(block_rows, default_decode_rows(N, k.device), N)
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
     return wkv7_step(S, r, w_raw, k, v, kk, a, BI)
 
@@ -132,5 +138,5 @@ def triton_state_read(S, q, *, block_rows: int | None = None):
     _check_query(q, B, (B,), H, N)
     if q.device != S.device:
         raise WKV7InputError(f"q is on {q.device}, S on {S.device}")
-    BI = block_rows or default_decode_rows(N, S.device)
+    BI = _block_rows(block_rows, default_decode_rows(N, S.device), N)
     return state_read(S.contiguous(), q.contiguous(), BI)
