@@ -99,6 +99,13 @@ def cmd_prepare_data(args) -> int:
     n_val = sum(s["tokens"] for s in meta["splits"]["val"])
     print(f"prepared {meta['documents']} documents -> {n_train:,} train + {n_val:,} held-out tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}) in {args.out}")
+    from backends.cuda.train import TrainConfig
+
+    split, n = min(("train", n_train), ("held-out", n_val), key=lambda x: x[1])
+    if n - 1 < TrainConfig.seq_len:  # said now, not when `train` refuses the split
+        print(f"note: the {split} split has {n:,} tokens, so training sequences can be at most {n - 1:,} tokens "
+              f"(train --seq-len {n - 1} or less; the default is {TrainConfig.seq_len})"
+              + (", or prepare with a larger --val-fraction" if split == "held-out" else ""))
     return 0
 
 

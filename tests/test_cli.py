@@ -304,3 +304,23 @@ def test_convert_quantize_for_mlx(model, tmp_path, capsys):
     assert_one_error(rc, err, "MLX-quantized", "--backend mlx")
     rc, _, err = run(["convert", path, "--out", tmp_path / "q.pth", "--quantize", "4"], capsys)
     assert_one_error(rc, err, "--quantize writes an MLX model directory")
+
+
+def test_prepare_data_says_when_a_split_is_shorter_than_the_default_sequence(tmp_path, capsys):
+    """A small corpus leaves a held-out split too short for `train`'s default --seq-len: said at
+    prepare time, with the longest length that works, instead of only when training refuses it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sentencepiece")
+    words = ["river", "stone", "light", "quiet", "north", "ember", "field", "glass", "harbor", "meadow"]
+    (tmp_path / "a.txt").write_text("\n".join(" ".join(words[(i * 7 + j) % 10] for j in range(12))
+                                              for i in range(30)))
+    rc, out, _ = run(["prepare-data", tmp_path / "a.txt", "--out", tmp_path / "d", "--vocab-size", "300",
+                      "--val-fraction", "0.05"], capsys)
+    assert rc == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    n_val = sum(s["tokens"] for s in meta["splits"]["val"])
+    assert n_val - 1 < 128  # the setup of the case
+    assert f"the held-out split has {n_val:,} tokens" in out and f"--seq-len {n_val - 1} or less" in out
+    rc, out, _ = run(["prepare-data", tmp_path / "a.txt", "--out", tmp_path / "d2", "--vocab-size", "300",
+                      "--val-fraction", "0.5"], capsys)
+    assert rc == 0 and "note:" not in out  # both halves long enough
