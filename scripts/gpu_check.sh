@@ -22,7 +22,7 @@ unset TRITON_INTERPRET
 "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" || exit 1
 if [ $# -eq 0 ]; then
-    set -- --heads 12 32 --sweep 16/32/tf32/4 16/32/tf32/4/r128 16/32/tf32/4/b 16/32/tf32/4/b/r128 --breakdown --elementwise --model 768,12,65536
+    set -- --heads 12 32 --sweep 16/32/tf32/4 16/32/tf32/4/r128 16/64/tf32/4 16/32/tf32/4/b 16/32/tf32/4/b/r128 --breakdown --elementwise --model 768,12,65536
 fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?

@@ -581,7 +581,7 @@ class Trainer:
         if self.dist.main:
             rng_meta, rng_arrays = _rng_state()
             state = {"step": self.step, "samples": self.cfg.data_start + self.step * self.cfg.batch_size,
-                     "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len, "val_loss": _finite(val_loss),
+                     "tokens": self.tokens_seen, "val_loss": _finite(val_loss),
                      "best_val_loss": _finite(self.best), "world_size": self.dist.world,
                      "bad_steps": self.bad_steps, "skipped_steps": self.skipped, "data_fingerprint": self.data_id,
                      "amp": AMP_NAMES[self.amp],
@@ -622,6 +622,11 @@ class Trainer:
         return loss
 
     @torch.no_grad()
+    @property
+    def tokens_seen(self) -> int:
+        """Training tokens of the steps taken (a skipped step's data counts as used)."""
+        return self.step * self.cfg.batch_size * self.cfg.seq_len
+
     def evaluate(self) -> float:
         """Mean held-out loss (nats/token) over the first eval_sequences windows."""
         self.model.eval()
@@ -691,7 +696,6 @@ class Trainer:
             _clean_stale(self.out)
             self._trim_metrics()
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        tokens_per_step = cfg.batch_size * cfg.seq_len
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (main and cfg.progress), file=sys.stderr)
         val = None
@@ -709,10 +713,10 @@ class Trainer:
                 self._skipped(loss, norm, bar)
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 now = time.time()
-                tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+                tps = window_steps * cfg.batch_size * cfg.seq_len / max(now - window_t, 1e-9)
                 window_t, window_steps = now, 0
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-                self._log({"step": self.step, "tokens": self.step * tokens_per_step, "loss": loss,
+                self._log({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
                            "lr": lr_at(cfg, self.step - 1), "grad_norm": norm, "tok_per_s": tps,
                            "elapsed_s": now - t0, **self._scale_record()})
             val = None
@@ -720,7 +724,7 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or last:
                 val = self.evaluate()
                 self.best = min(self.best, val)
-                self._log({"step": self.step, "tokens": self.step * tokens_per_step, "val_loss": val,
+                self._log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val,
                            "val_ppl": math.exp(min(val, 50))})
                 bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.4f}")
                 if main and cfg.plot and (last or time.time() - last_plot > 60):
@@ -737,7 +741,7 @@ class Trainer:
     def _skipped(self, loss: float, norm: float, bar) -> None:
         """Report the step just skipped; stop the run after max_bad_steps of them in a row."""
         what = "loss" if not math.isfinite(loss) else "gradient norm"
-        self._log({"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.seq_len,
+        self._log({"step": self.step, "tokens": self.tokens_seen,
                    "skipped": f"non-finite {what}", "in_a_row": self.bad_steps, **self._scale_record()})
         if self.dist.main:
             scale = f"; fp16 loss scale now {self.scaler.get_scale():g}" if self.scaler else ""
