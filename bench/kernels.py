@@ -337,7 +337,8 @@ def main():
     p.add_argument("--num-warps", type=int, default=None, help="chunk algorithm: warps per program")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--model", metavar="D,L,V", help="with --sweep: also time a whole model of this size "
-                   "(B=8, T=1024, bf16), chunked vs sequential kernels")
+                   "(--model-shape, bf16): the Triton default against its plain-elementwise, whole-logits, "
+                   "--grad-checkpoint and autocast variants, and decode latency")
     p.add_argument("--breakdown", action="store_true", help="with --sweep: GPU time per kernel of one "
                    "forward+backward (the first --sweep configuration, and fla), from torch.profiler")
     p.add_argument("--elementwise", action="store_true", help="with --sweep: also time each fused "

@@ -1,7 +1,8 @@
 """The `metastate` command: init, inspect, logits, convert, grow, generate, chat, train, bench.
 
 Every failure a user can cause ends as one line `error: <message>` on stderr and a non-zero
-exit code (2 for usage errors and unavailable backends, 130 on Ctrl-C, 1 otherwise).
+exit code (2 when the command line does not parse and when a backend's extra is not installed,
+130 on Ctrl-C, 1 otherwise: a bad value, a missing file, a model that does not fit).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ log w, Gp = G - log w, g = G[C-1] (the chunk's total log decay):
 Kernels (forward):
   _prep_kernel   grid (B*H, chunks)       G, W, Uv, Tinv per chunk (pass 1, parallel)
   _state_kernel  grid (B*H, N/BV)         over chunks: U, S at each chunk start, S_T (pass 2)
-  _read_kernel   grid (B*K, chunks, N/BV) O for a query, y (q = r) or z (q = xs) (pass 3)
+  _read_kernel   grid (B*K, chunks)       O for a query, y (q = r) or z (q = xs) (pass 3)
 
 Backward, reverse mode through the same formulas (derivation in `reference_backward`):
   _read_bwd_kernel grid (B*K, chunks)     per readout (q, dO): dq = dQ e^G and its chunk-local

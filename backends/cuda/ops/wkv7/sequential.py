@@ -35,11 +35,11 @@ CHUNK = 16  # tokens between saved states: memory T/16 * N^2 per head, scratch 1
 _DECAY = tl.constexpr(DECAY_SCALE)
 
 
-# The token loads and the state step are written out in each kernel rather than shared through
-# @triton.jit helpers: the CPU interpreter (tests) re-patches triton.language on every device-function
-# call, which would dominate its run time in these per-token loops. A masked token (t >= T) loads
-# w = 1 and k = v = kk = a = 0, the identity step. (sigmoid is written as 1 / (1 + exp(-x)) for the
-# same reason: tl.sigmoid is a device function.) The step, alpha = -kk, beta = kk * a:
+# The forward step is one @triton.jit helper (_step); the adjoint step in _bwd_kernel is written out,
+# since the CPU interpreter (tests) re-patches triton.language on every device-function call, which
+# dominates its run time in these per-token loops. A masked token (t >= T) loads w = 1 and
+# k = v = kk = a = 0, the identity step. (sigmoid is written as 1 / (1 + exp(-x)) for the same
+# reason: tl.sigmoid is a device function.) The step, alpha = -kk, beta = kk * a:
 #     sa = S alpha;   S <- S diag(w) + sa beta^T + v k^T
 
 

@@ -1,6 +1,7 @@
 """WKV-7 (RWKV-7 time mix) + Self-State Encoder readout: the Triton kernels and their autograd.
 
-    triton_wkv7(r, w_raw, k, v, kk, a, S0=None) -> (y, S_T, read)    training and prefill
+    triton_wkv7(r, w_raw, k, v, kk, a, S0=None) -> (y, S_T, read)    sequential sequence kernel
+                                                                      (the alternative to chunk_wkv7)
     triton_wkv7_step(S, r, w_raw, k, v, kk, a) -> y                   decode, S updated in place
     triton_state_read(S, q) -> z                                      decode SSE readout
 
