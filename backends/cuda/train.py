@@ -621,12 +621,12 @@ class Trainer:
                                  fused=None if self.cfg.fused_elementwise else False)
         return loss
 
-    @torch.no_grad()
     @property
     def tokens_seen(self) -> int:
         """Training tokens of the steps taken (a skipped step's data counts as used)."""
         return self.step * self.cfg.batch_size * self.cfg.seq_len
 
+    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean held-out loss (nats/token) over the first eval_sequences windows."""
         self.model.eval()
