@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import signal
 
 
 def _train_fields():
@@ -123,6 +124,11 @@ def cmd_train(args) -> int:
 
     cfg = train_config(args)
     result = train(cfg)
+    if result["interrupted"]:
+        if result["checkpoint"] is not None:  # rank 0
+            print(f"stopped by {result['interrupted']} at step {result['step']}: checkpoint {result['checkpoint']}; "
+                  f"continue with the same command and --resume auto")
+        return 128 + signal.Signals[result["interrupted"]].value  # as a process killed by it would
     if result["checkpoint"] is not None:  # rank 0
         val = result["val_loss"]
         if val is None:  # resumed at max_steps: no step left

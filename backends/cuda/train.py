@@ -37,7 +37,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -308,6 +310,42 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) during `Trainer.fit`: the step in
+    progress finishes, a checkpoint is saved and the run stops, so that `resume="auto"` continues
+    it exactly. A second Ctrl-C stops at once, unsaved."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool):
+        self.announce, self.received, self._previous = announce, set(), {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python's handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received.add(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping"
+                  + (" (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, dist: "Dist", device) -> str | None:
+        """The signal that stops the run, decided alike on every rank (a signal may reach only some);
+        None to go on."""
+        flags = dist.all_sum([float(s in self.received) for s in self.SIGNALS], device)
+        got = [s for s, f in zip(self.SIGNALS, flags) if f]
+        return signal.Signals(got[-1]).name if got else None
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -689,7 +727,9 @@ class Trainer:
         return loss, norm
 
     def fit(self) -> dict:
-        """Train to max_steps; returns {"losses": per-step losses of this process's run, "val_loss", ...}."""
+        """Train to max_steps, or until SIGINT / SIGTERM (then with a checkpoint of the step reached:
+        StopRequest); returns {"losses": per-step losses of this process's run, "val_loss",
+        "interrupted": the signal's name or None, ...}."""
         cfg, main = self.cfg, self.dist.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -703,40 +743,50 @@ class Trainer:
             val = self.evaluate()
             self._log({"step": 0, "tokens": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
         t0, window_t, window_steps = time.time(), time.time(), 0
-        last_plot = t0
-        while self.step < cfg.max_steps:
-            loss, norm = self.train_step()
-            self.losses.append(loss)
-            window_steps += 1
-            bar.update()
-            if self.bad_steps:
-                self._skipped(loss, norm, bar)
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                now = time.time()
-                tps = window_steps * cfg.batch_size * cfg.seq_len / max(now - window_t, 1e-9)
-                window_t, window_steps = now, 0
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
-                self._log({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
-                           "lr": lr_at(cfg, self.step - 1), "grad_norm": norm, "tok_per_s": tps,
-                           "elapsed_s": now - t0, **self._scale_record()})
-            val = None
-            last = self.step == cfg.max_steps
-            if self.step % cfg.eval_interval == 0 or last:
-                val = self.evaluate()
-                self.best = min(self.best, val)
-                self._log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val,
-                           "val_ppl": math.exp(min(val, 50))})
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.4f}")
-                if main and cfg.plot and (last or time.time() - last_plot > 60):
-                    plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
-                    last_plot = time.time()
-            if self.step % cfg.save_interval == 0 or last:
-                self.save_checkpoint(val)
-            if val is not None or self.step % cfg.save_interval == 0:
-                window_t = time.time()  # tokens/s counts training time only
+        last_plot, interrupted = t0, None
+        with StopRequest(announce=main) as stop:
+            while self.step < cfg.max_steps and not interrupted:
+                loss, norm = self.train_step()
+                self.losses.append(loss)
+                window_steps += 1
+                bar.update()
+                if self.bad_steps:
+                    self._skipped(loss, norm, bar)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    now = time.time()
+                    tps = window_steps * cfg.batch_size * cfg.seq_len / max(now - window_t, 1e-9)
+                    window_t, window_steps = now, 0
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                    self._log({"step": self.step, "tokens": self.tokens_seen, "loss": loss,
+                               "lr": lr_at(cfg, self.step - 1), "grad_norm": norm, "tok_per_s": tps,
+                               "elapsed_s": now - t0, **self._scale_record()})
+                val = None
+                last = self.step == cfg.max_steps
+                if self.step % cfg.eval_interval == 0 or last:
+                    val = self.evaluate()
+                    self.best = min(self.best, val)
+                    self._log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val,
+                               "val_ppl": math.exp(min(val, 50))})
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{val:.4f}")
+                    if main and cfg.plot and (last or time.time() - last_plot > 60):
+                        plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
+                        last_plot = time.time()
+                saved = self.step % cfg.save_interval == 0 or last
+                if saved:
+                    self.save_checkpoint(val)
+                if val is not None or self.step % cfg.save_interval == 0:
+                    window_t = time.time()  # tokens/s counts training time only
+                interrupted = stop.agreed(self.dist, self.device) if self.step < cfg.max_steps else None
+                if interrupted:
+                    if not saved:
+                        self.save_checkpoint(val)
+                    self._log({"step": self.step, "tokens": self.tokens_seen, "interrupted": interrupted})
+                    if main and cfg.plot:
+                        plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         bar.close()
         return {"losses": self.losses, "val_loss": val, "best_val_loss": self.best, "step": self.step,
-                "skipped_steps": self.skipped, "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+                "skipped_steps": self.skipped, "interrupted": interrupted,
+                "checkpoint": str(latest_checkpoint(self.out)) if main else None}
 
     def _skipped(self, loss: float, norm: float, bar) -> None:
         """Report the step just skipped; stop the run after max_bad_steps of them in a row."""
