@@ -42,14 +42,15 @@ def _check_head_size(N: int) -> None:
                                     "use the plain pieces (fused=False)")
 
 
-def _check_shapes(piece: str, dims: int, shapes: dict) -> None:
-    """shapes: {name: (tensor, expected shape)}; the first tensor must have `dims` dimensions (the
-    expected shapes are read from it). The kernels index by these shapes, so a mismatch would read
-    out of bounds instead of failing."""
-    first, (t, _) = next(iter(shapes.items()))
+def _check_dims(piece: str, name: str, t: torch.Tensor, dims: int) -> None:
     if t.dim() != dims:
-        raise ElementwiseInputError(f"{piece}: {first} must have {dims} dimensions, got {list(t.shape)}")
-    for name, (t, shape) in shapes.items():
+        raise ElementwiseInputError(f"{piece}: {name} must have {dims} dimensions, got {list(t.shape)}")
+
+
+def _check_shapes(piece: str, **expected) -> None:
+    """expected: name=(tensor, shape). The kernels index every input by the first one's shape, so
+    a mismatch would read out of bounds instead of failing."""
+    for name, (t, shape) in expected.items():
         if tuple(t.shape) != tuple(shape):
             raise ElementwiseInputError(f"{piece}: {name} must be {list(shape)}, got {list(t.shape)}")
 
@@ -151,9 +152,9 @@ class _TokenShiftMix(torch.autograd.Function):
 
 def token_shift_mix(x, prev, mix, out_dtype=torch.float32):
     """x + (shift(x) - x) * mix[m] for each m. x [B, T, D], prev [B, D], mix [M, D] -> [M, B, T, D]."""
-    B, T, D = x.shape if x.dim() == 3 else (0, 0, 0)
-    _check_shapes("token_shift_mix", 3, {"x": (x, x.shape), "prev": (prev, (B, D)),
-                                         "mix": (mix, (mix.shape[0] if mix.dim() else 0, D))})
+    _check_dims("token_shift_mix", "x", x, 3)
+    B, T, D = x.shape
+    _check_shapes("token_shift_mix", prev=(prev, (B, D)), mix=(mix, (*mix.shape[:1], D)))
     return _TokenShiftMix.apply(x, prev, mix, out_dtype)
 
 
@@ -266,10 +267,10 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
 
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
-    B, T, H, N = y.shape if y.dim() == 4 else (0, 0, 0, 0)
-    _check_shapes("group_norm_bonus_gate", 4, {"y": (y, y.shape), "r": (r, y.shape), "k": (k, y.shape),
-                                               "v": (v, y.shape), "g": (g, (B, T, H * N)), "r_k": (r_k, (H, N)),
-                                               "weight": (weight, (H * N,)), "bias": (bias, (H * N,))})
+    _check_dims("group_norm_bonus_gate", "y", y, 4)
+    B, T, H, N = y.shape
+    _check_shapes("group_norm_bonus_gate", r=(r, y.shape), k=(k, y.shape), v=(v, y.shape), g=(g, (B, T, H * N)),
+                  r_k=(r_k, (H, N)), weight=(weight, (H * N,)), bias=(bias, (H * N,)))
     return _GroupNormBonusGate.apply(y, r, k, v, g, r_k, weight, bias, eps, out_dtype)
 
 
@@ -356,9 +357,10 @@ def sse_norm_gate(xs, z, gate, eps: float, out_dtype=torch.float32):
 
     xs [B, T, D], z [B, T, K, N], gate [D] -> [B, T, D].
     """
-    B, T, D = xs.shape if xs.dim() == 3 else (0, 0, 0)
-    K, N = z.shape[2:] if z.dim() == 4 else (0, 0)
-    _check_shapes("sse_norm_gate", 3, {"xs": (xs, xs.shape), "z": (z, (B, T, K, N)), "gate": (gate, (D,))})
+    _check_dims("sse_norm_gate", "xs", xs, 3)
+    _check_dims("sse_norm_gate", "z", z, 4)
+    (B, T, D), (K, N) = xs.shape, z.shape[2:]
+    _check_shapes("sse_norm_gate", z=(z, (B, T, K, N)), gate=(gate, (D,)))
     if K * N > D:
         raise ElementwiseInputError(f"sse_norm_gate: z has {K} x {N} channels, more than xs's {D}")
     return _SSENormGate.apply(xs, z, gate, eps, out_dtype)
@@ -454,8 +456,8 @@ def k_prep(k, a, k_k, k_a, n_head: int):
 
     k, a [B, T, H*N], k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]).
     """
-    _check_shapes("k_prep", 3, {"k": (k, k.shape), "a": (a, k.shape), "k_k": (k_k, k.shape[-1:]),
-                                "k_a": (k_a, k.shape[-1:])})
+    _check_dims("k_prep", "k", k, 3)
+    _check_shapes("k_prep", a=(a, k.shape), k_k=(k_k, k.shape[-1:]), k_a=(k_a, k.shape[-1:]))
     if n_head < 1 or k.shape[-1] % n_head:
         raise ElementwiseInputError(f"k_prep: {k.shape[-1]} channels do not split into {n_head} heads")
     return _KPrep.apply(k, a, k_k, k_a, n_head)
