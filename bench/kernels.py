@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from functools import lru_cache, partial
@@ -352,6 +353,8 @@ def main():
     args = p.parse_args()
     global DEV
     DEV = args.device
+    if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (dry run, TRITON_INTERPRET=1)"
     print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}")
     if args.sweep:

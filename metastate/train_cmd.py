@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
+import sys
 
 
 def _train_fields():
@@ -120,15 +122,23 @@ def train_config(args):
 
 
 def cmd_train(args) -> int:
-    from backends.cuda.train import train
+    from backends.cuda.train import TrainInterrupted, train
 
     cfg = train_config(args)
-    result = train(cfg)
-    if result["interrupted"]:
-        if result["checkpoint"] is not None:  # rank 0
-            print(f"stopped by {result['interrupted']} at step {result['step']}: checkpoint {result['checkpoint']}; "
-                  f"continue with the same command and --resume auto")
-        return 128 + signal.Signals[result["interrupted"]].value  # as a process killed by it would
+    try:
+        result = train(cfg)
+    except TrainInterrupted as e:
+        if e.result["checkpoint"] is not None:  # rank 0
+            how = "the same command without --init-from, with" if cfg.init_from else "the same command and"
+            print(f"stopped by {e.signal} at step {e.result['step']}: checkpoint {e.result['checkpoint']}; "
+                  f"continue with {how} --resume auto", flush=True)
+        sys.stderr.flush()
+        # End as the signal would have ended it: a shell running a script stops at a child killed
+        # by SIGINT, and goes on after one that merely exits 130.
+        sig = signal.Signals[e.signal]
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        return 128 + sig.value  # not reached where the signal kills
     if result["checkpoint"] is not None:  # rank 0
         val = result["val_loss"]
         if val is None:  # resumed at max_steps: no step left

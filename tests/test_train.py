@@ -555,17 +555,18 @@ def _toml(cfg: TrainConfig, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_signal_saves_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_path, sig, code):
-    """Ctrl-C or a scheduler's SIGTERM mid-step: the step finishes, a checkpoint of it is saved
-    (between the save_interval ones), the command exits 128 + signal, and a resume reproduces
-    the uninterrupted run bit for bit."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_signal_saves_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_path, sig):
+    """Ctrl-C, a scheduler's SIGTERM or a closed terminal's SIGHUP mid-step: the step finishes, a
+    checkpoint of it is saved (between the save_interval ones), the command then ends by that
+    signal (so a shell script running it stops too), and a resume reproduces the uninterrupted
+    run bit for bit."""
     full = train(tiny(data_dir, tmp_path / "full", max_steps=8, save_interval=100))
     cfg = tiny(data_dir, tmp_path / "run", max_steps=8, save_interval=100)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, sig, "5", "0", str(_toml(cfg, tmp_path / "c.toml"))],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == code, done.stderr[-2000:]
+    assert done.returncode == -getattr(signal, sig), done.stderr[-2000:]
     assert f"stopped by {sig} at step 5" in done.stdout and "--resume auto" in done.stdout
     assert f"{sig}: finishing this step" in done.stderr
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000005"]
@@ -573,7 +574,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_pa
     assert records[-1] == {"step": 5, "tokens": 5 * 4 * 16, "interrupted": sig}
     assert [r["loss"] for r in records if "loss" in r] == full["losses"][:5]
     resumed = train(tiny(data_dir, tmp_path / "run", max_steps=8, save_interval=100, resume="auto"))
-    assert resumed["losses"] == full["losses"][5:] and resumed["interrupted"] is None
+    assert resumed["losses"] == full["losses"][5:]
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
@@ -588,6 +589,29 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path
                                        str(_toml(cfg, tmp_path / "c.toml"))],
                                       env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [143, 143], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert [p.returncode for p in procs] == [-signal.SIGTERM] * 2, outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "stopped by SIGTERM at step 4" in outs[0][0]
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000004"]
+
+
+def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypatch):
+    """train() called from Python: the stop is an exception (a KeyboardInterrupt, which `except
+    Exception` does not swallow) carrying the result, after the checkpoint, with the process's
+    signal handlers restored."""
+    from backends.cuda.train import TrainInterrupted
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(TrainInterrupted) as caught:
+        train(tiny(data_dir, tmp_path / "run", max_steps=8, save_interval=100))
+    assert caught.value.signal == "SIGTERM" and caught.value.result["step"] == 2
+    assert isinstance(caught.value, KeyboardInterrupt) and not isinstance(caught.value, Exception)
+    assert caught.value.result["checkpoint"].endswith("step-000002")
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -312,33 +312,46 @@ class Dist:
             dist.barrier()
 
 
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) during `Trainer.fit`: the step in
-    progress finishes, a checkpoint is saved and the run stops, so that `resume="auto"` continues
-    it exactly. A second Ctrl-C stops at once, unsaved."""
+class TrainInterrupted(KeyboardInterrupt):
+    """A signal stopped the run after a checkpoint of the step reached was saved. A
+    KeyboardInterrupt, so that a caller's `except Exception` does not carry on as if training
+    had finished. .signal: its name; .result: what `Trainer.fit` returns."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    def __init__(self, signal_name: str, result: dict):
+        super().__init__(f"{signal_name} at step {result['step']}: checkpoint {result['checkpoint']}")
+        self.signal, self.result = signal_name, result
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption) and SIGHUP (a closed terminal) during
+    `Trainer.fit`: the step in progress finishes, a checkpoint is saved and the run stops
+    (TrainInterrupted), so that `resume="auto"` continues it exactly. A second Ctrl-C stops at
+    once, unsaved. A signal the process ignores (SIG_IGN, as nohup sets SIGHUP) stays ignored."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self, announce: bool):
         self.announce, self.received, self._previous = announce, set(), {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python's handlers live there only
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.received.add(signum)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and stopping"
-                  + (" (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""),
-                  file=sys.stderr, flush=True)
+        if self.announce:  # os.write: a print here could re-enter a write the signal interrupted
+            again = " (Ctrl-C again: stop at once, unsaved)" if signum == signal.SIGINT else ""
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint and "
+                        f"stopping{again}\n".encode())
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
     def agreed(self, dist: "Dist", device) -> str | None:
         """The signal that stops the run, decided alike on every rank (a signal may reach only some);
@@ -727,9 +740,9 @@ class Trainer:
         return loss, norm
 
     def fit(self) -> dict:
-        """Train to max_steps, or until SIGINT / SIGTERM (then with a checkpoint of the step reached:
-        StopRequest); returns {"losses": per-step losses of this process's run, "val_loss",
-        "interrupted": the signal's name or None, ...}."""
+        """Train to max_steps; returns {"losses": per-step losses of this process's run, "val_loss",
+        ...}. A SIGINT / SIGTERM / SIGHUP ends the run early with a checkpoint of the step reached,
+        raising TrainInterrupted (StopRequest)."""
         cfg, main = self.cfg, self.dist.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -784,9 +797,11 @@ class Trainer:
                     if main and cfg.plot:
                         plot_metrics(self.out / METRICS_FILE, self.out / PLOT_FILE)
         bar.close()
-        return {"losses": self.losses, "val_loss": val, "best_val_loss": self.best, "step": self.step,
-                "skipped_steps": self.skipped, "interrupted": interrupted,
-                "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+        result = {"losses": self.losses, "val_loss": val, "best_val_loss": self.best, "step": self.step,
+                  "skipped_steps": self.skipped, "checkpoint": str(latest_checkpoint(self.out)) if main else None}
+        if interrupted:
+            raise TrainInterrupted(interrupted, result)
+        return result
 
     def _skipped(self, loss: float, norm: float, bar) -> None:
         """Report the step just skipped; stop the run after max_bad_steps of them in a row."""
