@@ -540,6 +540,9 @@ from backends.cuda.train import Trainer
 from metastate.cli import main
 
 sig, at_step, rank = getattr(signal, sys.argv[1]), int(sys.argv[2]), int(os.environ.get("RANK", "0"))
+# as a process started from a terminal has it: started in the background (nohup, `&`, CI), it
+# inherits SIGHUP / SIGINT ignored, and the trainer leaves an ignored signal ignored
+signal.signal(sig, signal.SIG_DFL)
 real = Trainer.train_step
 def train_step(self):  # the signal arrives in the middle of a step, on one rank only
     if self.step == at_step - 1 and rank == int(sys.argv[3]):
@@ -615,3 +618,21 @@ def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypat
     assert isinstance(caught.value, KeyboardInterrupt) and not isinstance(caught.value, Exception)
     assert caught.value.result["checkpoint"].endswith("step-000002")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_request_leaves_ignored_signals_ignored():
+    """Under nohup (or as a background job) SIGHUP / SIGINT are ignored: training must not turn
+    them back on; the others get the handler, and everything is restored afterwards."""
+    from backends.cuda.train import StopRequest
+
+    before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest(announce=False) as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
