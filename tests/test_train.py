@@ -160,17 +160,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_ranks(cfg: TrainConfig, script: str, tag: str) -> list:
-    """Run script with 2 CPU processes (gloo), as torchrun would; each rank's `tag` line, as JSON
-    (None for a rank that printed none)."""
+def _run_ranks(script: str, *args: str) -> tuple[list, list]:
+    """Run `python -c script args` as 2 CPU processes (gloo), as torchrun would: (processes,
+    their (stdout, stderr))."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg.to_dict())], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120) for p in procs]
+    return procs, [p.communicate(timeout=120) for p in procs]
+
+
+def _launch_ranks(cfg: TrainConfig, script: str, tag: str) -> list:
+    """Run script with 2 CPU processes (gloo), as torchrun would; each rank's `tag` line, as JSON
+    (None for a rank that printed none)."""
+    procs, outs = _run_ranks(script, json.dumps(cfg.to_dict()))
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     lines = [next((x for x in out.splitlines() if x.startswith(tag + " ")), None) for out, _ in outs]
     return [json.loads(line.split(" ", 1)[1]) if line else None for line in lines]
@@ -584,14 +590,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path
     """torchrun may deliver a signal to one worker only: the ranks agree, all stop after the same
     step and save it together (no rank left waiting in a collective)."""
     cfg = tiny(data_dir, tmp_path / "run", max_steps=8, save_interval=100)
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, "SIGTERM", "4", "1",
-                                       str(_toml(cfg, tmp_path / "c.toml"))],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs, outs = _run_ranks(SIGNAL_SCRIPT, "SIGTERM", "4", "1", str(_toml(cfg, tmp_path / "c.toml")))
     assert [p.returncode for p in procs] == [-signal.SIGTERM] * 2, outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "stopped by SIGTERM at step 4" in outs[0][0]
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000004"]
