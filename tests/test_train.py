@@ -95,6 +95,34 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert state["step"] == 3 and state["samples"] == 12 and "rng.torch" in arrays
 
 
+def test_a_bfloat16_save_dtype_still_resumes_bit_for_bit(data_dir, tmp_path):
+    full = train(tiny(data_dir, tmp_path / "full", save_dtype="bfloat16"))
+    train(tiny(data_dir, tmp_path / "split", save_dtype="bfloat16", keep_last=5))
+    first = list_checkpoints(tmp_path / "split")[0]
+    stored = load_model(first)[1]
+    assert {t.dtype.name for t in stored.values()} == {"bfloat16"}  # the model file is what was asked
+    resumed = train(tiny(data_dir, tmp_path / "split", save_dtype="bfloat16", resume=str(first)))
+    assert resumed["losses"] == full["losses"][3:]  # from the float32 copies, not the rounded weights
+
+    def without_copies(arrays):
+        return {k: v for k, v in arrays.items() if not k.startswith("master.")}
+
+    def bad_copy(arrays):
+        return {**arrays, "master.emb.weight": arrays["master.emb.weight"][:2]}
+
+    for name, change in (("old", without_copies), ("bad", bad_copy)):
+        ckpt = tmp_path / name / "checkpoints" / first.name
+        shutil.copytree(first, ckpt)
+        with np.load(first / "optimizer.npz") as z:
+            np.savez(ckpt / "optimizer.npz", **change({k: z[k] for k in z.files}))
+    # a checkpoint saved before the copies were kept still resumes, from the rounded weights, and says so
+    with pytest.warns(UserWarning, match="bfloat16 only .* not bit for bit"):
+        old = train(tiny(data_dir, tmp_path / "old", save_dtype="bfloat16", resume="auto"))
+    assert old["losses"] != full["losses"][3:]
+    with pytest.raises(TrainError, match=r"float32 weight emb.weight is float32 \[2, 32\]"):
+        Trainer(tiny(data_dir, tmp_path / "bad", save_dtype="bfloat16", resume="auto"))
+
+
 def test_resume_refuses_changed_settings(data_dir, tmp_path):
     train(tiny(data_dir, tmp_path, max_steps=3))
     with pytest.raises(TrainError, match=r"settings changed \(lr\)"):

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import init_params
-from weights import SUPPORTED_DTYPES, load_model, save_model  # imported up front: a long run never re-imports code
+from weights import SUPPORTED_DTYPES, convert_dtype, load_model, save_model  # imported up front: a long run never re-imports code
 
 from .data import TOKENIZER_FILE, TokenData, read_meta
 from .model import Model, _to_numpy
@@ -62,6 +62,7 @@ from .model import Model, _to_numpy
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPT_FILE = "optimizer.npz"
+MASTER = "master."  # optimizer.npz prefix of the float32 weights when save_dtype is narrower
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -407,6 +408,25 @@ def _set_rng_state(meta: dict, arrays: dict) -> None:
         torch.cuda.set_rng_state(torch.from_numpy(arrays["rng.cuda"].copy()))
 
 
+def _master_weights(ckpt: Path, tensors: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict:
+    """The float32 weights to resume from: the model file's, or, when it was saved in a narrower
+    save_dtype, the float32 copies kept beside the optimizer state."""
+    masters = {k[len(MASTER):]: v for k, v in arrays.items() if k.startswith(MASTER)}
+    if not masters:
+        narrow = sorted({t.dtype.name for t in tensors.values()} - {"float32"})
+        if narrow:
+            warnings.warn(f"{ckpt} holds its weights as {narrow[0]} only (saved before float32 copies were kept): "
+                          "the run continues from rounded weights, not bit for bit", stacklevel=3)
+        return convert_dtype(tensors, "float32")
+    for name, t in tensors.items():
+        m = masters.get(name)
+        if m is None or m.shape != t.shape or m.dtype != np.float32 or not np.isfinite(m).all():
+            got = "missing" if m is None else f"{m.dtype} {list(m.shape)}"
+            raise TrainError(f"corrupt training checkpoint {ckpt}: float32 weight {name} is {got}, "
+                             f"expected float32 {list(t.shape)}, finite")
+    return {name: masters[name] for name in tensors}
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -482,7 +502,8 @@ class Trainer:
             changed = self._changed_settings(resume_state, opt_arrays)
             if changed:
                 raise TrainError(f"cannot resume from {ckpt}: the run's settings changed ({', '.join(changed)})")
-            mcfg, tensors = load_model(ckpt, dtype="float32")
+            mcfg, tensors = load_model(ckpt)
+            tensors = _master_weights(ckpt, tensors, opt_arrays)
             best = resume_state.get("best_val_loss")  # null when no finite held-out loss was seen
             self.step, self.best = resume_state["step"], math.inf if best is None else best
             self.bad_steps = resume_state.get("bad_steps", 0)
@@ -639,8 +660,10 @@ class Trainer:
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                      "config": self.cfg.to_dict(), "rng": rng_meta,
                      "torch_version": torch.__version__}
+            # the model file holds save_dtype for use; resuming needs the float32 weights themselves
+            masters = {} if self.cfg.save_dtype == "float32" else {f"{MASTER}{n}": t for n, t in tensors.items()}
             extra = {STATE_FILE: (json.dumps(state, indent=1) + "\n").encode(),
-                     OPT_FILE: _npz_bytes({**opt, **rng_arrays})}
+                     OPT_FILE: _npz_bytes({**opt, **rng_arrays, **masters})}
             if self.tokenizer_file.is_file():
                 extra[TOKENIZER_FILE] = self.tokenizer_file
             save_model(path, self.model_cfg, tensors, dtype=self.cfg.save_dtype, extra_files=extra)
