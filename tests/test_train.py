@@ -624,6 +624,34 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000004"]
 
 
+def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(data_dir, tmp_path):
+    """The usual way to stop a distributed run: signal torchrun, which passes SIGTERM on to every
+    worker; they finish the step, agree, save it together and end before --shutdown-timeout."""
+    cfg = tiny(data_dir, tmp_path / "run", max_steps=100000, save_interval=100000, eval_interval=100000)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(_free_port()), "--shutdown-timeout", "60", "-m", "metastate",
+                             "train", "--config", str(_toml(cfg, tmp_path / "c.toml"))],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as under a scheduler
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 90
+        while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):  # a line may be half-written
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=50)  # well inside the shutdown timeout: the workers ended
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    stopped = read_metrics(metrics)[-1]
+    assert stopped.get("interrupted") == "SIGTERM", err[-2000:]
+    assert f"stopped by SIGTERM at step {stopped['step']}" in out
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [f"step-{stopped['step']:06d}"]
+    assert read_trainer_state(list_checkpoints(tmp_path / "run")[0])[0]["world_size"] == 2
+
+
 def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypatch):
     """train() called from Python: the stop is an exception (a KeyboardInterrupt, which `except
     Exception` does not swallow) carrying the result, after the checkpoint, with the process's
