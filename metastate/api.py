@@ -74,6 +74,12 @@ def default_model_path() -> Path:
 # Engines: prefill / step on each backend. Logits come back as NumPy float32 [V].
 # ------------------------------------------------------------------------------------------
 
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state of one sequence, backend-independent: att_x [L, d], meta_x [L, d], wkv [L, H, N, N]."""
+    L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
+    return {"att_x": (L, d), "meta_x": (L, d), "wkv": (L, H, N, N)}
+
+
 class Engine:
     """A loaded model on one backend. Subclasses implement the four state methods below.
 
@@ -92,10 +98,7 @@ class Engine:
 
     def zero_state(self):
         """The state before any token."""
-        L, d, H, N = self.cfg.n_layer, self.cfg.d_model, self.cfg.n_head, self.cfg.head_size
-        z = np.zeros
-        return self.state_from_arrays({"att_x": z((L, d), np.float32), "meta_x": z((L, d), np.float32),
-                                       "wkv": z((L, H, N, N), np.float32)})
+        return self.state_from_arrays({k: np.zeros(shape, np.float32) for k, shape in state_shapes(self.cfg).items()})
 
     def prefill(self, ids: Sequence[int], state=None, step: int = PREFILL_STEP):
         """ids [T >= 1] -> (logits of the last token [V] float32, state after all of them)."""
@@ -125,7 +128,22 @@ class Engine:
         raise NotImplementedError
 
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
-        """Backend-independent float32 copy: att_x [L, d], meta_x [L, d], wkv [L, H, N, N]."""
+        """Backend-independent float32 copy: att_x [L, d], meta_x [L, d], wkv [L, H, N, N] of a
+        state of this engine holding one sequence (GenerationError otherwise)."""
+        try:
+            arrays = self._batched_arrays(state)
+        except (AttributeError, TypeError, ValueError):
+            raise GenerationError(f"not a state of a {self.backend} model: {type(state).__module__}."
+                                  f"{type(state).__name__}") from None
+        for name, shape in state_shapes(self.cfg).items():
+            want = (shape[0], 1, *shape[1:])
+            if arrays[name].shape != want:
+                raise GenerationError(f"state tensor {name} is {list(arrays[name].shape)}, expected {list(want)} "
+                                      "(one sequence of this model)")
+        return {k: a[:, 0] for k, a in arrays.items()}
+
+    def _batched_arrays(self, state) -> dict[str, np.ndarray]:
+        """att_x, meta_x, wkv of state as float32 NumPy arrays [L, B, ...]."""
         raise NotImplementedError
 
     def state_from_arrays(self, arrays: dict[str, np.ndarray]):
@@ -156,8 +174,12 @@ class NumpyEngine(Engine):
 
         return forward(self.weights, self.cfg, self.check_ids(ids)[None], dtype=self.dtype)[0][0].astype(np.float32)
 
-    def state_to_arrays(self, state):
-        return {k: getattr(state, k)[:, 0].astype(np.float32) for k in ("att_x", "meta_x", "wkv")}
+    def _batched_arrays(self, state):
+        from metastate_core.reference import State
+
+        if not isinstance(state, State):
+            raise TypeError(type(state).__name__)
+        return {k: np.asarray(getattr(state, k), np.float32) for k in ("att_x", "meta_x", "wkv")}
 
     def state_from_arrays(self, arrays):
         from metastate_core.reference import State
@@ -192,8 +214,12 @@ class TorchEngine(Engine):
             logits = logits[0] if every else logits[0, -1]
             return logits.float().cpu().numpy(), state
 
-    def state_to_arrays(self, state):
-        return {k: getattr(state, k)[:, 0].float().cpu().numpy() for k in ("att_x", "meta_x", "wkv")}
+    def _batched_arrays(self, state):
+        from backends.cuda import State
+
+        if not isinstance(state, State):
+            raise TypeError(type(state).__name__)
+        return {k: getattr(state, k).float().cpu().numpy() for k in State._fields}
 
     def state_from_arrays(self, arrays):
         import torch
@@ -231,8 +257,12 @@ class MLXEngine(Engine):
         new.att_x, new.meta_x, new.wkv = list(cache.att_x), list(cache.meta_x), list(cache.wkv)
         return new
 
-    def state_to_arrays(self, state):
-        return {k: np.stack([np.array(t[0]) for t in getattr(state, k)]).astype(np.float32)
+    def _batched_arrays(self, state):
+        from backends.mlx.model import Cache
+
+        if not isinstance(state, Cache):
+            raise TypeError(type(state).__name__)
+        return {k: np.stack([np.array(t) for t in getattr(state, k)]).astype(np.float32)
                 for k in ("att_x", "meta_x", "wkv")}
 
     def state_from_arrays(self, arrays):
@@ -331,7 +361,10 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise BackendError(f"CUDA graphs need a CUDA device, and the torch backend is on {device}")
-    model = load_model(path, device=device, dtype=dtype)
+    try:
+        model = load_model(path, device=device, dtype=dtype)
+    except RuntimeError as e:  # a device this torch build lacks (mps, xpu, ...), or out of its memory
+        raise BackendError(f"cannot put the model on {device}: {str(e).strip().splitlines()[0]}") from None
     model.check_kernels(kernels)  # now, not at the first token
     return TorchEngine(model, device, kernels, cuda_graphs)
 
@@ -486,7 +519,7 @@ def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Se
     to continue from (e.g. `Response.state` of an earlier call), None for a fresh start.
     Penalties count the generated tokens. The prompt is prefilled in pieces of prefill_step.
     """
-    if not isinstance(max_tokens, int) or max_tokens < 0:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
         raise GenerationError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
     sampler = _sampler(sampler, sampling)
     if isinstance(prompt, str):
@@ -602,6 +635,9 @@ def save_state(path, model: Engine, state, logits: np.ndarray | None = None, *,
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in model.state_to_arrays(state).items()}
     if logits is not None:
         tensors["logits"] = np.ascontiguousarray(logits, np.float32)
+        if tensors["logits"].shape != (model.cfg.vocab_size,):
+            raise GenerationError(f"logits must be the next token's [{model.cfg.vocab_size}], got "
+                                  f"{list(tensors['logits'].shape)}")
     info = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
             "model": str(model.path or ""), "model_fingerprint": model.fingerprint,
             "backend": model.backend, "n_tokens": str(int(n_tokens)), **(meta or {})}
@@ -639,8 +675,7 @@ def load_state(path, model: Engine) -> tuple[object, np.ndarray | None, dict[str
         raise StateFileError(f"{path} was saved with another model ({meta.get('model') or 'unknown'}); "
                              "load it with that model")
     cfg = model.cfg
-    L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
-    shapes = {"att_x": (L, d), "meta_x": (L, d), "wkv": (L, H, N, N)}
+    shapes = state_shapes(cfg)
     for name, shape in shapes.items():
         if name not in tensors or tensors[name].shape != shape:
             got = tensors[name].shape if name in tensors else "missing"

@@ -20,6 +20,8 @@ import numpy as np
 
 from metastate_core.errors import MetaStateError
 
+from .api import default_model_path
+
 
 class BenchError(MetaStateError):
     """Bad benchmark arguments."""
@@ -176,7 +178,7 @@ def cmd_bench(args) -> int:
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        path = sized_model(args.size, Path(tmp)) if args.size else args.model
+        path = sized_model(args.size, Path(tmp)) if args.size else args.model or default_model_path()
         if args.train:
             if args.backend not in ("auto", "torch"):
                 raise BenchError("--train measures the torch backend only")

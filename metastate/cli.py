@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,7 +181,15 @@ def cmd_logits(args) -> int:
             raise CLIError("--text encodes to no tokens")
     logits = compute_logits(model, tokens, args.backend, args.kernels, args.dtype)
     out = Path(args.out)
-    np.save(out, logits.astype(np.float32))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:  # exactly the path given (np.save would add .npy to a name without it), never half-written
+        with open(tmp, "wb") as f:
+            np.save(f, logits.astype(np.float32))
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote logits {list(logits.shape)} float32 ({args.backend}) to {out}")
     return 0
 
@@ -194,11 +203,16 @@ def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
     if src.is_dir() or src.suffix == ".safetensors":  # a model directory or one self-describing file
         cfg, tensors = load_model(src, dtype=dtype)
         tok = cfg.tokenizer
-        if tokenizer_file is None and tok and tok.get("file") and src.is_dir():
-            path = src / tok["file"]
-            if not path.is_file():
+        if tokenizer_file is None and tok and tok.get("file"):
+            path = (src if src.is_dir() else src.parent) / tok["file"]
+            if path.is_file():
+                extra[tok["file"]] = path
+            elif src.is_dir():
                 raise CLIError(f"tokenizer file {path} named in {src / 'config.json'} is missing")
-            extra[tok["file"]] = path
+            else:  # a lone file: the output would name a tokenizer it does not hold
+                print(f"note: {src.name} names tokenizer {tok['file']}, which is not beside it: the output has no "
+                      "tokenizer (give --tokenizer FILE to add one)", file=sys.stderr)
+                cfg = cfg.replace(tokenizer=None)
     elif src.suffix in PTH_SUFFIXES:
         cfg, tensors = import_official_pth(src)
         if dtype is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import pexpect
 import pytest
 
-from metastate.api import StateFileError, load
+from metastate.api import StateFileError, load, load_state
 from metastate.chat import ChatSession
 from metastate.cli import main
 from metastate_core.chat_templates import (ChatTemplateError, clean_message, make_template,
@@ -205,6 +205,27 @@ def test_state_file_errors(model, tmp_path):
         session.load(path / "model.safetensors")
     with pytest.raises(StateFileError, match="does not exist"):
         session.load(tmp_path / "missing.safetensors")
+
+
+def test_save_state_refuses_what_it_could_not_load_back(model, tmp_path):
+    """Checked before anything is written: the next token's logits, one sequence, this backend's state."""
+    from metastate.api import GenerationError, save_state
+
+    path, cfg, _ = model
+    engine, _ = load(path, "numpy")
+    logits, state = engine.prefill([1, 2, 3])
+    file = tmp_path / "s.safetensors"
+    with pytest.raises(GenerationError, match=rf"logits must be the next token's \[{cfg.vocab_size}\], got \[10\]"):
+        save_state(file, engine, state, logits[:10])
+    two = type(state)(*(np.concatenate([t, t], axis=1) for t in (state.att_x, state.meta_x, state.wkv)))  # 2 rows
+    with pytest.raises(GenerationError, match=r"state tensor att_x is \[2, 2, 32\], expected \[2, 1, 32\]"):
+        save_state(file, engine, two, logits)
+    torch_engine, _ = load(path, "torch")
+    with pytest.raises(GenerationError, match="not a state of a torch model: metastate_core.reference.State"):
+        save_state(file, torch_engine, state, logits)
+    assert not file.exists()
+    save_state(file, engine, state, logits)
+    assert np.array_equal(load_state(file, engine)[1], logits)
 
 
 def test_interrupt_keeps_a_consistent_state(model):

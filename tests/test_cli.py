@@ -22,6 +22,7 @@ from weights import load_model, save_model
 
 TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("metastate")
+REPO = Path(__file__).resolve().parents[1]
 
 
 from metastate_core.reference import rel_rms  # noqa: E402  (SPEC section 6)
@@ -113,6 +114,14 @@ def test_logits_match_reference(model, tmp_path, capsys):
     assert rel_rms(logits32, expected) <= 1e-5
 
 
+def test_logits_written_exactly_where_asked(model, tmp_path, capsys):
+    path, cfg, _ = model
+    rc, out, err = run(["logits", "--model", path, "--tokens", "1,2", "--out", tmp_path / "result"], capsys)
+    assert rc == 0, err
+    assert f"to {tmp_path / 'result'}\n" in out and [p.name for p in tmp_path.iterdir()] == ["result"]  # no .npy added
+    assert np.load(tmp_path / "result").shape == (2, cfg.vocab_size)
+
+
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_other_backends_match_reference(model, tmp_path, capsys, backend):
     """Through the CLI seam, float32: SPEC section 6 kernel-path tolerance (1e-4)."""
@@ -158,6 +167,27 @@ def test_convert_bfloat16(model, tmp_path, capsys):
     assert_one_error(rc, err, "already exists")
     rc, _, err = run(["convert", path, "--out", bf, "--dtype", "float32", "--force"], capsys)
     assert rc == 0, err
+
+
+def test_convert_and_grow_from_a_lone_safetensors_file(tmp_path, capsys):
+    """The file's config names a tokenizer: taken from beside the file, else dropped with a note
+    (an output naming a tokenizer it does not hold could not be loaded)."""
+    src = REPO / "weights" / "default"
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for name in ("model.safetensors", "tokenizer.model"):
+        shutil.copy(src / name, beside / name)
+    rc, _, err = run(["convert", beside / "model.safetensors", "--out", tmp_path / "conv"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "conv" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    (beside / "tokenizer.model").unlink()
+    for cmd, extra in (("convert", []), ("grow", ["--param-tokens", "600"])):
+        rc, _, err = run([cmd, beside / "model.safetensors", "--out", tmp_path / f"{cmd}-alone", *extra], capsys)
+        assert rc == 0 and "the output has no tokenizer" in err, err
+        assert load_model(tmp_path / f"{cmd}-alone")[0].tokenizer is None
+        rc, _, err = run(["logits", "--model", tmp_path / f"{cmd}-alone", "--tokens", "1,2", "--out",
+                          tmp_path / f"{cmd}.npy"], capsys)
+        assert rc == 0, err
 
 
 def _world_vocab(path: Path) -> None:
@@ -287,6 +317,8 @@ def test_bench_reports_speeds(tmp_path, capsys):
                      "--batch", "1", "--seq-len", "8", "--repeats", "1", "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["train_tok_s"] > 0 and result["kernels"] == "triton" and result["fused"] is False
+    assert main(["bench", "--train", "--batch", "1", "--seq-len", "4", "--repeats", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_tok_s"] > 0  # no --model: the shipped one, as without --train
     assert main(["bench", "--size", "64,1", "--repeats", "1"]) == 1
     assert "--size expects D,L,V" in capsys.readouterr().err
 

@@ -224,6 +224,10 @@ def test_api_errors(model):
         generate(engine, tok, [[1, 2], [3, 4]], 5)
     with pytest.raises(api.GenerationError, match="prefill step must be a positive"):
         generate(engine, tok, [1, 2], 5, prefill_step=0)
+    with pytest.raises(api.GenerationError, match="max_tokens must be an integer"):
+        generate(engine, tok, [1, 2], True)
+    out = list(stream_generate(engine, None, [1, 2], np.int64(3)))  # any integer type
+    assert sum(r.token is not None for r in out) == 3 and out[-1].finish_reason == "length"
 
 
 def test_torch_load_refuses_what_it_cannot_run(model, monkeypatch):
@@ -237,6 +241,9 @@ def test_torch_load_refuses_what_it_cannot_run(model, monkeypatch):
             load(path, "torch", kernels="triton")  # at load, not at the first token
     with pytest.raises(api.BackendError, match="unknown torch device 'gpu'"):
         load(path, "torch", device="gpu")
+    if not torch.backends.mps.is_available():  # a device type this torch build cannot use
+        with pytest.raises(api.BackendError, match="cannot put the model on mps"):
+            load(path, "torch", device="mps")
 
 
 # -- `metastate generate` -------------------------------------------------------------------

@@ -506,7 +506,17 @@ def test_forward_refuses_what_it_cannot_compute():
     with pytest.raises(ModelError, match="last_only and targets"):
         model(tokens, targets=tokens, last_only=True)
     _, state = model(tokens)
-    with pytest.raises(ModelError, match=r"state.wkv must be float32 \[1, 1, 2, 16, 16\].*float16"):
+    with pytest.raises(ModelError, match=r"state.wkv must be a float32 tensor \[1, 1, 2, 16, 16\].*float16"):
         model(tokens[:, :1], State(state.att_x, state.meta_x, state.wkv.half()))
     with pytest.raises(ModelError, match="a batch of 2"):
         model(torch.tensor([[1], [2]]), state)
+    # an id past the embedding: a device-side assert on a GPU, a clear error here
+    for ids in ([[1, 50]], [[-1, 2]]):
+        with pytest.raises(ModelError, match=r"token ids must be in \[0, 50\)"):
+            model(torch.tensor(ids))
+    with pytest.raises(ModelError, match="state.att_x is on meta and the model on cpu"):
+        model(tokens, State(*(t.to("meta") for t in state)))
+    with pytest.raises(ModelError, match="must be a backends.cuda State.*tuple"):
+        model(tokens, tuple(state))
+    with pytest.raises(ModelError, match=r"chunk_size must be an integer in \[1, 64\], got 0"):
+        model(tokens, chunk_size=0)

@@ -246,10 +246,11 @@ class Model(nn.Module):
         if targets is not None and last_only:
             raise ModelError("last_only and targets do not go together: the loss needs every position")
         device = self.head.weight.device
+        _check_tokens(tokens, self.cfg.vocab_size)
         if state is None:
             state = State.zeros(self.cfg, B, device)
         else:
-            _check_state(self.cfg, state, B)
+            _check_state(self.cfg, state, B, device)
         if fused is None:
             fused = kernels == "triton"
         kern = Kernels(self._wkv(kernels, T, chunk_size, device), _elementwise(fused, device))
@@ -294,6 +295,8 @@ class Model(nn.Module):
         decode = T == 1 and not torch.is_grad_enabled()  # one token: a plain step, no chunks
         self.check_kernels(kernels)
         if kernels == "ops":
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= 64:
+                raise ModelError(f"chunk_size must be an integer in [1, 64], got {chunk_size!r}")
             if decode:
                 return _ops_decode
             return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
@@ -334,13 +337,29 @@ class Model(nn.Module):
         return {name: _to_numpy(state[name]) for name in param_shapes(self.cfg)}
 
 
-def _check_state(cfg: ModelConfig, state: State, batch: int) -> None:
+def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    # An id past the embedding is a device-side assert on CUDA, which poisons the process. The
+    # check waits for the GPU, so it is skipped while a CUDA graph is captured (no waiting there).
+    if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if tokens.numel() and bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+        raise ModelError(f"token ids must be in [0, {vocab_size}), got ids from {int(tokens.min())} to "
+                         f"{int(tokens.max())}")
+
+
+def _check_state(cfg: ModelConfig, state: State, batch: int, device: torch.device) -> None:
+    if not isinstance(state, State):
+        raise ModelError(f"state must be a backends.cuda State (from this model or State.zeros), got "
+                         f"{type(state).__module__}.{type(state).__name__}")
     L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
     want = State((L, batch, d), (L, batch, d), (L, batch, H, N, N))
     for name, t, shape in zip(State._fields, state, want):
-        if tuple(t.shape) != shape or t.dtype != torch.float32:
-            raise ModelError(f"state.{name} must be float32 {list(shape)} for this model and a batch of {batch}, "
-                             f"got {t.dtype} {list(t.shape)}")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ModelError(f"state.{name} must be a float32 tensor {list(shape)} for this model and a batch of "
+                             f"{batch}, got {got}")
+        if t.device != device:
+            raise ModelError(f"state.{name} is on {t.device} and the model on {device}: move the state there")
 
 
 def _check_triton_device(device: torch.device) -> None:
