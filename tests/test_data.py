@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 
 from backends.cuda.data import DataError, TokenData, prepare_data, read_meta  # noqa: E402
+from metastate_core.errors import MetaStateError  # noqa: E402
 from metastate_core.tokenizers import SentencePieceTokenizer  # noqa: E402
 
 WORDS = "the king queen lord sword crown night day love death speak hear my thou art, and. O!".split()
@@ -129,3 +130,48 @@ def test_bad_inputs_raise_data_errors(tmp_path):
         with pytest.raises(DataError, match=match):
             prepare_data([tmp_path / "t.txt"], tmp_path / "d", **kw)
     assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before
+
+
+def test_a_failed_preparation_leaves_the_data_directory_as_it_was(tmp_path):
+    """Everything that can fail on the inputs (the tokenizer, the text, the size) fails before
+    the directory is touched: the runs that use it keep their data and their fingerprint."""
+    (tmp_path / "t.txt").write_text(_doc(random.Random(0), 30))
+    prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, val_fraction=0.05)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
+    (tmp_path / "tiny.txt").write_text("the king")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+    (tmp_path / "lone.jsonl").write_text('{"text": "a"}\n{"text": "half an emoji \\ud83d"}\n')
+    for inputs, kw, match in (
+            (["t.txt"], {"tokenizer": tmp_path / "t.txt"}, "cannot load sentencepiece model"),  # not a tokenizer
+            (["tiny.txt"], {"tokenizer": tmp_path / "d" / "tokenizer.model"}, "too few for a training split"),
+            (["bad.jsonl"], {}, r"bad.jsonl:2: not UTF-8 text"),
+            (["lone.jsonl"], {}, r"lone.jsonl:2: field 'text' is not valid Unicode .*\\ud83d")):
+        with pytest.raises((DataError, MetaStateError), match=match):
+            prepare_data([tmp_path / i for i in inputs], tmp_path / "d", **kw)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()} == before
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    rng = random.Random(0)
+    lines = [json.dumps({"text": _doc(rng, 5)}) for _ in range(6)]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + _doc(rng, 30).encode())
+    meta = prepare_data([tmp_path / "bom.jsonl", tmp_path / "bom.txt"], tmp_path / "d", vocab_size=320)
+    assert meta["documents"] == 7
+    tok = SentencePieceTokenizer(tmp_path / "d" / "tokenizer.model")
+    assert "\ufeff" not in tok.decode(_stream(tmp_path / "d").tolist())
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m: m.pop("splits"), "splits is not"),
+    (lambda m: m["splits"]["train"][0].update(tokens="12"), "splits is not"),
+    (lambda m: m["splits"]["train"][0].update(file="../../etc/passwd"), "splits is not"),
+    (lambda m: m.update(dtype="bogus"), "dtype is not uint16 or uint32"),
+    (lambda m: m.pop("eos_id"), "vocab_size or eos_id is not an integer")])
+def test_a_damaged_meta_json_is_a_clear_error(corpus, tmp_path, change, problem):
+    _, out, _ = corpus
+    meta = json.loads((out / "meta.json").read_text())
+    change(meta)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=f"malformed .*meta.json: {problem}"):
+        TokenData(tmp_path, "train", 8)

@@ -375,7 +375,10 @@ def test_fp16_scales_the_loss_and_resumes_exactly(data_dir, tmp_path, monkeypatc
     ("keep_best", "no", "keep_best must be true or false"), ("save_dtype", "fp16", "save_dtype must be one of"),
     ("grad_clip", -1.0, "grad_clip >= 0"), ("beta1", 2.0, "beta1 and beta2 must be in"),
     ("micro_batch", 0, "micro_batch must be a positive integer"), ("chunk_size", 0, "chunk_size must be in"),
-    ("device", "gpu", "device must be auto, cpu, cuda"), ("lr", 0.0, "lr must be > 0")])
+    ("device", "gpu", "device must be auto, cpu, cuda"), ("lr", 0.0, "lr must be > 0"),
+    ("lr", math.inf, "lr must be a finite number"), ("adam_eps", math.nan, "adam_eps must be a finite number"),
+    ("weight_decay", math.inf, "weight_decay must be a finite number"), ("seed", -1, r"seed must be in \[0, 2\^32\)"),
+    ("seed", 2**32, "seed must be in")])
 def test_bad_settings_are_refused_before_training(data_dir, tmp_path, setting, value, message):
     with pytest.raises(TrainError, match=message):
         TrainConfig.from_dict({"data": str(data_dir), setting: value})
@@ -650,6 +653,47 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(data_dir, tmp_p
     assert f"stopped by SIGTERM at step {stopped['step']}" in out
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == [f"step-{stopped['step']:06d}"]
     assert read_trainer_state(list_checkpoints(tmp_path / "run")[0])[0]["world_size"] == 2
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir, tmp_path, monkeypatch, capsys):
+    """The later checkpoints belong to another continuation: left in place, retention (keeping the
+    highest steps) deleted the resumed run's own checkpoint for them and a stop reported a stale
+    one. They are moved aside instead, nothing deleted."""
+    from backends.cuda.train import TrainInterrupted
+
+    out = tmp_path / "run"
+    train(tiny(data_dir, out, max_steps=9, keep_last=5, keep_best=False))
+    ckpts = list_checkpoints(out)
+    assert [p.name for p in ckpts] == ["step-000003", "step-000006", "step-000009"]
+    (out / "checkpoints" / "step-best").mkdir()  # a copy under another name is not a checkpoint of the run
+    real = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(TrainInterrupted) as caught:
+        train(tiny(data_dir, out, max_steps=9, keep_last=1, keep_best=False, resume=str(ckpts[0])))
+    assert caught.value.result["checkpoint"].endswith("step-000004")
+    assert [p.name for p in list_checkpoints(out)] == ["step-000004"]
+    aside = out / "superseded" / "after-step-000003"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000006", "step-000009"]
+    assert "later checkpoints (step-000006, step-000009) moved to" in capsys.readouterr().err
+
+
+def test_resume_auto_without_a_checkpoint(data_dir, tmp_path, capsys):
+    """A new run, said so; but not when the run there began from a model and was killed before
+    its first checkpoint: a new run would silently start from random weights."""
+    Trainer(tiny(data_dir, tmp_path / "a", resume="auto"))
+    assert "no checkpoint in" in capsys.readouterr().err
+    first = train(tiny(data_dir, tmp_path / "base", max_steps=2, save_interval=2))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train_config.json").write_text(json.dumps(
+        tiny(data_dir, tmp_path / "b", init_from=first["checkpoint"]).to_dict()))
+    with pytest.raises(TrainError, match="no checkpoint yet, and its run started from --init-from .*step-000002"):
+        Trainer(tiny(data_dir, tmp_path / "b", resume="auto"))
 
 
 def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypatch):

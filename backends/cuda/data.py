@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -90,15 +91,15 @@ def iter_documents(inputs: Iterable[str | Path], text_key: str = "text") -> Iter
             yield from _jsonl_documents(path, text_key)
         else:
             try:
-                yield path.read_text(encoding="utf-8")
+                yield path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not text
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
     chapter, lines = None, []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -107,6 +108,11 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
                 raise DataError(f"{path}:{n}: not a JSON object") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                 raise DataError(f"{path}:{n}: record has no string field {text_key!r}")
+            try:  # JSON escapes can spell lone surrogates (\ud83d), which no tokenizer can encode
+                record[text_key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{n}: field {text_key!r} is not valid Unicode ({e.reason}: "
+                                f"{e.object[e.start:e.end]!a})") from None
             key = (record["book"], record["chapter"]) if "book" in record and "chapter" in record else None
             if key is None:
                 yield record[text_key]
@@ -120,6 +126,15 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
             lines.append(f"{record['verse']} {record[text_key]}" if "verse" in record else record[text_key])
     if lines:
         yield "\n".join(lines)
+
+
+def _numbered_lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary file, decoded line by line (so an error names its line)."""
+    for n, raw in enumerate(f, 1):
+        try:
+            yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is not text
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
 
 
 # -- preparation ------------------------------------------------------------------------------
@@ -150,41 +165,63 @@ def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: st
     if not docs:
         raise DataError("the inputs hold no text")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok_path = out / TOKENIZER_FILE
-    if tokenizer is None:
-        tok = SentencePieceTokenizer.train(iter(docs), vocab_size, tok_path, model_type="bpe")  # texts, not paths
-    else:
-        if Path(tokenizer).resolve() != tok_path.resolve():
-            tok_path.write_bytes(Path(tokenizer).read_bytes())
-        tok = SentencePieceTokenizer(tok_path)
-    if tok.eos_id is None:
-        raise DataError(f"tokenizer {tok_path} has no end-of-text (eos) piece to separate documents")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    # Everything that can fail on the inputs happens before `out` is touched: a failed run leaves
+    # an existing data directory as it was.
+    new_tok = out / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
+    try:
+        if tokenizer is None:
+            tok = SentencePieceTokenizer.train(iter(docs), vocab_size, new_tok, model_type="bpe")  # texts, not paths
+        else:
+            tok = SentencePieceTokenizer(tokenizer)
+        if tok.eos_id is None:
+            raise DataError(f"tokenizer {tokenizer or 'trained here'} has no end-of-text (eos) piece to separate "
+                            "documents")
+        stream, dtype = _token_stream(docs, tok, seed)
+        n_val = max(1, int(round(len(stream) * val_fraction)))
+        if min(n_val, len(stream) - n_val) < 2:  # a window is at least 2 tokens (one input, one target)
+            raise DataError(f"only {len(stream)} tokens: too few for a training split and a held-out split of at "
+                            f"least 2 tokens each (val_fraction {val_fraction})")
+        # meta.json is the commit point: removed first, written last. An interruption in between
+        # leaves a directory that says it is not prepared, never old metadata over new shards.
+        (out / META_FILE).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob("train-*.bin"), *out.glob("val-*.bin")]:
+            stale.unlink()
+        splits = {}
+        for name, part in (("train", stream[:-n_val]), ("val", stream[-n_val:])):
+            splits[name] = []
+            for k, start in enumerate(range(0, len(part), shard_tokens)):
+                file = f"{name}-{k:05d}.bin"
+                part[start:start + shard_tokens].tofile(out / file)
+                splits[name].append({"file": file, "tokens": int(min(shard_tokens, len(part) - start))})
+        if tokenizer is None:
+            os.replace(new_tok, tok_path)
+        elif Path(tokenizer).resolve() != tok_path.resolve():
+            new_tok.write_bytes(Path(tokenizer).read_bytes())
+            os.replace(new_tok, tok_path)
+        meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id, "tokenizer": TOKENIZER_FILE, "documents": len(docs), "seed": seed,
+                "val_fraction": val_fraction, "sources": [str(f) for f in files], "splits": splits}
+        new_meta = out / f".{META_FILE}.tmp-{os.getpid()}"
+        new_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(new_meta, out / META_FILE)
+    finally:
+        for tmp in out.glob(f".*.tmp-{os.getpid()}") if out.is_dir() else ():
+            tmp.unlink()
+    return meta
 
+
+def _token_stream(docs: list[str], tok, seed: int) -> tuple[np.ndarray, np.dtype]:
+    """The documents, shuffled with seed, encoded and joined by eos: (ids, their dtype)."""
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    docs = list(docs)
     random.Random(seed).shuffle(docs)
     ids: list[np.ndarray] = []
     for doc in docs:
         ids.append(np.asarray(tok.encode(doc), dtype=dtype))
         ids.append(np.asarray([tok.eos_id], dtype=dtype))
-    stream = np.concatenate(ids)
-    n_val = max(1, int(round(len(stream) * val_fraction)))
-    if n_val >= len(stream):
-        raise DataError(f"only {len(stream)} tokens: too few for a held-out split")
-    splits = {}
-    for name, part in (("train", stream[:-n_val]), ("val", stream[-n_val:])):
-        for old in out.glob(f"{name}-*.bin"):
-            old.unlink()
-        splits[name] = []
-        for k, start in enumerate(range(0, len(part), shard_tokens)):
-            file = f"{name}-{k:05d}.bin"
-            part[start:start + shard_tokens].tofile(out / file)
-            splits[name].append({"file": file, "tokens": int(min(shard_tokens, len(part) - start))})
-    meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id, "tokenizer": TOKENIZER_FILE, "documents": len(docs), "seed": seed,
-            "val_fraction": val_fraction, "sources": [str(f) for f in files], "splits": splits}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
+    return np.concatenate(ids), dtype
 
 
 # -- loading and batches ----------------------------------------------------------------------
@@ -198,9 +235,23 @@ def read_meta(data_dir: str | Path) -> dict:
                         "run `metastate prepare-data` first") from None
     except ValueError as e:
         raise DataError(f"malformed {file}: {e}") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{file} is not a {FORMAT} description")
+    shards = meta.get("splits")
+    problem = (
+        "dtype is not uint16 or uint32" if meta.get("dtype") not in ("uint16", "uint32") else
+        "vocab_size or eos_id is not an integer" if not all(_is_count(meta.get(k)) for k in ("vocab_size", "eos_id")) else
+        "splits is not {split: [{file, tokens}, ...]}" if not (
+            isinstance(shards, dict) and all(isinstance(v, list) for v in shards.values())
+            and all(isinstance(x, dict) and isinstance(x.get("file"), str) and "/" not in x["file"]
+                    and _is_count(x.get("tokens")) for v in shards.values() for x in v)) else None)
+    if problem:
+        raise DataError(f"malformed {file}: {problem}; prepare the data again")
     return meta
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class TokenData:

@@ -201,6 +201,11 @@ class TrainConfig:
             raise TrainError(f"micro_batch must be a positive integer, got {self.micro_batch}")
         if self.warmup_steps < 0 or self.data_start < 0:
             raise TrainError("warmup_steps and data_start must be >= 0")
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "beta1", "beta2"):
+            if not math.isfinite(getattr(self, name)):  # TOML has inf and nan
+                raise TrainError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**32:  # the range numpy's and torch's generators take
+            raise TrainError(f"seed must be in [0, 2^32), got {self.seed}")
         if not self.lr > 0:
             raise TrainError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -369,7 +374,8 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     root = Path(out) / CKPT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and (p / OPT_FILE).is_file()]
+    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name)  # not a copied "step-best"
+             and (p / STATE_FILE).is_file() and (p / OPT_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -573,10 +579,45 @@ class Trainer:
             return None
         if r == "auto":
             _clean_stale(self.out) if self.dist.main else None
-            return latest_checkpoint(self.out)
+            latest = latest_checkpoint(self.out)
+            if latest is None:
+                self._no_checkpoint_yet()
+            return latest
         if not Path(r).is_dir():
             raise TrainError(f"resume checkpoint {r} does not exist")
         return Path(r)
+
+    def _no_checkpoint_yet(self) -> None:
+        """--resume auto in an out without checkpoints starts a new run, unless the run there
+        started from a model (init_from): a new run would start from random weights instead."""
+        try:
+            begun = json.loads((self.out / "train_config.json").read_text(encoding="utf-8")).get("init_from")
+        except (OSError, ValueError, AttributeError):
+            begun = None
+        if begun:
+            raise TrainError(f"{self.out} holds no checkpoint yet, and its run started from --init-from {begun}: "
+                             "start that run again (with --init-from, without --resume)")
+        if self.dist.main:
+            print(f"note: no checkpoint in {self.out}: starting a new run", file=sys.stderr)
+
+    def _set_aside_later_checkpoints(self) -> None:
+        """Resuming from an earlier step than out's latest checkpoint: the later ones belong to
+        another continuation. They move to out/superseded/, so that retention (which keeps the
+        highest steps) cannot delete this run's own checkpoints for them, nor `--resume auto`
+        pick them up; nothing is deleted."""
+        later = [p for p in list_checkpoints(self.out) if int(p.name.split("-")[1]) > self.step]
+        if not later:
+            return
+        dest = self.out / "superseded" / f"after-step-{self.step:06d}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"after-step-{self.step:06d}-{n}")
+        dest.mkdir(parents=True)
+        for ckpt in later:
+            os.rename(ckpt, dest / ckpt.name)
+        print(f"note: resuming at step {self.step}: the later checkpoints ({', '.join(c.name for c in later)}) "
+              f"moved to {dest}", file=sys.stderr)
 
     def _wrap(self, model: Model) -> torch.nn.Module:
         if self.dist.world == 1:
@@ -770,6 +811,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             _clean_stale(self.out)
+            self._set_aside_later_checkpoints()
             self._trim_metrics()
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
