@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -629,6 +627,7 @@ def save_state(path, model: Engine, state, logits: np.ndarray | None = None, *,
     if given, logits [V]. Metadata: format "metastate-state", format_version, model (path),
     model_fingerprint, backend (informational), n_tokens (tokens the state has read), plus `meta`.
     """
+    from weights import atomic_write
     from weights.safetensors_io import write_file
 
     path = Path(path)
@@ -641,19 +640,10 @@ def save_state(path, model: Engine, state, logits: np.ndarray | None = None, *,
     info = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
             "model": str(model.path or ""), "model_fingerprint": model.fingerprint,
             "backend": model.backend, "n_tokens": str(int(n_tokens)), **(meta or {})}
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.tmp-")
+    try:  # readers see the old file or the new one, never half of it
+        atomic_write(path, lambda tmp: write_file(tmp, tensors, info))
     except OSError as e:
         raise StateFileError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        write_file(tmp, tensors, info)
-        os.replace(tmp, path)   # readers see the old file or the new one, never half of it
-    except OSError as e:
-        raise StateFileError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_state(path, model: Engine) -> tuple[object, np.ndarray | None, dict[str, str]]:

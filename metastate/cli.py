@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,16 +179,18 @@ def cmd_logits(args) -> int:
         if not tokens:
             raise CLIError("--text encodes to no tokens")
     logits = compute_logits(model, tokens, args.backend, args.kernels, args.dtype)
+    from weights import atomic_write
+
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:  # exactly the path given (np.save would add .npy to a name without it), never half-written
+
+    def write(tmp):  # through a file object: np.save would add .npy to a name without it
         with open(tmp, "wb") as f:
             np.save(f, logits.astype(np.float32))
-        os.replace(tmp, out)
+
+    try:
+        atomic_write(out, write)
     except OSError as e:
         raise CLIError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote logits {list(logits.shape)} float32 ({args.backend}) to {out}")
     return 0
 

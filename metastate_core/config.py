@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import MetaStateError
@@ -45,7 +46,12 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        # Fill defaults that depend on other fields (SPEC section 1), then validate.
+        # Fill defaults that depend on other fields (SPEC section 1), then validate. The fields
+        # they are computed from are checked first: sqrt(-32) or round(inf) is no error message.
+        for name in ("d_model", "head_size", "d_att"):
+            value = getattr(self, name)
+            if not (value is None and name == "d_att") and not _is_pos_int(value):
+                raise ConfigError(f"config field {name!r} must be a positive integer below 2^31, got {value!r}")
         if self.d_att is None:
             self.d_att = self.d_model
         for name, factor in LORA_FACTORS.items():
@@ -79,7 +85,7 @@ class ModelConfig:
                      "lora_w", "lora_a", "lora_v", "lora_g", "n_param_tokens"):
             value = getattr(self, name)
             if not _is_pos_int(value):
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config field {name!r} must be a positive integer below 2^31, got {value!r}")
         if not isinstance(self.sse_heads, int) or isinstance(self.sse_heads, bool) or self.sse_heads < 0:
             raise ConfigError(f"config field 'sse_heads' must be a non-negative integer, got {self.sse_heads!r}")
         if self.d_att % self.head_size:
@@ -91,6 +97,12 @@ class ModelConfig:
                 f"min(d_model, d_att) = {limit}")
         if self.tokenizer is not None and not isinstance(self.tokenizer, dict):
             raise ConfigError(f"config field 'tokenizer' must be an object or null, got {type(self.tokenizer).__name__}")
+        tok = self.tokenizer or {}
+        if "type" in tok and not isinstance(tok["type"], str):
+            raise ConfigError(f"config field 'tokenizer.type' must be a string, got {tok['type']!r}")
+        if "file" in tok and not is_plain_file_name(tok["file"]):
+            raise ConfigError(f"config field 'tokenizer.file' must be a plain file name (beside config.json), got "
+                              f"{tok['file']!r}")
         if not all(isinstance(step, dict) for step in self.growth):
             raise ConfigError("config field 'growth' must be a list of objects")
 
@@ -131,5 +143,12 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def is_plain_file_name(name) -> bool:
+    """A file name with no directory part: what config.json may name, so that it never points
+    outside its model directory."""
+    return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..")
+
+
 def _is_pos_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    # below 2^31: any real size, and no float conversion of a 400-digit integer overflows
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31

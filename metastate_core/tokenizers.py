@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from .config import is_plain_file_name
 from .errors import MetaStateError
 
 
@@ -276,7 +277,7 @@ def load_tokenizer(model_dir: str | Path, spec: dict | None) -> Tokenizer | None
     cls, default_file = _TYPES[spec["type"]]
     name = spec.get("file", default_file)
     # A bare file name: config.json must not point outside its model directory.
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+    if not is_plain_file_name(name):
         raise TokenizerError(f"tokenizer file must be a plain file name, got {name!r}")
     path = Path(model_dir) / name
     if not path.is_file():

@@ -79,7 +79,7 @@ def test_roundtrip_and_layout(tmp_path, cfg, params, dtype):
     assert (8 + n) % 8 == 0
     meta = header.pop("__metadata__")
     assert meta["format"] == "metastate" and json.loads(meta["config"]) == cfg.to_dict()
-    assert meta["checksum"].startswith("crc32:")
+    assert meta["checksum"].startswith("crc32m:")  # covers the metadata (the config) too
     assert list(header) == list(param_shapes(cfg))  # canonical order, contiguous
     code = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
     offset = 0
@@ -370,6 +370,40 @@ def test_checksum_detects_flipped_data(tmp_path, cfg, params):
         load_model(tmp_path / "m")
 
 
+def test_checksum_covers_the_config_and_config_json_must_match_it(tmp_path, cfg, params):
+    """sse_heads changes the computation but no tensor shape: a damaged or edited value would
+    load silently wrong. In a file's header the checksum covers it; config.json (no checksum) is
+    held against the header of every weight file."""
+    save_model(tmp_path / "m", cfg, params)
+    f = tmp_path / "m/model.safetensors"
+    raw = f.read_bytes()
+    assert raw.count(b'\\"sse_heads\\":2') == 1
+    f.write_bytes(raw.replace(b'\\"sse_heads\\":2', b'\\"sse_heads\\":0'))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_model(f)
+    save_model(tmp_path / "m", cfg, params, max_shard_bytes=3000, extra_files={"tokenizer.model": b"x"})
+    text = (tmp_path / "m/config.json").read_text()
+    (tmp_path / "m/config.json").write_text(text.replace('"sse_heads": 2', '"sse_heads": 0'))
+    with pytest.raises(WeightsError, match=r"config.json says sse_heads = 0, but the weights were saved with "
+                                           r"sse_heads = 2.*metastate grow"):
+        load_model(tmp_path / "m")
+    edited = json.loads(text) | {"chat_template": "plain", "tokenizer": {"type": "test", "file": "tokenizer.model"}}
+    (tmp_path / "m/config.json").write_text(json.dumps(edited))  # fields outside the computation may change
+    assert load_model(tmp_path / "m")[0].extra["chat_template"] == "plain"
+
+
+def test_files_of_the_first_checksum_version_still_verify(tmp_path):
+    """The shipped model was written before the checksum covered the metadata ("crc32:")."""
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "default" / "model.safetensors"
+    assert st.read_header(shipped)[1]["checksum"].startswith("crc32:")
+    load_model(shipped.parent)
+    raw = bytearray(shipped.read_bytes())
+    raw[-5] ^= 0x01
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        st.read_file(tmp_path / "flipped.safetensors")
+
+
 def test_malformed_config(tmp_path, cfg, params):
     d = tmp_path / "m"
     save_model(d, cfg, params)
@@ -378,6 +412,16 @@ def test_malformed_config(tmp_path, cfg, params):
         load_model(d)
     (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), d_model="wide")))
     with pytest.raises(WeightsError, match="invalid .*config.json: config field 'd_model' must be a positive integer"):
+        load_config(d)
+    for field, value in (("d_model", -32), ("d_model", 10**400), ("head_size", 1e400), ("d_att", True)):
+        (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), d_att=None, lora_w=None) | {field: value}))
+        with pytest.raises(WeightsError, match=f"config field '{field}' must be a positive integer below 2\\^31"):
+            load_config(d)  # checked before the sizes derived from it are computed
+    (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), tokenizer={"type": "test", "file": 5})))
+    with pytest.raises(WeightsError, match="'tokenizer.file' must be a plain file name"):
+        load_config(d)
+    (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), tokenizer={"file": "../../etc/passwd"})))
+    with pytest.raises(WeightsError, match="'tokenizer.file' must be a plain file name"):
         load_config(d)
     (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), growth=5)))
     with pytest.raises(WeightsError, match="invalid .*config.json: config field .growth. must be a list"):
@@ -417,7 +461,7 @@ def test_index_errors(tmp_path, cfg, params):
         index_file.write_text(json.dumps({"metadata": index["metadata"],
                                           "weight_map": dict(index["weight_map"], **{first: name})}))
 
-    for escape in (str(outside), "../outside.safetensors", "link.safetensors"):
+    for escape in (str(outside), "../outside.safetensors", "link.safetensors", "a\0b.safetensors"):
         with_map(escape)
         with pytest.raises(WeightsError, match="outside the model directory"):
             load_model(d)
@@ -528,6 +572,11 @@ def test_save_replaces_model_and_refuses_other_directories(tmp_path, cfg, params
     with pytest.raises(WeightsError, match="refusing to replace"):
         save_model(other, cfg, params)
     assert (other / "notes.txt").read_text() == "keep me"
+    (other / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')  # another project's model
+    with pytest.raises(WeightsError, match="refusing to replace .*not a metastate model directory"):
+        save_model(other, cfg, params)
+    assert sorted(os.listdir(other)) == ["config.json", "notes.txt"]
+    os.unlink(other / "config.json")
     (tmp_path / "file").write_text("x")
     with pytest.raises(WeightsError, match="exists and is not a directory"):
         save_model(tmp_path / "file", cfg, params)
@@ -535,6 +584,46 @@ def test_save_replaces_model_and_refuses_other_directories(tmp_path, cfg, params
     empty.mkdir()
     save_model(empty, cfg, params)
     assert_same(load_model(empty)[1], params)
+
+
+def test_a_failed_second_rename_puts_the_old_model_back(tmp_path, cfg, params, monkeypatch):
+    """Where the two paths cannot be exchanged in one step (macOS), the old model moves aside
+    first; if the new one then cannot take its place, the old one returns."""
+    monkeypatch.setattr(weights.format, "_exchange", lambda a, b: False)
+    d = tmp_path / "m"
+    save_model(d, cfg, params)
+    real = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise PermissionError(13, "simulated", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(weights.format.os, "rename", rename)
+    with pytest.raises(WeightsError, match="simulated"):
+        save_model(d, cfg, {k: v * 2 for k, v in params.items()})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["m"]
+    assert_same(load_model(d)[1], params)
+
+
+def test_atomic_write_gives_an_ordinary_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        weights.atomic_write(tmp_path / "x.bin", lambda tmp: Path(tmp).write_bytes(b"new"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644  # mkstemp's own is 0o600
+    assert os.listdir(tmp_path) == ["x.bin"]
+    with pytest.raises(ZeroDivisionError):
+        weights.atomic_write(tmp_path / "x.bin", lambda tmp: 1 / 0)
+    assert (tmp_path / "x.bin").read_bytes() == b"new" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_a_pth_where_a_model_is_expected(tmp_path):
+    (tmp_path / "m.pth").write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(WeightsError, match="is a PyTorch checkpoint, not a metastate model: .*metastate convert"):
+        load_model(tmp_path / "m.pth")
 
 
 _BIG_SAVE = textwrap.dedent("""

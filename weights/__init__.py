@@ -1,9 +1,9 @@
 """The shared model format (SPEC section 4): model directories, safetensors I/O, official .pth."""
 
-from .format import (SUPPORTED_DTYPES, convert_dtype, load_config, load_model, save_model,
+from .format import (SUPPORTED_DTYPES, atomic_write, convert_dtype, load_config, load_model, save_model,
                      validate_tensors)
 from .official import export_official_pth, import_official_pth
 from .safetensors_io import WeightsError
 
 __all__ = ["WeightsError", "save_model", "load_model", "load_config", "validate_tensors",
-           "convert_dtype", "import_official_pth", "export_official_pth", "SUPPORTED_DTYPES"]
+           "convert_dtype", "import_official_pth", "export_official_pth", "SUPPORTED_DTYPES", "atomic_write"]

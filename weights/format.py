@@ -117,6 +117,9 @@ def _narrows(src: np.dtype, dst: np.dtype) -> bool:
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The config of a model directory (its config.json) or of a single .safetensors file."""
     path = Path(path)
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        raise WeightsError(f"{path} is a PyTorch checkpoint, not a metastate model: import it with "
+                           f"`metastate convert {path} --out DIR`")
     if path.is_file():
         _, meta = st.read_header(path)
         if "config" not in meta:
@@ -160,12 +163,12 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
     quantized = cfg.extra.get("quantization")
     if quantized:
         bits = quantized.get("bits", "?") if isinstance(quantized, dict) else "?"
-        raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: only the mlx backend "
-                           "reads them (--backend mlx)")
+        raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: only the mlx backend reads them "
+                           "(metastate chat, generate or logits with --backend mlx)")
     if path.is_file():
         tensors, _ = st.read_file(path)
     else:
-        tensors = _read_weights(path)
+        tensors = _read_weights(path, cfg)
     if validate:
         validate_tensors(cfg, tensors)
         tensors = {name: tensors[name] for name in param_shapes(cfg)}
@@ -181,21 +184,46 @@ def _check_model_dir(path: Path) -> None:
         raise WeightsError(f"{path} is neither a model directory nor a .safetensors file")
 
 
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
+# Fields that define the computation; the rest (tokenizer, chat_template, ...) may be edited.
+ARCHITECTURE = ("vocab_size", "d_model", "n_layer", "head_size", "d_att", "lora_w", "lora_a", "lora_v",
+                "lora_g", "n_param_tokens", "sse_heads")
+
+
+def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> None:
+    """config.json against the config a weight file was saved with (its header's): shapes catch
+    most edits, but not sse_heads, and config.json has no checksum."""
+    if "config" not in meta:  # not written by metastate
+        return
+    try:
+        saved = json.loads(meta["config"])
+    except ValueError:
+        raise WeightsError(f"{file}: malformed config in the header") from None
+    changed = [k for k in ARCHITECTURE if isinstance(saved, dict) and saved.get(k) != getattr(cfg, k)]
+    if changed:
+        k = changed[0]
+        raise WeightsError(f"{file.parent / CONFIG_FILE} says {k} = {getattr(cfg, k)!r}, but the weights were saved "
+                           f"with {k} = {saved.get(k)!r}: the config was edited or damaged (grow a model with "
+                           "`metastate grow`)")
+
+
+def _read_weights(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     single, index = path / WEIGHTS_FILE, path / INDEX_FILE
     if single.exists() and index.exists():
         raise WeightsError(f"{path} holds both {WEIGHTS_FILE} and {INDEX_FILE}; remove the stale one")
     if not index.exists():
         if not single.exists():
             raise WeightsError(f"{path} has no weights: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-        return st.read_file(single)[0]
+        tensors, meta = st.read_file(single)
+        _check_saved_config(cfg, meta, single)
+        return tensors
     weight_map, total = _read_index(path, index)
     tensors: dict[str, np.ndarray] = {}
     for shard in dict.fromkeys(weight_map.values()):
         file = _inside(path, shard)
         if not file.is_file():
             raise WeightsError(f"shard {shard!r} listed in {INDEX_FILE} is missing from {path}")
-        part, _ = st.read_file(file)
+        part, meta = st.read_file(file)
+        _check_saved_config(cfg, meta, file)
         for name, t in part.items():
             if weight_map.get(name) != shard:
                 raise WeightsError(f"tensor {name!r} found in shard {shard!r} but {INDEX_FILE} maps it to "
@@ -230,7 +258,7 @@ def _read_index(path: Path, index: Path) -> tuple[dict[str, str], int | None]:
 
 def _inside(root: Path, name: str) -> Path:
     """root/name, refusing names that resolve outside root (absolute, '..', escaping symlinks)."""
-    if not name or os.path.isabs(name):
+    if not name or os.path.isabs(name) or "\0" in name:
         raise WeightsError(f"{INDEX_FILE} names shard {name!r} outside the model directory {root}")
     file = (root / name).resolve()
     if not file.is_relative_to(root.resolve()) or file == root.resolve():
@@ -303,9 +331,19 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
 def _check_destination(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise WeightsError(f"cannot save model to {path}: it exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).exists():
-        raise WeightsError(f"refusing to replace {path}: it is a non-empty directory without {CONFIG_FILE}, "
-                           "not a model directory")
+    if path.is_dir() and any(path.iterdir()) and not _is_model_dir(path):
+        raise WeightsError(f"refusing to replace {path}: it is a non-empty directory and not a metastate model "
+                           f"directory (its {CONFIG_FILE} is missing or not a metastate config)")
+
+
+def _is_model_dir(path: Path) -> bool:
+    """What save_model may replace as a whole: a directory whose config.json says "metastate"
+    (another project's config.json, e.g. a Hugging Face checkout, does not)."""
+    try:
+        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
 def _write_model(tmp: Path, cfg, tensors, target, max_shard_bytes, extra) -> None:
@@ -354,6 +392,28 @@ def _write_bytes(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Replace the file at `path` by what write(tmp) writes to a temp path beside it (same
+    suffix: some writers add theirs), fsynced: a reader sees the old file or the new, never half
+    of one. The file gets the mode a plain open() would (mkstemp's is owner-only). OSError on
+    failure, with no temp file left."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path.parent)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -377,7 +437,11 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         # Two renames: an interruption between them leaves the old model at `old`, never half.
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
         os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)  # the old model back where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -20,7 +19,7 @@ from metastate_core.config import ModelConfig, official_lora_size, LORA_FACTORS
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
 
-from .format import _fsync_dir, validate_tensors
+from .format import atomic_write, validate_tensors
 from .safetensors_io import WeightsError
 
 # Official vectors stored as [1, 1, C] (RWKV-LM x070 nn.Parameter shapes).
@@ -181,19 +180,6 @@ def export_official_pth(cfg: ModelConfig, tensors: dict[str, np.ndarray], path: 
     sd = {name: _from_numpy(torch, t) for name, t in to_official(cfg, tensors).items()}
     path = Path(os.path.realpath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))
     except OSError as e:
         raise WeightsError(f"cannot write {path}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise WeightsError(f"cannot write {path}: {e}") from e
-        raise

@@ -8,10 +8,12 @@ File layout (compatible with the `safetensors` library):
                                             so that 8 + n is a multiple of 8
     rest               data               raw little-endian tensor bytes, offsets relative to here
 
-Files written here carry `"checksum": "crc32:xxxxxxxx"` in `__metadata__`: the CRC-32 of the
-tensor entries (name, dtype, shape, offsets) followed by the whole data section. Reading
-verifies it when present, so flipped bytes raise instead of silently changing weights; files
-without it (e.g. from `safetensors.torch.save_file`) load unchecked.
+Files written here carry `"checksum": "crc32m:xxxxxxxx"` in `__metadata__`: the CRC-32 of the
+tensor entries (name, dtype, shape, offsets) and the other metadata (a model's config), followed
+by the whole data section. Reading verifies it when present, so flipped bytes raise instead of
+silently changing weights or config; files of the first version ("crc32:", metadata not
+covered) are verified as they were written, and files without a checksum (e.g. from
+`safetensors.torch.save_file`) load unchecked.
 """
 
 from __future__ import annotations
@@ -59,17 +61,18 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise WeightsError("safetensors metadata must map strings to strings")
     if checksum:
-        meta[CHECKSUM_KEY] = "crc32:00000000"  # same length as the final value, patched below
+        meta.pop(CHECKSUM_KEY, None)
+        crc = zlib.crc32(_signature(entries, meta))
+        meta[CHECKSUM_KEY] = "crc32m:00000000"  # same length as the final value, patched below
     head = _header_bytes(meta, entries)
     with open(path, "wb") as f:
         f.write(head)
-        crc = zlib.crc32(_entries_signature(entries))
         for t in tensors.values():
             raw = _raw_bytes(t)
-            crc = zlib.crc32(raw, crc)
+            crc = zlib.crc32(raw, crc) if checksum else 0
             f.write(raw)
         if checksum:
-            meta[CHECKSUM_KEY] = f"crc32:{crc:08x}"
+            meta[CHECKSUM_KEY] = f"crc32m:{crc:08x}"
             f.seek(0)
             f.write(_header_bytes(meta, entries))
         f.flush()
@@ -100,7 +103,7 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
                 raise WeightsError(f"{path}: file is truncated (data ends at byte {got} of {data_len})")
             got += n
     if CHECKSUM_KEY in meta:
-        _verify_checksum(path, meta[CHECKSUM_KEY], entries, buf)
+        _verify_checksum(path, meta[CHECKSUM_KEY], entries, meta, buf)
     tensors = {}
     for name, e in entries.items():
         dtype = DTYPE_CODES[e["dtype"]]
@@ -132,8 +135,12 @@ def _header_bytes(meta: dict, entries: dict) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _entries_signature(entries: dict) -> bytes:
+def _signature(entries: dict, meta: dict | None) -> bytes:
+    """What the checksum covers besides the data: the tensor entries and, unless meta is None
+    (files of the first version, "crc32"), the metadata (a model's config lives there)."""
     rows = [[name, e["dtype"], e["shape"], e["data_offsets"]] for name, e in entries.items()]
+    if meta is not None:
+        rows.append(sorted([k, v] for k, v in meta.items() if k != CHECKSUM_KEY))
     return json.dumps(rows, separators=(",", ":")).encode()
 
 
@@ -144,11 +151,11 @@ def _raw_bytes(t: np.ndarray) -> memoryview:
     return memoryview(t.reshape(-1).view(np.uint8))
 
 
-def _verify_checksum(path, value: str, entries: dict, buf: np.ndarray) -> None:
+def _verify_checksum(path, value: str, entries: dict, meta: dict, buf: np.ndarray) -> None:
     algo, _, digest = value.partition(":")
-    if algo != "crc32" or len(digest) != 8:
+    if algo not in ("crc32", "crc32m") or len(digest) != 8:
         raise WeightsError(f"{path}: unknown checksum {value!r} in header metadata")
-    crc = zlib.crc32(memoryview(buf), zlib.crc32(_entries_signature(entries)))
+    crc = zlib.crc32(memoryview(buf), zlib.crc32(_signature(entries, meta if algo == "crc32m" else None)))
     if f"{crc:08x}" != digest:
         raise WeightsError(f"{path}: checksum mismatch (stored {digest}, computed {crc:08x}): "
                            "the file is corrupted")

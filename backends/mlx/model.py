@@ -14,9 +14,7 @@ plain MLX ops (any device, Linux CPU included), `"metal"` the Metal kernels of
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,6 +25,7 @@ from mlx.utils import tree_flatten
 from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
+from weights import atomic_write
 
 from .wkv import WKVOps, resolve_kernels, wkv
 
@@ -407,10 +406,10 @@ def save(model: Model, path, tokenizer=None) -> None:
     meta = {"format": "metastate", "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
     arrays = dict(tree_flatten(model.parameters()))
     (path / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
-    _atomic(path / "model.safetensors", lambda f: mx.save_safetensors(f, arrays, metadata=meta))
+    atomic_write(path / "model.safetensors", lambda f: mx.save_safetensors(f, arrays, metadata=meta))
     if tok_file is not None and Path(tok_file).resolve() != (path / Path(tok_file).name).resolve():
-        _atomic(path / Path(tok_file).name, lambda f: shutil.copyfile(tok_file, f))
-    _atomic(path / "config.json", lambda f: Path(f).write_text(config, encoding="utf-8"))
+        atomic_write(path / Path(tok_file).name, lambda f: shutil.copyfile(tok_file, f))
+    atomic_write(path / "config.json", lambda f: Path(f).write_text(config, encoding="utf-8"))
 
 
 def convert(src, dst, *, bits: int | None = None, group_size: int = 64, dtype: str | None = None) -> None:
@@ -421,13 +420,3 @@ def convert(src, dst, *, bits: int | None = None, group_size: int = 64, dtype: s
     save(model, dst, tokenizer)
 
 
-def _atomic(target: Path, write) -> None:
-    """write(tmp_path) then rename over target, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
