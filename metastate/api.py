@@ -525,7 +525,10 @@ def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Se
             raise GenerationError("this model has no tokenizer: pass the prompt as token ids")
         if not prompt:
             raise GenerationError("the prompt is empty: give some text")
-        prompt = tokenizer.encode(prompt)
+        # text after a state continues that text: no SentencePiece space in front of it
+        prompt = tokenizer.encode(prompt) if state is None else encode_continuation(tokenizer, prompt)
+    if isinstance(stop, str):  # one stop string, not its characters
+        stop = (stop,)
     ids = model.check_ids(prompt)
     if stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer")

@@ -116,12 +116,23 @@ class ChatSession:
             if self._ctx is start:  # still prefilling: the message was not taken in
                 return Turn("", [], "interrupted")
         with _sigint_deferred():
-            self._close_turn(ids[:n_done])
+            answer = self.tokenizer.decode(ids[:n_done])
+            ends = [answer.find(s) + len(s) for s in self.template.stop if s in answer]
+            if reason == "stop" and ends and min(ends) < len(answer):
+                # The stop ended inside a token (World has "\n\n " and the like): the state has
+                # read text past it. Read the turn again, as shown and ended at the stop.
+                text = self.template.user_turn(message) + answer[:min(ends)]
+                ids_read = encode_continuation(self.tokenizer, text)
+                logits, state = self.model.prefill(ids_read, start[0])
+                self._ctx = (state, logits, start[2] + len(ids_read))
+                answer = answer[:min(ends)]
+            self._close_turn(answer)
         return Turn("".join(shown), ids[:n_done], reason)
 
-    def _close_turn(self, ids: list[int]) -> None:
-        """Feed what the template needs after an answer, so the next turn starts cleanly."""
-        close = self.template.close_turn(self.tokenizer.decode(ids))
+    def _close_turn(self, answer: str) -> None:
+        """Feed what the template needs after an answer (its text as read), so the next turn
+        starts cleanly."""
+        close = self.template.close_turn(answer)
         if close:
             state, logits, n = self._ctx
             close_ids = encode_continuation(self.tokenizer, close)
@@ -237,6 +248,11 @@ def cmd_chat(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become surrogates we can report
         sys.stdin.reconfigure(errors="surrogateescape")
+    if sys.stdin.isatty():
+        try:  # input() then edits lines and keeps history, and reads lines past the terminal's
+            import readline  # noqa: F401  (4095-byte canonical-mode limit, which cuts a paste)
+        except ImportError:  # e.g. Windows
+            pass
     who = f"you are {template.user}" + (f", the model is {template.assistant}" if template.assistant else "")
     print(f"chat template: {template.name} ({who}). /help for commands, Ctrl-D to exit.", flush=True)
     warned = False

@@ -115,8 +115,10 @@ class Sampler:
         logits = np.asarray(logits)
         if logits.ndim not in (1, 2) or logits.shape[-1] == 0:
             raise SamplingError(f"logits must be [V] or [B, V], got shape {logits.shape}")
-        if np.isnan(logits).any():
-            raise SamplingError("logits contain NaN")
+        if np.isnan(logits).any() or np.isposinf(logits).any():  # softmax would turn +inf into NaN
+            raise SamplingError("logits contain NaN or +inf (an overflow in the model?)")
+        if np.isneginf(logits).all(axis=-1).any():  # -inf masks a token out; here every token is
+            raise SamplingError("every logit of a row is -inf: no token can be drawn")
         x = apply_penalties(logits.astype(np.float64), counts, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0:
             ids = x.argmax(axis=-1)

@@ -228,6 +228,43 @@ def test_save_state_refuses_what_it_could_not_load_back(model, tmp_path):
     assert np.array_equal(load_state(file, engine)[1], logits)
 
 
+def test_a_stop_inside_a_token_leaves_the_state_at_the_stop():
+    """World has tokens such as "\\n\\n " (id 3329): the stop "\\n\\n" then ends inside one, and
+    the state has read a space past it. The turn is read again, ending at the stop, so the state
+    holds exactly the text shown, in the template's format."""
+    rwkv = pytest.importorskip("rwkv")
+    from metastate.api import Engine
+    from metastate_core.tokenizers import WorldTokenizer
+
+    tok = WorldTokenizer(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+    assert tok.decode([3329]) == "\n\n "
+
+    class Recorder(Engine):
+        """The state is every id read; greedy sampling follows `answer`, one token per call."""
+
+        backend = "recorder"
+
+        def __init__(self, answer):
+            super().__init__(ModelConfig(vocab_size=65536, d_model=16, n_layer=1, head_size=16))
+            self.answer, self.calls = answer, 0
+
+        def zero_state(self):
+            return ()
+
+        def _forward(self, ids, state, every=False):
+            logits = np.zeros(65536, np.float32)
+            logits[self.answer[min(self.calls, len(self.answer) - 1)]] = 10.0
+            self.calls += 1
+            return logits, state + tuple(int(i) for i in ids)
+
+    engine = Recorder(tok.encode(" Hello.") + [3329] + tok.encode("more"))
+    session = ChatSession(engine, tok, make_template("world"), GREEDY, max_tokens=10)
+    turn = session.ask("hi")
+    assert turn.text == " Hello." and turn.finish_reason == "stop"
+    assert tok.decode(list(session.state)) == "User: hi\n\nAssistant: Hello.\n\n"
+    assert session.n_tokens == len(session.state)
+
+
 def test_interrupt_keeps_a_consistent_state(model):
     path, cfg, tensors = model
     engine, tok = load(path, "numpy")
@@ -305,6 +342,27 @@ def test_cli_two_turns_save_reset_load(model, tmp_path):
     proc.expect(pexpect.EOF)
     proc.close()
     assert proc.exitstatus == 0
+
+
+def test_cli_reads_a_line_longer_than_the_terminal_limit(model, tmp_path):
+    """A terminal in canonical mode hands input() at most 4095 bytes of a line, silently: a long
+    paste lost its tail. With readline the whole line arrives."""
+    from metastate.api import encode_continuation
+
+    path, _, _ = model
+    message = " ".join(WORDS * 60)  # about 5,300 characters
+    assert len(message) > 5000
+    tok = SentencePieceTokenizer(path / "tokenizer.model")
+    prompt = encode_continuation(tok, make_template("shakespeare").user_turn(message))
+    proc = spawn(path, "--max-tokens", 1)
+    proc.sendline(message)
+    proc.expect("\n> ")
+    proc.sendline(f"/save {tmp_path / 's.safetensors'}")
+    proc.expect("saved the conversation state")
+    proc.sendeof()
+    proc.expect(pexpect.EOF)
+    n = int(read_file(tmp_path / "s.safetensors")[1]["n_tokens"])
+    assert len(prompt) < n <= len(prompt) + 3  # the whole message, one answer token, the turn's end
 
 
 def test_cli_ctrl_c_mid_answer_then_go_on(model, tmp_path):

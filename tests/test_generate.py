@@ -197,6 +197,23 @@ def test_stop_string_is_held_back_and_excluded():
     assert out[-1].state == 1 + len("ab\ncd\n\n")
 
 
+def test_a_bare_stop_string_is_one_stop_string():
+    assert "".join(r.text for r in pieces("ab\ncd\n\nnever", stop="\n\n")) == "ab\ncd"  # not "\n" and "\n"
+
+
+def test_text_after_a_state_continues_it(model):
+    """A text prompt with a state goes on from that text: no SentencePiece space in front of it
+    (docs/chat.md continues a story this way)."""
+    path, _, _ = model
+    engine, tok = load(path, "numpy")
+    text = "\nthe queen"
+    assert tok.encode(text) != api.encode_continuation(tok, text)  # the space the tokenizer would add
+    first = list(stream_generate(engine, tok, "the king", 0))[-1]
+    after = list(stream_generate(engine, tok, text, 0, state=first.state))[-1]
+    expected, _ = engine.prefill(api.encode_continuation(tok, text), first.state)
+    assert np.array_equal(after.logits, expected) and after.prompt_tokens == len(api.encode_continuation(tok, text))
+
+
 def test_length_and_eos():
     out = pieces("abcdef", max_tokens=3)
     assert "".join(r.text for r in out) == "abc" and out[-1].finish_reason == "length"

@@ -114,6 +114,20 @@ def test_bad_shapes_raise():
         s(np.array([0.0, np.nan], np.float32))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_infinite_logits(temperature):
+    """-inf masks a token out at any temperature; +inf (an overflow) and a row with nothing left
+    are errors, never a silent token 0."""
+    s = Sampler(SamplingParams(temperature=temperature, seed=0))
+    masked = np.array([5.0, -np.inf, 1.0, -np.inf], np.float32)
+    assert {s(masked) for _ in range(50)} <= {0, 2}
+    assert s(np.array([-np.inf, -np.inf, 3.0], np.float32)) == 2
+    with pytest.raises(SamplingError, match=r"\+inf"):
+        s(np.array([0.0, np.inf, 1.0], np.float32))
+    with pytest.raises(SamplingError, match="every logit of a row is -inf"):
+        s(np.array([[0.0, 1.0], [-np.inf, -np.inf]], np.float32))
+
+
 def test_same_seed_same_sequence():
     logits = np.random.default_rng(5).normal(size=1000).astype(np.float32)
     a, b, c = (Sampler(SamplingParams(seed=s, top_p=0.9)) for s in (7, 7, 8))
