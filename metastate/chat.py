@@ -248,7 +248,7 @@ def cmd_chat(args) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes become surrogates we can report
         sys.stdin.reconfigure(errors="surrogateescape")
-    if sys.stdin.isatty():
+    if sys.stdin.isatty() and sys.stdout.isatty():  # when input() uses readline at all
         try:  # input() then edits lines and keeps history, and reads lines past the terminal's
             import readline  # noqa: F401  (4095-byte canonical-mode limit, which cuts a paste)
         except ImportError:  # e.g. Windows

@@ -24,6 +24,9 @@ def official_lora_size(d_model: int, factor: float) -> int:
 
 
 LORA_FACTORS = {"lora_w": 2.5, "lora_a": 2.5, "lora_v": 1.7, "lora_g": 5.0}
+SIZES = ("vocab_size", "d_model", "n_layer", "head_size", "d_att", *LORA_FACTORS, "n_param_tokens")
+# What defines the computation; the rest of a config (tokenizer, chat_template, ...) may be edited.
+ARCHITECTURE = (*SIZES, "sse_heads")
 
 
 @dataclass
@@ -81,8 +84,7 @@ class ModelConfig:
         return 4 * batch * (2 * self.d_model + self.n_head * self.head_size**2)
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layer", "head_size", "d_att",
-                     "lora_w", "lora_a", "lora_v", "lora_g", "n_param_tokens"):
+        for name in SIZES:
             value = getattr(self, name)
             if not _is_pos_int(value):
                 raise ConfigError(f"config field {name!r} must be a positive integer below 2^31, got {value!r}")

@@ -6,6 +6,7 @@ tensors the test wrote, at the tolerances of SPEC section 6.
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -336,6 +337,12 @@ def test_convert_quantize_for_mlx(model, tmp_path, capsys):
     assert_one_error(rc, err, "MLX-quantized", "--backend mlx")
     rc, _, err = run(["convert", path, "--out", tmp_path / "q.pth", "--quantize", "4"], capsys)
     assert_one_error(rc, err, "--quantize writes an MLX model directory")
+    other = tmp_path / "hf"  # another project's model directory is never written over
+    other.mkdir()
+    (other / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": 32000}')
+    rc, _, err = run(["convert", path, "--out", other, "--quantize", "4", "--force"], capsys)
+    assert_one_error(rc, err, "refusing to replace", "not a metastate model directory")
+    assert os.listdir(other) == ["config.json"] and "Llama" in (other / "config.json").read_text()
 
 
 def test_prepare_data_says_when_a_split_is_shorter_than_the_default_sequence(tmp_path, capsys):

@@ -680,7 +680,12 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     assert [p.name for p in list_checkpoints(out)] == ["step-000004"]
     aside = out / "superseded" / "after-step-000003"
     assert sorted(p.name for p in aside.iterdir()) == ["step-000006", "step-000009"]
-    assert "later checkpoints (step-000006, step-000009) moved to" in capsys.readouterr().err
+    assert "another continuation (step-000006, step-000009) moved to" in capsys.readouterr().err
+    # back onto the first continuation, from its step 6: the second one's step 4 goes aside in turn
+    monkeypatch.setattr(Trainer, "train_step", real)
+    train(tiny(data_dir, out, max_steps=9, keep_last=1, keep_best=False, resume=str(aside / "step-000006")))
+    assert [p.name for p in list_checkpoints(out)] == ["step-000009"]
+    assert [p.name for p in (out / "superseded" / "after-step-000006").iterdir()] == ["step-000004"]
 
 
 def test_resume_auto_without_a_checkpoint(data_dir, tmp_path, capsys):

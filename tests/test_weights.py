@@ -79,7 +79,7 @@ def test_roundtrip_and_layout(tmp_path, cfg, params, dtype):
     assert (8 + n) % 8 == 0
     meta = header.pop("__metadata__")
     assert meta["format"] == "metastate" and json.loads(meta["config"]) == cfg.to_dict()
-    assert meta["checksum"].startswith("crc32m:")  # covers the metadata (the config) too
+    assert meta["checksum"].startswith("crc32:") and meta["checksum_meta"].startswith("crc32:")  # config too
     assert list(header) == list(param_shapes(cfg))  # canonical order, contiguous
     code = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype]
     offset = 0
@@ -392,10 +392,10 @@ def test_checksum_covers_the_config_and_config_json_must_match_it(tmp_path, cfg,
     assert load_model(tmp_path / "m")[0].extra["chat_template"] == "plain"
 
 
-def test_files_of_the_first_checksum_version_still_verify(tmp_path):
-    """The shipped model was written before the checksum covered the metadata ("crc32:")."""
+def test_files_written_before_the_metadata_checksum_still_verify(tmp_path):
+    """The shipped model was written before checksum_meta existed."""
     shipped = Path(__file__).resolve().parents[1] / "weights" / "default" / "model.safetensors"
-    assert st.read_header(shipped)[1]["checksum"].startswith("crc32:")
+    assert "checksum_meta" not in st.read_header(shipped)[1]
     load_model(shipped.parent)
     raw = bytearray(shipped.read_bytes())
     raw[-5] ^= 0x01

@@ -16,15 +16,15 @@ import ctypes
 import errno
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from metastate_core.config import FORMAT_NAME, ModelConfig
+from metastate_core.config import ARCHITECTURE, FORMAT_NAME, ModelConfig, is_plain_file_name
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes, shape_mismatch
 
@@ -184,11 +184,6 @@ def _check_model_dir(path: Path) -> None:
         raise WeightsError(f"{path} is neither a model directory nor a .safetensors file")
 
 
-# Fields that define the computation; the rest (tokenizer, chat_template, ...) may be edited.
-ARCHITECTURE = ("vocab_size", "d_model", "n_layer", "head_size", "d_att", "lora_w", "lora_a", "lora_v",
-                "lora_g", "n_param_tokens", "sse_heads")
-
-
 def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> None:
     """config.json against the config a weight file was saved with (its header's): shapes catch
     most edits, but not sse_heads, and config.json has no checksum."""
@@ -302,19 +297,16 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
         raise WeightsError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     extra = dict(extra_files or {})
     for name in extra:
-        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name
-                or _reserved(name)):
+        if not is_plain_file_name(name) or _reserved(name):
             raise WeightsError(f"invalid extra file name {name!r}: use a plain file name that is not "
                                "config.json or a weight file")
 
     path = Path(os.path.realpath(path))
-    _check_destination(path)
+    check_destination(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only; a model folder is an ordinary folder
+        # os.mkdir's mode, not mkdtemp's owner-only one: a model folder is an ordinary folder
+        tmp = _fresh(path, "", lambda p: os.mkdir(p, 0o777))
     except OSError as e:
         raise WeightsError(f"cannot save model to {path}: {e}") from e
     try:
@@ -328,7 +320,9 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
         raise
 
 
-def _check_destination(path: Path) -> None:
+def check_destination(path: Path) -> None:
+    """Refuse to save a model where it would replace a file or a directory that is not a
+    metastate model (WeightsError)."""
     if path.exists() and not path.is_dir():
         raise WeightsError(f"cannot save model to {path}: it exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not _is_model_dir(path):
@@ -337,8 +331,10 @@ def _check_destination(path: Path) -> None:
 
 
 def _is_model_dir(path: Path) -> bool:
-    """What save_model may replace as a whole: a directory whose config.json says "metastate"
-    (another project's config.json, e.g. a Hugging Face checkout, does not)."""
+    """What save_model may replace as a whole: a directory whose config.json says "format":
+    "metastate" (every one this library writes does). Loading also takes a hand-written config
+    without it, but replacing a directory on that guess could destroy another project's model
+    (a Hugging Face config.json also has a vocab_size)."""
     try:
         data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -398,20 +394,30 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     of one. The file gets the mode a plain open() would (mkstemp's is owner-only). OSError on
     failure, with no temp file left."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    # os.open's mode, which the umask trims as for open(), not mkstemp's owner-only one
+    tmp = _fresh(path, path.suffix, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        os.close(fd)
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _fresh(path: Path, suffix: str, create) -> Path:
+    """A new hidden temp path beside `path` (".NAME.tmp-XXXXXXXX" + suffix), made by create(p),
+    which must fail with FileExistsError if p exists."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,12 +8,12 @@ File layout (compatible with the `safetensors` library):
                                             so that 8 + n is a multiple of 8
     rest               data               raw little-endian tensor bytes, offsets relative to here
 
-Files written here carry `"checksum": "crc32m:xxxxxxxx"` in `__metadata__`: the CRC-32 of the
-tensor entries (name, dtype, shape, offsets) and the other metadata (a model's config), followed
-by the whole data section. Reading verifies it when present, so flipped bytes raise instead of
-silently changing weights or config; files of the first version ("crc32:", metadata not
-covered) are verified as they were written, and files without a checksum (e.g. from
-`safetensors.torch.save_file`) load unchecked.
+Files written here carry two CRC-32s in `__metadata__`: `"checksum": "crc32:xxxxxxxx"` of the
+tensor entries (name, dtype, shape, offsets) followed by the whole data section, and
+`"checksum_meta"` of the other metadata (a model's config lives there). Reading verifies each
+one present, so flipped bytes raise instead of silently changing weights or config; files
+written before `checksum_meta` existed, or without any checksum (e.g. from
+`safetensors.torch.save_file`), load with what they have.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class WeightsError(MetaStateError, ValueError):
 DTYPE_CODES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2")}
 _CODE_OF = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
 CHECKSUM_KEY = "checksum"
+META_CHECKSUM_KEY = "checksum_meta"  # a key of its own: readers that predate it ignore it
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
 _READ_CHUNK = 1 << 30
 
@@ -62,17 +63,18 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
         raise WeightsError("safetensors metadata must map strings to strings")
     if checksum:
         meta.pop(CHECKSUM_KEY, None)
-        crc = zlib.crc32(_signature(entries, meta))
-        meta[CHECKSUM_KEY] = "crc32m:00000000"  # same length as the final value, patched below
+        meta[META_CHECKSUM_KEY] = f"crc32:{zlib.crc32(_meta_signature(meta)):08x}"
+        meta[CHECKSUM_KEY] = "crc32:00000000"  # same length as the final value, patched below
     head = _header_bytes(meta, entries)
     with open(path, "wb") as f:
         f.write(head)
+        crc = zlib.crc32(_entries_signature(entries))
         for t in tensors.values():
             raw = _raw_bytes(t)
-            crc = zlib.crc32(raw, crc) if checksum else 0
+            crc = zlib.crc32(raw, crc)
             f.write(raw)
         if checksum:
-            meta[CHECKSUM_KEY] = f"crc32m:{crc:08x}"
+            meta[CHECKSUM_KEY] = f"crc32:{crc:08x}"
             f.seek(0)
             f.write(_header_bytes(meta, entries))
         f.flush()
@@ -135,13 +137,14 @@ def _header_bytes(meta: dict, entries: dict) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _signature(entries: dict, meta: dict | None) -> bytes:
-    """What the checksum covers besides the data: the tensor entries and, unless meta is None
-    (files of the first version, "crc32"), the metadata (a model's config lives there)."""
+def _entries_signature(entries: dict) -> bytes:
     rows = [[name, e["dtype"], e["shape"], e["data_offsets"]] for name, e in entries.items()]
-    if meta is not None:
-        rows.append(sorted([k, v] for k, v in meta.items() if k != CHECKSUM_KEY))
     return json.dumps(rows, separators=(",", ":")).encode()
+
+
+def _meta_signature(meta: dict) -> bytes:
+    return json.dumps(sorted([k, v] for k, v in meta.items() if k not in (CHECKSUM_KEY, META_CHECKSUM_KEY)),
+                      separators=(",", ":")).encode()
 
 
 def _raw_bytes(t: np.ndarray) -> memoryview:
@@ -152,10 +155,12 @@ def _raw_bytes(t: np.ndarray) -> memoryview:
 
 
 def _verify_checksum(path, value: str, entries: dict, meta: dict, buf: np.ndarray) -> None:
+    if META_CHECKSUM_KEY in meta and meta[META_CHECKSUM_KEY] != f"crc32:{zlib.crc32(_meta_signature(meta)):08x}":
+        raise WeightsError(f"{path}: checksum mismatch in the header metadata (its config): the file is corrupted")
     algo, _, digest = value.partition(":")
-    if algo not in ("crc32", "crc32m") or len(digest) != 8:
+    if algo != "crc32" or len(digest) != 8:
         raise WeightsError(f"{path}: unknown checksum {value!r} in header metadata")
-    crc = zlib.crc32(memoryview(buf), zlib.crc32(_signature(entries, meta if algo == "crc32m" else None)))
+    crc = zlib.crc32(memoryview(buf), zlib.crc32(_entries_signature(entries)))
     if f"{crc:08x}" != digest:
         raise WeightsError(f"{path}: checksum mismatch (stored {digest}, computed {crc:08x}): "
                            "the file is corrupted")

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from metastate_core.config import is_plain_file_name
 from metastate_core.errors import MetaStateError
 
 FORMAT = "metastate-tokens"
@@ -243,7 +244,7 @@ def read_meta(data_dir: str | Path) -> dict:
         "vocab_size or eos_id is not an integer" if not all(_is_count(meta.get(k)) for k in ("vocab_size", "eos_id")) else
         "splits is not {split: [{file, tokens}, ...]}" if not (
             isinstance(shards, dict) and all(isinstance(v, list) for v in shards.values())
-            and all(isinstance(x, dict) and isinstance(x.get("file"), str) and "/" not in x["file"]
+            and all(isinstance(x, dict) and is_plain_file_name(x.get("file"))
                     and _is_count(x.get("tokens")) for v in shards.values() for x in v)) else None)
     if problem:
         raise DataError(f"malformed {file}: {problem}; prepare the data again")

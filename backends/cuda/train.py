@@ -497,6 +497,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.step, self.best, resume_state, opt_arrays = 0, math.inf, None, None
+        self.resumed_from: Path | None = None
         self.bad_steps = self.skipped = 0  # non-finite steps: in a row now, and in the whole run
         self.data_id = data_fingerprint(cfg.data, meta)
         ckpt = self._resume_dir()
@@ -600,12 +601,16 @@ class Trainer:
         if self.dist.main:
             print(f"note: no checkpoint in {self.out}: starting a new run", file=sys.stderr)
 
-    def _set_aside_later_checkpoints(self) -> None:
-        """Resuming from an earlier step than out's latest checkpoint: the later ones belong to
-        another continuation. They move to out/superseded/, so that retention (which keeps the
-        highest steps) cannot delete this run's own checkpoints for them, nor `--resume auto`
-        pick them up; nothing is deleted."""
-        later = [p for p in list_checkpoints(self.out) if int(p.name.split("-")[1]) > self.step]
+    def _set_aside_other_checkpoints(self) -> None:
+        """out/checkpoints holds one line of steps. Resuming from an earlier checkpoint of it, the
+        later ones belong to another continuation; resuming from a checkpoint elsewhere (another
+        run, or out/superseded/), all of them do. They move to out/superseded/, so that
+        retention (which keeps the highest steps) cannot delete this run's own checkpoints for
+        them, nor `--resume auto` pick them up; nothing is deleted."""
+        if self.resumed_from is None:
+            return
+        own = Path(self.resumed_from).resolve().parent == (self.out / CKPT_DIR).resolve()
+        later = [p for p in list_checkpoints(self.out) if not own or int(p.name.split("-")[1]) > self.step]
         if not later:
             return
         dest = self.out / "superseded" / f"after-step-{self.step:06d}"
@@ -616,8 +621,8 @@ class Trainer:
         dest.mkdir(parents=True)
         for ckpt in later:
             os.rename(ckpt, dest / ckpt.name)
-        print(f"note: resuming at step {self.step}: the later checkpoints ({', '.join(c.name for c in later)}) "
-              f"moved to {dest}", file=sys.stderr)
+        print(f"note: resuming at step {self.step}: the checkpoints of another continuation "
+              f"({', '.join(c.name for c in later)}) moved to {dest}", file=sys.stderr)
 
     def _wrap(self, model: Model) -> torch.nn.Module:
         if self.dist.world == 1:
@@ -811,7 +816,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             _clean_stale(self.out)
-            self._set_aside_later_checkpoints()
+            self._set_aside_other_checkpoints()
             self._trim_metrics()
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,

@@ -26,6 +26,7 @@ from metastate_core.config import ModelConfig
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
 from weights import atomic_write
+from weights.format import check_destination
 
 from .wkv import WKVOps, resolve_kernels, wkv
 
@@ -399,8 +400,7 @@ def save(model: Model, path, tokenizer=None) -> None:
         extra = {Path(tok_file).name: tok_file} if tok_file is not None else None
         save_model(path, cfg, canonical_weights(model), extra_files=extra)
         return
-    if path.exists() and not path.is_dir():
-        raise ModelError(f"cannot save model to {path}: it exists and is not a directory")
+    check_destination(path)  # never over a file, or a directory that is not a metastate model
     path.mkdir(parents=True, exist_ok=True)
     config = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
     meta = {"format": "metastate", "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
