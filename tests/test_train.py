@@ -655,6 +655,20 @@ def test_sigterm_to_torchrun_stops_its_workers_with_a_checkpoint(data_dir, tmp_p
     assert read_trainer_state(list_checkpoints(tmp_path / "run")[0])[0]["world_size"] == 2
 
 
+def _sigterm_during_step(monkeypatch, step: int):
+    """Make this process receive SIGTERM as optimizer step `step` (1-based) begins; returns the
+    real Trainer.train_step."""
+    real = Trainer.train_step
+
+    def train_step(self):
+        if self.step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    return real
+
+
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir, tmp_path, monkeypatch, capsys):
     """The later checkpoints belong to another continuation: left in place, retention (keeping the
     highest steps) deleted the resumed run's own checkpoint for them and a stop reported a stale
@@ -666,14 +680,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     ckpts = list_checkpoints(out)
     assert [p.name for p in ckpts] == ["step-000003", "step-000006", "step-000009"]
     (out / "checkpoints" / "step-best").mkdir()  # a copy under another name is not a checkpoint of the run
-    real = Trainer.train_step
-
-    def train_step(self):
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    real = _sigterm_during_step(monkeypatch, 4)
     with pytest.raises(TrainInterrupted) as caught:
         train(tiny(data_dir, out, max_steps=9, keep_last=1, keep_best=False, resume=str(ckpts[0])))
     assert caught.value.result["checkpoint"].endswith("step-000004")
@@ -708,14 +715,7 @@ def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypat
     from backends.cuda.train import TrainInterrupted
 
     before = signal.getsignal(signal.SIGTERM)
-    real = Trainer.train_step
-
-    def train_step(self):
-        if self.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    _sigterm_during_step(monkeypatch, 2)
     with pytest.raises(TrainInterrupted) as caught:
         train(tiny(data_dir, tmp_path / "run", max_steps=8, save_interval=100))
     assert caught.value.signal == "SIGTERM" and caught.value.result["step"] == 2
