@@ -176,6 +176,36 @@ def test_kernels_argument():
             from_weights(META, random_params(META, 0), kernels="metal")
 
 
+def test_metal_kernels_that_fail_their_check_fall_back_to_ops(monkeypatch):
+    """The Metal kernels are compiled by the Mac's own compiler at first use, which no CI here
+    runs: a body it rejects, or wrong results, must not end a chat. "auto" checks them against
+    the plain ops at model load and falls back with a warning; "metal" says why it cannot."""
+    import backends.mlx.wkv as wkv
+
+    def rejected(*args):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
+
+    def doubled_step(S, *args):
+        y, S = wkv.OPS.step(S, *args)
+        return 2 * y, S
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    weights = random_params(META, 0)
+    expected = run(from_weights(META, weights, kernels="ops"), tokens(1, 20))
+    for broken, problem in ((wkv.WKVOps("metal", rejected, rejected, rejected), "Unable to build metal library"),
+                            (wkv.WKVOps("metal", doubled_step, wkv.OPS.read, wkv.OPS.seq), "step y differs")):
+        monkeypatch.setattr(wkv, "metal_ops", lambda: broken)
+        with pytest.warns(UserWarning, match=f"Metal kernels failed their check.*{problem}.*plain MLX ops"):
+            model = from_weights(META, weights, kernels="auto")
+        assert model.wkv_ops is wkv.OPS
+        np.testing.assert_array_equal(run(model, tokens(1, 20)), expected)
+        with pytest.raises(MetaStateError, match=f"failed their check on this machine: .*{problem}"):
+            from_weights(META, weights, kernels="metal")
+    working = wkv.WKVOps("metal", wkv.OPS.step, wkv.OPS.read, wkv.OPS.seq)
+    monkeypatch.setattr(wkv, "metal_ops", lambda: working)
+    assert from_weights(META, weights, kernels="auto").wkv_ops is working
+
+
 # -- model directories ---------------------------------------------------------------------
 
 def test_directory_round_trip_is_bit_exact(tmp_path):

@@ -236,7 +236,7 @@ class Model(nn.Module):
         self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str = "auto") -> None:
-        self.wkv_ops = resolve_kernels(kernels)
+        self.wkv_ops = resolve_kernels(kernels, self.args.head_size)
 
     def make_cache(self) -> Cache:
         return Cache(self.args)

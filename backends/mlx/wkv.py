@@ -8,6 +8,8 @@ path is the chunked (WY) algorithm of metastate_core/chunked.py; `kernels="metal
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -132,10 +134,12 @@ def metal_ops() -> WKVOps:
     return WKVOps("metal", metal.metal_wkv7_step, metal.metal_state_read, metal.metal_wkv7)
 
 
-def resolve_kernels(kernels: str | WKVOps = "auto") -> WKVOps:
+def resolve_kernels(kernels: str | WKVOps = "auto", head_size: int | None = None) -> WKVOps:
     """"auto" | "ops" | "metal" (or a WKVOps) -> the WKV implementation to use.
 
-    auto = Metal when mx.metal.is_available() and the kernels import, else plain ops.
+    auto = Metal when mx.metal.is_available() and the kernels import and, for a given
+    head_size, pass a check against the plain ops (check_kernels); else plain ops, with a
+    warning when the check failed. "metal" raises KernelChoiceError instead of falling back.
     """
     if isinstance(kernels, WKVOps):
         return kernels
@@ -146,11 +150,50 @@ def resolve_kernels(kernels: str | WKVOps = "auto") -> WKVOps:
     if not mx.metal.is_available():
         raise KernelChoiceError("kernels='metal' needs a Metal GPU (mx.metal.is_available() is False); use kernels='ops'")
     try:
-        return metal_ops()
+        ops = metal_ops()
     except ImportError as e:
         if kernels == "auto":
             return OPS
         raise KernelChoiceError(f"the Metal kernels cannot be imported: {e}") from e
+    problem = check_kernels(ops, head_size) if head_size else None
+    if problem is None:
+        return ops
+    if kernels == "metal":
+        raise KernelChoiceError(f"the Metal kernels failed their check on this machine: {problem}")
+    warnings.warn(f"the Metal kernels failed their check on this machine ({problem}); using plain MLX ops "
+                  "(correct, slower). Please report this with your macOS and MLX versions.", stacklevel=2)
+    return OPS
+
+
+@functools.lru_cache(maxsize=None)
+def check_kernels(ops: WKVOps, head_size: int) -> str | None:
+    """Run every entry point of `ops` once (float32, a sequence past one state-save interval)
+    against the plain ops: None if they agree at SPEC section 6's float32 bounds, else what
+    went wrong. The kernels are compiled by this machine's Metal compiler at first use, so a
+    body it rejects shows here, once per process and head size, not in the middle of a chat."""
+    B, T, H, N = 1, 21, 1, head_size
+    keys = mx.random.split(mx.random.key(0), 7)
+    r, w_raw, k, v, a = (mx.random.normal((B, T, H, N), key=keys[i]) for i in range(5))
+    kk = mx.random.normal((B, T, H, N), key=keys[5])
+    kk = kk / mx.sqrt((kk * kk).sum(-1, keepdims=True))
+    a = mx.sigmoid(a)
+    S0 = 0.1 * mx.random.normal((B, H, N, N), key=keys[6])
+    try:
+        got, want = _run(ops, r, w_raw, k, v, kk, a, S0), _run(OPS, r, w_raw, k, v, kk, a, S0)
+        mx.eval(got, want)
+    except Exception as e:  # noqa: BLE001 - a compiler error, whatever MLX raises it as
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    for name, x, y in zip(("step y", "step S", "read", "sequence y", "sequence S_T", "sequence read"), got, want):
+        err = (mx.sqrt(mx.mean((x - y) ** 2) / mx.mean(y * y))).item()
+        if not err <= 1e-4:  # NaN fails too
+            return f"{name} differs from the plain ops by rel_rms {err:.2e}"
+    return None
+
+
+def _run(ops: WKVOps, r, w_raw, k, v, kk, a, S0) -> tuple:
+    y1, S1 = ops.step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
+    y, S_T, read = ops.seq(r, w_raw, k, v, kk, a, S0)
+    return y1, S1, ops.read(S1, r[:, 0]), y, S_T, read(k)
 
 
 def wkv(ops: WKVOps, r, w_raw, k, v, kk, a, S):
