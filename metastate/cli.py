@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from metastate import __version__
-from metastate.api import BACKENDS, DTYPES, KERNELS, compute_logits
+from metastate.api import BACKENDS, DTYPES, KERNELS, BackendUnavailable, compute_logits
 from metastate_core.errors import MetaStateError
 
 DISK_DTYPES = ("float32", "bfloat16", "float16")
@@ -271,7 +271,7 @@ def _convert_quantized(src: Path, out: Path, args) -> int:
     try:
         from backends.mlx import convert as mlx_convert
     except ImportError as e:
-        raise CLIError(f"--quantize needs the mlx backend ({e}): pip install 'metastate[mlx]'") from None
+        raise BackendUnavailable(f"--quantize needs the mlx backend ({e}): pip install 'metastate[mlx]'") from None
     mlx_convert(src, out, bits=args.quantize, group_size=args.group_size, dtype=args.dtype)
     print(f"converted {src} -> {out} [MLX, {args.quantize}-bit, group size {args.group_size}]")
     return 0

@@ -71,7 +71,15 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     p.set_defaults(func=cmd_prepare_data)
 
-    TrainConfig, fields = _train_fields()
+    try:
+        TrainConfig, fields = _train_fields()
+    except ImportError as e:  # no torch: every other command must still run (a Mac with the mlx extra)
+        # "+" prefix: every word, flags and --help included, is taken as is, to reach the error
+        p = subparsers.add_parser("train", help="train (or resume) a model (needs the torch extra)",
+                                  prefix_chars="+", add_help=False)
+        p.add_argument("settings", nargs="*")
+        p.set_defaults(func=lambda args, missing=e: _raise(missing))
+        return
     p = subparsers.add_parser("train", help="train (or resume) a model on prepared data",
                               description="Settings come from --config (TOML), then flags.")
     p.add_argument("--config", help="TOML config file (keys: the flags below, with underscores)")
@@ -87,6 +95,10 @@ def add_parsers(subparsers) -> None:
         else:
             p.add_argument(flag, type=kind, default=None, help=HELP.get(f.name, f"default {f.default}"))
     p.set_defaults(func=cmd_train)
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def cmd_prepare_data(args) -> int:

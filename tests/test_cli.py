@@ -292,6 +292,32 @@ def test_missing_backend_extra_is_named(model, monkeypatch, capsys, tmp_path):
     rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--backend", "mlx", "--out", tmp_path / "x.npy"], capsys)
     assert_one_error(rc, err, "pip install 'metastate[mlx]'")
     assert rc == 2 and not (tmp_path / "x.npy").exists()
+    rc, _, err = run(["convert", path, "--out", tmp_path / "q", "--quantize", "8"], capsys)
+    assert_one_error(rc, err, "--quantize needs the mlx backend", "pip install 'metastate[mlx]'")
+    assert rc == 2
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; from metastate.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_the_command_runs_without_torch(model, tmp_path):
+    """A Mac installs only the mlx extra: every command that does not need torch must run, and
+    the ones that do must say so in one line (exit 2), not crash while building the parser."""
+    path, _, _ = model
+
+    def metastate(*argv):  # import torch fails in this process, as without the extra
+        return subprocess.run([sys.executable, "-c", NO_TORCH, *map(str, argv)], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+
+    assert metastate("inspect", path).returncode == 0
+    done = metastate("logits", "--model", path, "--tokens", "1,2", "--backend", "numpy", "--out", tmp_path / "x.npy")
+    assert done.returncode == 0, done.stderr
+    for argv in (["train", "--data", "d", "--out", "o"], ["train", "--help"],
+                 ["prepare-data", "--corpus", "shakespeare", "--out", tmp_path / "d"]):
+        done = metastate(*argv)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == "error: the torch backend needs torch: pip install 'metastate[torch]'"
+    assert "needs the torch extra" in metastate("--help").stdout
 
 
 def test_bench_reports_speeds(tmp_path, capsys):

@@ -11,6 +11,8 @@ from metastate_core.errors import MetaStateError
 class TorchUnavailable(MetaStateError, ImportError):
     """torch is not installed."""
 
+    exit_code = 2  # as for every missing extra (metastate's BackendUnavailable)
+
 
 try:
     import torch  # noqa: F401

@@ -11,6 +11,8 @@ from metastate_core.errors import MetaStateError
 class MLXUnavailable(MetaStateError, ImportError):
     """mlx is not installed."""
 
+    exit_code = 2  # as for every missing extra (metastate's BackendUnavailable)
+
 
 try:
     import mlx.core  # noqa: F401
