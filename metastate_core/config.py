@@ -151,6 +151,11 @@ def is_plain_file_name(name) -> bool:
     return isinstance(name, str) and bool(name) and Path(name).name == name and name not in (".", "..")
 
 
+def is_natural(value) -> bool:
+    """An int >= 0 that is not a bool (JSON and TOML true would pass isinstance(x, int))."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _is_pos_int(value) -> bool:
     # below 2^31: any real size, and no float conversion of a 400-digit integer overflows
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31

@@ -28,6 +28,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
+from metastate_core.config import is_natural
 from metastate_core.errors import MetaStateError
 
 
@@ -175,10 +176,6 @@ def _no_duplicates(pairs):
     return out
 
 
-def _is_nat(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
 def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
     """Parse and check the header: returns (entries in file order, metadata, data length)."""
     if size < 8:
@@ -210,9 +207,9 @@ def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
         if dtype not in DTYPE_CODES:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
                                f"(supported: {', '.join(DTYPE_CODES)})")
-        if not (isinstance(shape, list) and all(_is_nat(s) for s in shape)):
+        if not (isinstance(shape, list) and all(is_natural(s) for s in shape)):
             raise WeightsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nat(o) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_natural(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise WeightsError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
         nbytes = math.prod(shape) * DTYPE_CODES[dtype].itemsize

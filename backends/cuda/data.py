@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from metastate_core.config import is_plain_file_name
+from metastate_core.config import is_natural, is_plain_file_name
 from metastate_core.errors import MetaStateError
 
 FORMAT = "metastate-tokens"
@@ -241,18 +241,14 @@ def read_meta(data_dir: str | Path) -> dict:
     shards = meta.get("splits")
     problem = (
         "dtype is not uint16 or uint32" if meta.get("dtype") not in ("uint16", "uint32") else
-        "vocab_size or eos_id is not an integer" if not all(_is_count(meta.get(k)) for k in ("vocab_size", "eos_id")) else
+        "vocab_size or eos_id is not an integer" if not all(is_natural(meta.get(k)) for k in ("vocab_size", "eos_id")) else
         "splits is not {split: [{file, tokens}, ...]}" if not (
             isinstance(shards, dict) and all(isinstance(v, list) for v in shards.values())
             and all(isinstance(x, dict) and is_plain_file_name(x.get("file"))
-                    and _is_count(x.get("tokens")) for v in shards.values() for x in v)) else None)
+                    and is_natural(x.get("tokens")) for v in shards.values() for x in v)) else None)
     if problem:
         raise DataError(f"malformed {file}: {problem}; prepare the data again")
     return meta
-
-
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class TokenData:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from metastate_core.errors import MetaStateError
+from metastate_core.reference import rel_rms
 
 DECAY_SCALE = -0.6065306597126334  # log w = DECAY_SCALE * sigmoid(w_raw)
 CHUNK_SIZE = 16
@@ -184,7 +186,7 @@ def check_kernels(ops: WKVOps, head_size: int) -> str | None:
     except Exception as e:  # noqa: BLE001 - a compiler error, whatever MLX raises it as
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     for name, x, y in zip(("step y", "step S", "read", "sequence y", "sequence S_T", "sequence read"), got, want):
-        err = (mx.sqrt(mx.mean((x - y) ** 2) / mx.mean(y * y))).item()
+        err = rel_rms(np.array(x), np.array(y))
         if not err <= 1e-4:  # NaN fails too
             return f"{name} differs from the plain ops by rel_rms {err:.2e}"
     return None
