@@ -276,21 +276,17 @@ class MLXEngine(Engine):
 # Loading
 # ------------------------------------------------------------------------------------------
 
-def select_backend() -> tuple[str, str]:
-    """(backend, kernels) for this machine: MLX + Metal on Apple silicon, torch + Triton on an
-    NVIDIA GPU, else torch on the CPU (plain ops); NumPy when torch is not installed."""
+def select_backend() -> str:
+    """The backend for this machine: MLX on Apple silicon with Metal, else torch (which picks
+    Triton on an NVIDIA GPU, plain ops on the CPU: kernels "auto"); NumPy without torch."""
     import importlib.util
 
     if platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
         import mlx.core as mx
 
         if mx.metal.is_available():
-            return "mlx", "auto"
-    if importlib.util.find_spec("torch"):
-        import torch
-
-        return "torch", "triton" if torch.cuda.is_available() else "ops"
-    return "numpy", "ops"
+            return "mlx"
+    return "torch" if importlib.util.find_spec("torch") else "numpy"
 
 
 def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str | None = None,
@@ -312,8 +308,7 @@ def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str 
     path = Path(path)
     cfg = load_config(path)  # fails fast, with a clear message, on a missing or broken directory
     if backend == "auto":
-        backend, auto_kernels = select_backend()
-        kernels = auto_kernels if kernels == "auto" else kernels
+        backend = select_backend()
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
     if cuda_graphs and backend != "torch":
@@ -344,6 +339,7 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         import torch
 
         from backends.cuda import load_model
+        from backends.cuda.model import auto_kernels
     except ImportError as e:
         raise BackendUnavailable(f"the torch backend cannot be imported ({e}): pip install 'metastate[torch]'") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -353,9 +349,7 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         raise BackendError(f"unknown torch device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device}: torch sees no CUDA GPU here (leave device out, or use cpu)")
-    if kernels == "auto":
-        kernels = "triton" if str(device).startswith("cuda") else "ops"
-    if kernels not in ("ops", "triton"):
+    if kernels not in ("auto", "ops", "triton"):
         raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise BackendError(f"CUDA graphs need a CUDA device, and the torch backend is on {device}")
@@ -363,6 +357,8 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         model = load_model(path, device=device, dtype=dtype)
     except RuntimeError as e:  # a device this torch build lacks (mps, xpu, ...), or out of its memory
         raise BackendError(f"cannot put the model on {device}: {str(e).strip().splitlines()[0]}") from None
+    if kernels == "auto":
+        kernels = auto_kernels(model.cfg, device)
     model.check_kernels(kernels)  # now, not at the first token
     return TorchEngine(model, device, kernels, cuda_graphs)
 

@@ -9,9 +9,10 @@ ptxas included) and prints, per kernel and configuration, registers per thread a
 register spills (from `ptxas -v`), shared memory, and the programs that fit on one SM at once.
 It catches what Triton's interpreter accepts and the GPU compiler does not, and shows register
 pressure and occupancy before a GPU is at hand. The configurations are the GPU defaults:
-bfloat16 inputs, N = 64, chunk 16, block_v 32, "tf32" dots, 4 warps (plus "tf32x3" for
-float32 inputs, the backward and register-cap alternatives, the GPU block sizes of the
-sequential and decode kernels).
+bfloat16 inputs, N = 64, chunk 16, block_v 32, "tf32" dots, 4 warps (plus float32 inputs with
+"tf32x3" dots and with "tf32", which the model launches with bfloat16 weights; the backward and
+register-cap alternatives; the GPU block sizes of the sequential and decode kernels). A kernel
+whose shared memory exceeds what an SM has counts as failed (0 blocks per SM).
 
 Must run without TRITON_INTERPRET (the interpreter replaces compilation). Exit status 1 if any
 kernel fails to compile.
@@ -152,6 +153,7 @@ def launch_everything(chunk_size=16, num_warps=4):
         for length in (T, 16 * chunk_size):  # 4 chunks, then 16 (a multiple of 16)
             through(chunk_wkv7, torch.bfloat16, length, precision="tf32", **chunked, **options)
         through(chunk_wkv7, torch.float32, precision="tf32x3", **chunked, **options)
+    through(chunk_wkv7, torch.float32, precision="tf32", **chunked)  # the model's launch with bf16 weights
     through(triton_wkv7, torch.bfloat16, block_rows=default_block_rows(N, gpu))
     S = torch.zeros(B, H, N, N)
     step_in = [torch.zeros(B, H, N, dtype=torch.bfloat16) for _ in range(6)]
@@ -201,7 +203,7 @@ def main():
                   f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['blocks_per_sm']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r or r["blocks_per_sm"] == 0 for r in rows) else 0
 
 
 if __name__ == "__main__":

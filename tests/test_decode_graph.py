@@ -27,6 +27,28 @@ def test_decode_graph_refuses_a_cpu_model():
         DecodeGraph(_model("cpu"))
 
 
+def test_decode_graph_checks_what_the_model_checks():
+    # A replay never runs Model.forward, so the graph checks tokens and state itself. The checks
+    # come before any CUDA call: a graph built around a CPU model (bypassing __init__'s refusal)
+    # shows them here.
+    from backends.cuda.decode_graph import DecodeGraph
+    from backends.cuda.model import State
+
+    model = _model("cpu")
+    graph = DecodeGraph.__new__(DecodeGraph)
+    graph.model, graph.kernels, graph.graph = model, "triton", None
+    graph.tokens = torch.zeros(2, 1, dtype=torch.long)
+    state = State.zeros(model.cfg, 2, torch.device("cpu"))
+    with pytest.raises(ModelError, match="int64/int32 token for each of 2"):
+        graph(torch.zeros(2, 1), state)
+    with pytest.raises(ModelError, match=r"token ids must be in \[0, 97\), got ids from 3 to 97"):
+        graph(torch.tensor([[3], [97]]), state)
+    with pytest.raises(ModelError, match="state.wkv must be a float32 tensor"):
+        graph(torch.tensor([[3], [4]]), state._replace(wkv=state.wkv.double()))
+    with pytest.raises(ModelError, match="a batch of 2"):
+        graph(torch.tensor([[3], [4]]), State.zeros(model.cfg, 3, torch.device("cpu")))
+
+
 def test_load_refuses_cuda_graphs_without_cuda(tmp_path):
     from metastate.api import BackendError, load
     from weights import save_model
@@ -72,8 +94,12 @@ def test_cuda_graph_decode_matches_eager(batch, dtype):
         want, _ = model(tok, state, kernels="triton")
         got, _ = graph(tok, state)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ModelError, match="one token for each of"):
+        with pytest.raises(ModelError, match="one int64/int32 token for each of"):
             graph(torch.zeros(batch + 1, 1, dtype=torch.long, device="cuda"), state)
+        with pytest.raises(ModelError, match="token ids must be in"):  # not a device-side assert
+            graph(torch.full((batch, 1), 97, device="cuda"), state)
+        got, _ = graph(tok, state)  # and the process is still sound
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_cuda

@@ -124,11 +124,13 @@ def test_auto_backend_and_default_model(model, monkeypatch, tmp_path):
 
     path, _, _ = model
     if sys.platform != "darwin" and not torch.cuda.is_available():
-        assert api.select_backend() == ("torch", "ops")
+        assert api.select_backend() == "torch"
     monkeypatch.setattr(api, "default_model_path", lambda: path)
     engine, tok = load()
     assert engine.path == path.resolve() and tok is not None
-    assert engine.backend == api.select_backend()[0]
+    assert engine.backend == api.select_backend()
+    if not torch.cuda.is_available():
+        assert engine.description == "torch (cpu, kernels=ops)"
     monkeypatch.setattr(api, "default_model_path", lambda: tmp_path / "absent")
     with pytest.raises(api.GenerationError, match="default model"):
         load()

@@ -484,6 +484,37 @@ def test_fused_elementwise_bfloat16_model(meta):
     assert rel_rms(fused_logits, ref) <= 1.5 * rel_rms(plain_logits, ref)
 
 
+@needs_triton
+def test_triton_head_size_128_runs_on_the_sequential_kernel(monkeypatch):
+    # Past N = 64 the chunked kernels' tiles outgrow a GPU (chunk.MAX_HEAD_SIZE): the model
+    # takes the sequential kernel, and still computes the reference's logits.
+    from backends.cuda.ops.wkv7 import triton_ops
+
+    cfg = ModelConfig(vocab_size=40, d_model=128, n_layer=1, head_size=128, n_param_tokens=32)
+    p = random_params(cfg, 3)
+    calls = []
+    real = triton_ops.triton_wkv7
+    monkeypatch.setattr(triton_ops, "triton_wkv7", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    toks = tokens(batch=1, length=5, vocab=40)
+    logits, _ = run(on_kernel_device(Model.from_tensors(cfg, p)), toks, kernels="triton")
+    assert calls == [1] and rel_rms(logits, forward(p, cfg, toks)[0]) <= 1e-4
+
+
+def test_kernels_for_head_sizes_the_triton_kernels_cannot_take():
+    from backends.cuda.model import auto_kernels
+
+    odd = ModelConfig(vocab_size=40, d_model=48, n_layer=1, head_size=48, n_param_tokens=8)
+    model = Model.from_tensors(odd, random_params(odd, 0))
+    with pytest.raises(ModelError, match="power-of-two head size in \\[16, 256\\], and this model's is 48: use "
+                                         "kernels='ops'"):
+        model.check_kernels("triton")
+    with pytest.warns(UserWarning, match="this model's is 48: running on plain torch ops"):
+        assert auto_kernels(odd, torch.device("cuda")) == "ops"
+    assert auto_kernels(CFG, torch.device("cpu")) == "ops"
+    if HAS_TRITON:
+        assert auto_kernels(CFG, torch.device("cuda")) == "triton"
+
+
 def test_fused_elementwise_needs_a_kernel_device(meta, monkeypatch):
     p, model = meta
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -268,6 +268,14 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path, fsdp):
         np.testing.assert_allclose(resumed, expected[2:], rtol=1e-5)
 
 
+def test_ddp_trains_a_model_whose_sse_reads_no_heads(data_dir, tmp_path):
+    # sse_heads 0: no sse_gate is read. DDP stops at the second step on a trainable parameter
+    # without gradient, so the gates are out of the optimizer.
+    cfg = tiny(data_dir, tmp_path / "dist", max_steps=3, sse_heads=0, save_interval=3, eval_interval=3)
+    losses = _launch(cfg)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
 class _NanGradient(torch.autograd.Function):
     """The loss unchanged, its gradient NaN: a finite loss whose gradient is not."""
 

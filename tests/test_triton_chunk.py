@@ -206,6 +206,24 @@ def test_input_errors():
     read(ins[7])
     with pytest.raises(WKV7InputError, match="once"):
         read(ins[7])
+    big, _ = make_inputs(1, 2, 1, 128, K=1)  # whole [N, N] tiles outgrow a GPU's shared memory
+    with pytest.raises(WKV7InputError, match="head size N = 128 is past the chunked kernels' 64: use triton_wkv7"):
+        chunk_wkv7(*big[:6])
+
+
+def test_chunk_count_past_a_cuda_grid_dimension_is_refused():
+    # CUDA launches at most 65535 programs along grid dimensions 1 and 2, where the chunks go;
+    # past that a launch fails with a bare "invalid argument". Checked before any work (the
+    # inputs are broadcast views, no memory).
+    from backends.cuda.ops.wkv7 import triton_wkv7
+
+    def inputs(T):
+        return [torch.zeros(1, 1, 1, 16, device=DEV).expand(1, T, 1, 16) for _ in range(6)]
+    for fn, C in ((chunk_wkv7, 16), (triton_wkv7, 16)):
+        with pytest.raises(WKV7InputError, match="T = 1048561 tokens make 65536 chunks of 16"):
+            fn(*inputs(65535 * C + 1))
+    with pytest.raises(WKV7InputError, match="65536 chunks of 32"):
+        chunk_wkv7(*inputs(65535 * 32 + 1), chunk_size=32)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="tl.dot precision exists only on a GPU (the interpreter multiplies in float32)")

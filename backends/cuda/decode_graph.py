@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import Model, ModelError, State
+from .model import Model, ModelError, State, _check_state, _check_tokens
 
 
 class DecodeGraph:
@@ -50,11 +50,13 @@ class DecodeGraph:
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         B = self.tokens.shape[0]
-        if tokens.numel() != B:
-            raise ModelError(f"this graph decodes one token for each of {B} sequences, got tokens {list(tokens.shape)}")
-        for name, buf, x in zip(State._fields, self.state, state):
-            if x.shape != buf.shape:
-                raise ModelError(f"state.{name} must be {list(buf.shape)}, got {list(x.shape)}")
+        # the model's own checks: replays never run its forward (an id past the vocabulary would
+        # be a device-side assert; copy_ would convert a float token or state silently)
+        if tokens.dtype not in (torch.int64, torch.int32) or tokens.numel() != B:
+            raise ModelError(f"this graph decodes one int64/int32 token for each of {B} sequences, got "
+                             f"{tokens.dtype} {list(tokens.shape)}")
+        _check_tokens(tokens, self.model.cfg.vocab_size)
+        _check_state(self.model.cfg, state, B, self.tokens.device)
         with torch.cuda.device(self.tokens.device):  # streams and capture on the model's GPU
             if self.graph is None:
                 self._capture()

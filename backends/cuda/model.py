@@ -8,7 +8,8 @@ decay are float32 always.
 
 The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
 (`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
-`ops.wkv7.chunk_wkv7`, same signature; decode: the fused step), or any callable with that
+`ops.wkv7.chunk_wkv7`, same signature, for head sizes up to 64, the sequential `triton_wkv7`
+past that; decode: the fused step), or any callable with that
 signature (tests substitute the naive recurrence or the sequential `triton_wkv7`). The
 elementwise pieces around the scan (token shift, the keys kk and k', GroupNorm + bonus + gate,
 SSE normalisation, relu^2) are plain torch (`ops.elementwise.naive`) or fused Triton kernels (`.fused`, the
@@ -17,7 +18,10 @@ default with "triton"); either way they are handed to the blocks in a `Kernels` 
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -195,7 +199,8 @@ class Model(nn.Module):
     """Meta-State language model. Parameters start at zero: fill them with `from_tensors`.
 
     freeze_sse_gate: the ablation baseline. Every sse_gate is held at zero and out of the
-    optimizer (requires_grad False) and the SSE readout is skipped: exact RWKV-7.
+    optimizer (requires_grad False) and the SSE readout is skipped: exact RWKV-7. With
+    sse_heads 0 the gates, never read, are out of the optimizer too.
     """
 
     def __init__(self, cfg: ModelConfig, *, freeze_sse_gate: bool = False):
@@ -211,9 +216,12 @@ class Model(nn.Module):
         self._apply_freeze()
 
     def _apply_freeze(self):
-        if self.freeze_sse_gate:
-            for block in self.blocks:
+        # With sse_heads 0 no gate is ever read: a trainable parameter without gradient would
+        # stop DDP, which waits for every one.
+        for block in self.blocks:
+            if self.freeze_sse_gate or self.cfg.sse_heads == 0:
                 block.meta.sse_gate.requires_grad_(False)
+            if self.freeze_sse_gate:
                 with torch.no_grad():
                     block.meta.sse_gate.zero_()
 
@@ -235,6 +243,12 @@ class Model(nn.Module):
         input for backward and recompute the block there (activation memory of one block
         instead of all; about one more forward pass of compute).
         """
+        device = self.head.weight.device
+        # Triton launches on the current CUDA device, not the tensors': make it the model's.
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            return self._forward(tokens, state, kernels, chunk_size, grad_checkpoint, fused, targets, last_only)
+
+    def _forward(self, tokens, state, kernels, chunk_size, grad_checkpoint, fused, targets, last_only):
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (1, 2):
             raise ModelError(f"tokens must be int64 or int32 ids shaped [B, T] or [T], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
@@ -287,6 +301,9 @@ class Model(nn.Module):
             raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
         if kernels == "triton":
             _check_triton_device(self.head.weight.device)
+            problem = triton_problem(self.cfg)
+            if problem:
+                raise ModelError(f"{problem}: use kernels='ops'")
 
     def _wkv(self, kernels, T: int, chunk_size: int, device: torch.device) -> Callable:
         """The WKV sequence function for this call."""
@@ -301,11 +318,14 @@ class Model(nn.Module):
                 return _ops_decode
             return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
         try:  # imported here: triton is needed only for these kernels
-            from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7_step
+            from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7, triton_wkv7_step
+            from .ops.wkv7.chunk import MAX_HEAD_SIZE
         except ImportError as e:
             raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
         if decode:  # one fused step, no checkpoints
             return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
+        if self.cfg.head_size > MAX_HEAD_SIZE:  # the chunked kernels' tiles outgrow the GPU
+            return triton_wkv7
         # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
         # bfloat16/float16 weights or autocast make them that precise, and TF32 dots suffice.
         low = self.head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device.type)
@@ -360,6 +380,27 @@ def _check_state(cfg: ModelConfig, state: State, batch: int, device: torch.devic
                              f"{batch}, got {got}")
         if t.device != device:
             raise ModelError(f"state.{name} is on {t.device} and the model on {device}: move the state there")
+
+
+def triton_problem(cfg: ModelConfig) -> str | None:
+    """Why the Triton kernels cannot run this model, or None."""
+    N = cfg.head_size
+    if not 16 <= N <= 256 or N & (N - 1):
+        return f"the Triton kernels need a power-of-two head size in [16, 256], and this model's is {N}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def auto_kernels(cfg: ModelConfig, device: torch.device) -> str:
+    """kernels='auto': "triton" on a GPU where the kernels can run the model, else "ops"."""
+    if device.type != "cuda":
+        return "ops"
+    problem = triton_problem(cfg)
+    if problem:
+        warnings.warn(f"{problem}: running on plain torch ops", stacklevel=2)
+        return "ops"
+    return "triton"
 
 
 def _check_triton_device(device: torch.device) -> None:

@@ -57,7 +57,7 @@ from metastate_core.params import init_params
 from weights import SUPPORTED_DTYPES, convert_dtype, load_model, save_model  # imported up front: a long run never re-imports code
 
 from .data import TOKENIZER_FILE, TokenData, read_meta
-from .model import Model, _to_numpy
+from .model import Model, _to_numpy, auto_kernels
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -468,10 +468,10 @@ class Trainer:
             raise TrainError(f"device {dev}: torch sees no CUDA GPU here (use --device cpu or auto)")
         if dev == "cuda":  # one GPU per process, chosen before NCCL starts
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if dev.startswith("cuda"):  # also for an explicit cuda:N: NCCL and Triton use the current device
             torch.cuda.set_device(dev)
         self.dist = Dist.from_env(torch.device(dev).type)
         self.device = torch.device(dev)
-        self.kernels = cfg.kernels if cfg.kernels != "auto" else ("triton" if self.device.type == "cuda" else "ops")
         self.amp = amp_dtype(cfg.precision, self.device)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp)) if self.amp else nullcontext
         # float16 gradients underflow (and overflow past 65504) unless the loss is scaled
@@ -532,6 +532,8 @@ class Trainer:
                                       extra={**mcfg.extra, "train_ctx_len": ctx})
         self.raw = Model.from_tensors(mcfg, tensors, device=self.device, dtype=torch.float32,
                                       freeze_sse_gate=cfg.freeze_sse_gate)
+        self.kernels = cfg.kernels if cfg.kernels != "auto" else auto_kernels(mcfg, self.device)
+        self.raw.check_kernels(self.kernels)
         self.model = self._wrap(self.raw)
         self.names = {p: n for n, p in self.model.named_parameters()}
         # fused: one kernel for every parameter's update instead of a few per tensor list
@@ -632,8 +634,8 @@ class Trainer:
 
             # TimeMix returns views (e.g. v_first); the model never updates them in place.
             warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-            # Model.forward calls block.att / block.meta directly (not Block.forward), so those
-            # are the units that gather their parameters; the root holds emb, norms and head.
+            # Units that gather their parameters: each block's time mix and Meta-State layer (one
+            # at a time, a lower peak than whole blocks); the root holds emb, the norms and head.
             for block in model.blocks:
                 fully_shard(block.att)
                 fully_shard(block.meta)
@@ -670,9 +672,12 @@ class Trainer:
     def _load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
         state: dict[str, dict] = {}
         shapes = {n: tuple(p.shape) for n, p in self.raw.named_parameters() if p.requires_grad}
+        frozen = {n for n, p in self.raw.named_parameters() if not p.requires_grad}
         for key, value in arrays.items():
             if key.startswith("opt."):
                 name, k = key[4:].rsplit(".", 1)
+                if name in frozen:  # trained by an older version (sse_gate with sse_heads 0)
+                    continue
                 # the fused AdamW kernel reads moments unchecked: a wrong shape must stop here
                 want = () if k == "step" else shapes.get(name)
                 if want is None or tuple(value.shape) != want or value.dtype != np.float32:

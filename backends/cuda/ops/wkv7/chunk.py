@@ -43,6 +43,11 @@ from .naive import DECAY_SCALE
 from .sequential import graph_task
 
 CHUNK_SIZES = (16, 32, 64)
+# Head sizes up to this: the passes hold whole [N, N] float32 tiles per program. Compiled for
+# sm_90 by Triton 3.7.1 at N = 128, _bwd_kernel spills 2.4 KB per thread and needs 160 KB of
+# shared memory (consumer GPUs, sm_86/89, give a block 99 KB); at N = 256, 576 KB (no GPU has
+# it). triton_wkv7, one state row per thread, takes the larger heads.
+MAX_HEAD_SIZE = 64
 # tl.dot operand precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee":
 # float32 FMA on CUDA cores; "tf32x3": float32-accurate on tensor cores (three TF32 products);
 # "tf32": one TF32 product (10-bit mantissa, below bfloat16 input rounding). Accumulation is
@@ -649,15 +654,18 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         (dtype of q), at most once; the backward pass adds both readouts' state gradients.
     """
     # Imported here: triton_ops may import this module to offer the chunked path.
-    from .triton_ops import WKV7InputError, _check_inputs, _check_state, check_read_once
+    from .triton_ops import WKV7InputError, _check_inputs, _check_state, check_chunk_count, check_read_once
 
     names = ("r", "w_raw", "k", "v", "kk", "a")
     _check_inputs(names, (r, w_raw, k, v, kk, a), 4)
     B, T, H, N = k.shape
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
+    if N > MAX_HEAD_SIZE:
+        raise WKV7InputError(f"head size N = {N} is past the chunked kernels' {MAX_HEAD_SIZE}: use triton_wkv7")
     launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps,
                             fused_backward, seq_maxnreg)
+    check_chunk_count(T, launch.C)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()

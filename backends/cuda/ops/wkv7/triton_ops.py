@@ -23,6 +23,8 @@ __all__ = ["triton_wkv7", "triton_wkv7_step", "triton_state_read", "naive_wkv7",
            "DECAY_SCALE", "CHUNK", "WKV7InputError"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CUDA's limit on grid dimensions 1 and 2, where the sequence kernels put the chunk count.
+MAX_CHUNKS = 65535
 
 
 class WKV7InputError(MetaStateError, ValueError):
@@ -42,6 +44,13 @@ def _check_inputs(names, tensors, ndim):
     N = ref.shape[-1]
     if N < 16 or N > 256 or N & (N - 1):
         raise WKV7InputError(f"head size N = {N} is not supported; expected a power of two in [16, 256]")
+
+
+def check_chunk_count(T: int, C: int) -> None:
+    chunks = -(-T // C)
+    if chunks > MAX_CHUNKS:
+        raise WKV7InputError(f"T = {T} tokens make {chunks} chunks of {C}, past the {MAX_CHUNKS} a CUDA grid "
+                             "dimension holds: split the sequence, passing each piece's S_T as the next S0")
 
 
 def _check_state(S, B, H, N, device, name="S0"):
@@ -100,6 +109,7 @@ def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None
     if T * H * N >= 2**31:  # int64 offsets cost this kernel a block per SM; chunk_wkv7 has them
         raise WKV7InputError(f"T * H * N = {T * H * N} elements per sequence is past the sequential kernel's "
                              "32-bit token offsets: use chunk_wkv7")
+    check_chunk_count(T, CHUNK)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
         S0 = S0.contiguous()
