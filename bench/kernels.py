@@ -55,6 +55,15 @@ def inputs(B, T, H, dtype=torch.bfloat16, grad=False):
     return xs
 
 
+def fla_failed(e: Exception) -> None:
+    """fla's kernels compile at first use, not at import: one that fails there (an fla built for
+    another triton) leaves the run to time ours alone."""
+    global chunk_rwkv7, fused_recurrent_rwkv7
+    chunk_rwkv7 = fused_recurrent_rwkv7 = None
+    print(f"fla failed at first use; timing our kernels alone ({type(e).__name__}: {str(e).strip()[:200]})",
+          flush=True)
+
+
 def fla_args(r, w_raw, k, v, kk, a):
     """Our inputs in fla's convention: log decay, a = -kk, b = kk * a."""
     return r, decay_log(w_raw).to(r.dtype), k, v, -kk, kk * a
@@ -84,7 +93,11 @@ def check_agreement(algorithm="sequential", chunk_kw=None):
     y, _, _ = chunk_wkv7(*xs, **(chunk_kw or {})) if algorithm == "chunk" else triton_wkv7(*xs)
     if chunk_rwkv7 is None:
         return None
-    y_fla, _ = chunk_rwkv7(*fla_args(*xs), scale=1.0, output_final_state=True)
+    try:
+        y_fla, _ = chunk_rwkv7(*fla_args(*xs), scale=1.0, output_final_state=True)
+    except Exception as e:  # noqa: BLE001 - reported, then ours alone
+        fla_failed(e)
+        return None
     return ((y - y_fla).pow(2).mean().sqrt() / y_fla.pow(2).mean().sqrt()).item()
 
 
@@ -131,8 +144,16 @@ def train_fns(B, T, H, block_rows=None, algorithm="sequential", chunk_kw=None, s
 
 def bench_train(B, T, H, block_rows=None, with_fla=True, algorithm="sequential", chunk_kw=None, sse=True):
     """Median ms of each of train_fns' closures (fla's only with_fla)."""
-    fns = train_fns(B, T, H, block_rows, algorithm, chunk_kw, sse)
-    return {name: ms(fn) for name, fn in fns.items() if with_fla or "fla" not in name}
+    out = {}
+    for name, fn in train_fns(B, T, H, block_rows, algorithm, chunk_kw, sse).items():
+        if "fla" not in name:
+            out[name] = ms(fn)
+        elif with_fla and chunk_rwkv7 is not None:
+            try:
+                out[name] = ms(fn)
+            except Exception as e:  # noqa: BLE001 - reported, then ours alone
+                fla_failed(e)
+    return out
 
 
 def kernel_breakdown(B, T, H, chunk_kw, steps=3):
@@ -145,7 +166,13 @@ def kernel_breakdown(B, T, H, chunk_kw, steps=3):
     for who, fn in train_fns(B, T, H, algorithm="chunk", chunk_kw=chunk_kw).items():
         if not who.startswith("train"):
             continue
-        fn()  # compile and warm up
+        try:
+            fn()  # compile and warm up
+        except Exception as e:  # noqa: BLE001 - fla's; ours must not fail
+            if "fla" not in who:
+                raise
+            fla_failed(e)
+            continue
         sync()
         with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
@@ -169,30 +196,40 @@ def bench_decode(B, H):
     if fused_recurrent_rwkv7 is not None:
         args = fla_args(*[x[:, None] for x in xs])
         h0 = torch.zeros(B, H, N, N, device=DEV)
-        row["step fla"] = ms(lambda: fused_recurrent_rwkv7(*args, scale=1.0, initial_state=h0,
-                                                           output_final_state=True))
+        try:
+            row["step fla"] = ms(lambda: fused_recurrent_rwkv7(*args, scale=1.0, initial_state=h0,
+                                                               output_final_state=True))
+        except Exception as e:  # noqa: BLE001 - reported, then ours alone
+            fla_failed(e)
     return row
 
 
 def parse_config(text):
     """'C/BV/precision/warps[/b][/rNNN]' -> chunk_wkv7 keyword arguments (b: fused_backward,
     rNNN: seq_maxnreg=NNN)."""
-    C, BV, prec, warps, *rest = text.split("/")
-    kw = dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps))
-    for flag in rest:
-        if flag == "b":
-            kw["fused_backward"] = True
-        elif flag[:1] == "r" and flag[1:].isdigit():
-            kw["seq_maxnreg"] = int(flag[1:])
-        else:
-            raise SystemExit(f"--sweep: expected C/BV/PRECISION/WARPS[/b][/rNNN], got {text!r}")
+    from backends.cuda.ops.wkv7.chunk import Launch
+
+    try:
+        C, BV, prec, warps, *rest = text.split("/")
+        kw = dict(chunk_size=int(C), block_v=int(BV), precision=prec, num_warps=int(warps))
+        for flag in rest:
+            if flag == "b":
+                kw["fused_backward"] = True
+            elif flag[:1] == "r" and flag[1:].isdigit():
+                kw["seq_maxnreg"] = int(flag[1:])
+            else:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"--sweep: expected C/BV/PRECISION/WARPS[/b][/rNNN], got {text!r}") from None
+    Launch.resolve(torch.device(DEV), torch.bfloat16, N, **kw)  # WKV7InputError for values the kernels refuse
     return kw
 
 
-def sweep(args):
-    """fla, our sequential kernel and each chunk configuration side by side, per H."""
+def sweep(args, saved: dict) -> list:
+    """fla, our sequential kernel and each chunk configuration side by side, per H; the rows go
+    into saved["sweep"], written to --json after each H."""
     print("| H | kernel | fwd+bwd (ms) | forward (ms) | fwd+bwd / fla |\n|---|---|---|---|---|")
-    results = []
+    results = saved["sweep"] = []
     for H in args.heads:
         ref = bench_train(args.B, args.T, H, with_fla=True)
         fla = ref.get("train fla")
@@ -222,7 +259,7 @@ def sweep(args):
             empty_cache()
         results.append({"H": H, "rows": rows})
         if args.json:  # after each H: a run cut short by its time limit keeps what it measured
-            Path(args.json).write_text(json.dumps({"sweep": results}, indent=1))
+            Path(args.json).write_text(json.dumps(saved, indent=1))
     return results
 
 
@@ -324,6 +361,41 @@ def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None):
     return rows
 
 
+def shape_arg(text: str, names: str) -> list[int]:
+    """'8,1024' -> [8, 1024] for names 'B,T': positive integers, as many as names."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(names.split(",")) or min(values) < 1:
+        raise ValueError(f"expected {names} (positive integers), got {text!r}")
+    return values
+
+
+def check_arguments(p: argparse.ArgumentParser, args) -> None:
+    """Every argument checked before the first timing: a mistake must not cost GPU time first."""
+    from metastate.bench import size_config
+    from metastate_core.errors import MetaStateError
+
+    if not args.sweep and (args.model or args.breakdown or args.elementwise):
+        p.error("--model, --breakdown and --elementwise go with --sweep")
+    try:
+        for text in args.sweep or ():
+            parse_config(text)
+        if args.algorithm == "chunk" and not args.sweep:
+            from backends.cuda.ops.wkv7.chunk import Launch
+
+            Launch.resolve(torch.device(DEV), torch.bfloat16, N, args.chunk_size, args.block_v, args.precision,
+                           args.num_warps)
+        if args.model:
+            size_config(args.model)
+            shape_arg(args.model_shape, "B,T")
+        if args.elementwise and shape_arg(args.elementwise_shape, "B,T,D")[2] % N:
+            raise ValueError(f"--elementwise-shape: D must be a multiple of the head size {N}")
+    except (ValueError, MetaStateError) as e:
+        p.error(str(e))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, default=4096)
@@ -355,10 +427,15 @@ def main():
     DEV = args.device
     if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    check_arguments(p, args)
     name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (dry run, TRITON_INTERPRET=1)"
     print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}")
     if args.sweep:
-        results = {"sweep": sweep(args)}
+        # fla computes what ours does: the chunked kernels' y against chunk_rwkv7's, float32
+        agree = check_agreement("chunk", parse_config(args.sweep[0]))
+        print(f"y agreement with fla chunk_rwkv7 (rel_rms, fp32): {agree if agree is None else f'{agree:.2e}'}")
+        results = {"agreement_rel_rms": agree}
+        sweep(args, results)
 
         def save():  # after each part: a run cut short by its time limit keeps what it measured
             if args.json:
@@ -385,10 +462,10 @@ def main():
                     print(f"| total | | {sum(r[2] for r in rows):.3f} |", flush=True)
                 save()
         if args.elementwise:
-            results["elementwise"] = bench_elementwise(*map(int, args.elementwise_shape.split(",")))
+            results["elementwise"] = bench_elementwise(*shape_arg(args.elementwise_shape, "B,T,D"))
             save()
         if args.model:
-            results["model"] = bench_model(args.model, *map(int, args.model_shape.split(",")))
+            results["model"] = bench_model(args.model, *shape_arg(args.model_shape, "B,T"))
         save()
         return
     chunk_kw = dict(chunk_size=args.chunk_size, block_v=args.block_v, precision=args.precision,

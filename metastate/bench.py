@@ -158,17 +158,23 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
             "peak_memory_mib": _peak_memory_mib("torch")}
 
 
-def sized_model(size: str, tmp: Path) -> Path:
-    """A freshly initialised model directory under tmp of size "D,L,V" (head size 64)."""
+def size_config(size: str):
+    """The ModelConfig of a model of size "D,L,V" (head size 64)."""
     from metastate_core.config import ModelConfig
-    from metastate_core.params import init_params
-    from weights import save_model
 
     try:
         d, L, V = (int(x) for x in size.split(","))
     except ValueError:
         raise BenchError(f"--size expects D,L,V (e.g. 768,12,65536), got {size!r}") from None
-    cfg = ModelConfig(vocab_size=V, d_model=d, n_layer=L, head_size=64)
+    return ModelConfig(vocab_size=V, d_model=d, n_layer=L, head_size=64)
+
+
+def sized_model(size: str, tmp: Path) -> Path:
+    """A freshly initialised model directory under tmp of size "D,L,V" (head size 64)."""
+    from metastate_core.params import init_params
+    from weights import save_model
+
+    cfg = size_config(size)
     save_model(tmp / "model", cfg, init_params(cfg, 0))
     return tmp / "model"
 

@@ -236,7 +236,7 @@ def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
 
 
 def cmd_convert(args) -> int:
-    from weights import export_official_pth, save_model
+    from weights import export_official_pth, official_runtime_caveats, save_model
 
     src = Path(args.src)
     out = Path(args.to_pth or args.out)
@@ -259,6 +259,9 @@ def cmd_convert(args) -> int:
     print(f"converted {src} -> {out} [{what}]")
     if to_pth and cfg.tokenizer:
         print("note: the .pth format holds no tokenizer; keep the vocab file beside it")
+    if to_pth or src.suffix in PTH_SUFFIXES:
+        for caveat in official_runtime_caveats(cfg):
+            print(f"note: {caveat}")
     return 0
 
 
@@ -303,6 +306,17 @@ def cmd_grow(args) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------
+def seed_arg(text: str) -> int:
+    """argparse type of a random seed: what numpy's and torch's generators both take."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^32), got {text!r}")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metastate", description="Meta-State: RWKV-7 with a Self-State Encoder.")
     parser.add_argument("--version", action="version", version=f"metastate {__version__}")
@@ -313,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     for flag in ("--d-model", "--n-layer", "--head-size", "--d-att", "--n-param-tokens", "--sse-heads"):
         p.add_argument(flag, type=int, help="default: SPEC section 1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--dtype", choices=DISK_DTYPES, default="float32")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_init)
@@ -355,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="new number of layers")
     p.add_argument("--sse-heads", type=int, help="new number of heads the SSE reads")
     p.add_argument("--layer-position", choices=("end", "after0"), default="end")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_grow)
 
@@ -392,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # FileNotFoundError, PermissionError, IsADirectoryError, disk full, ...
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory (is the model, or the growth target, far larger than meant?)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -69,6 +69,13 @@ def _is_noop(what: str, current: int, target) -> bool:
     return target == current
 
 
+def _generator(rng) -> np.random.Generator:
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError):
+        raise GrowthError(f"rng must be a numpy Generator or a seed >= 0, got {rng!r}") from None
+
+
 def _noop(cfg: ModelConfig, tensors: dict):
     return cfg.replace(growth=[dict(s) for s in cfg.growth], extra=dict(cfg.extra)), dict(tensors)
 
@@ -97,7 +104,7 @@ def grow_param_tokens(cfg: ModelConfig, tensors: dict, n_param_tokens: int, *, r
     n, d = cfg.n_param_tokens, cfg.d_model
     if _is_noop("n_param_tokens", n, n_param_tokens):
         return _noop(cfg, tensors)
-    rng = np.random.default_rng(rng)
+    rng = _generator(rng)
     new_cfg = _next_config(cfg, {"rule": "param_tokens", "from": n, "to": int(n_param_tokens)},
                            n_param_tokens=int(n_param_tokens))
     extra = n_param_tokens - n
@@ -123,7 +130,7 @@ def grow_heads(cfg: ModelConfig, tensors: dict, n_head: int, *, rng=0):
     H, N, A = cfg.n_head, cfg.head_size, cfg.d_att
     if _is_noop("n_head", H, n_head):
         return _noop(cfg, tensors)
-    rng = np.random.default_rng(rng)
+    rng = _generator(rng)
     new_cfg = _next_config(cfg, {"rule": "heads", "from": H, "to": int(n_head)}, d_att=int(n_head) * N)
     extra = new_cfg.d_att - A
     out = dict(tensors)
@@ -161,7 +168,7 @@ def grow_layers(cfg: ModelConfig, tensors: dict, n_layer: int, *, position: str 
     L = cfg.n_layer
     if _is_noop("n_layer", L, n_layer):
         return _noop(cfg, tensors)
-    rng = np.random.default_rng(rng)
+    rng = _generator(rng)
     new_cfg = _next_config(cfg, {"rule": "layers", "from": L, "to": int(n_layer), "position": position},
                            n_layer=int(n_layer))
     extra = n_layer - L
@@ -234,7 +241,7 @@ def grow(cfg: ModelConfig, tensors: dict, *, param_tokens=None, heads=None, laye
     if layer_position not in LAYER_POSITIONS:
         raise GrowthError(f"layer position must be one of {LAYER_POSITIONS}, got {layer_position!r}")
     _check_tensors(cfg, tensors)
-    rng = np.random.default_rng(rng)  # one stream shared by the steps
+    rng = _generator(rng)  # one stream shared by the steps
     out_cfg, out = _noop(cfg, tensors)
     if param_tokens is not None:
         out_cfg, out = grow_param_tokens(out_cfg, out, param_tokens, rng=rng)

@@ -156,6 +156,7 @@ class SentencePieceTokenizer:
         return cls(out_path)
 
     def encode(self, text: str) -> list[int]:
+        utf8(text)
         return self.sp.encode(text)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
@@ -195,9 +196,12 @@ class WorldTokenizer:
         if not self.path.is_file():
             raise TokenizerError(f"RWKV World vocabulary not found: {self.path}")
         self._bytes: list[bytes] = [b""] * self.vocab_size
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                self._parse_line(line.rstrip("\n"), n)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    self._parse_line(line.rstrip("\n"), n)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{self.path}: not UTF-8 text ({e.reason})") from None
         # Prefix table, a flat trie: every prefix of every token -> id of that exact token,
         # or -1 if it is only a prefix. The longest match is the last hit while walking on.
         self._prefix: dict[bytes, int] = {}
@@ -218,7 +222,10 @@ class WorldTokenizer:
         except (ValueError, SyntaxError):
             raise TokenizerError(f"{self.path}:{n}: malformed vocabulary line") from None
         if isinstance(tok, str):
-            tok = tok.encode("utf-8")
+            try:
+                tok = utf8(tok)
+            except TokenizerError as e:
+                raise TokenizerError(f"{self.path}:{n}: {e}") from None
         if not isinstance(tok, bytes) or len(tok) != length or not tok:
             raise TokenizerError(f"{self.path}:{n}: token is not {length} bytes")
         if not 0 < idx < self.vocab_size or self._bytes[idx]:
@@ -226,7 +233,7 @@ class WorldTokenizer:
         self._bytes[idx] = tok
 
     def encode(self, text: str) -> list[int]:
-        return self.encode_bytes(text.encode("utf-8"))
+        return self.encode_bytes(utf8(text))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         prefix, out, pos, n = self._prefix, [], 0, len(data)
@@ -252,6 +259,18 @@ class WorldTokenizer:
 
     def to_config(self) -> dict:
         return {"type": "rwkv_world", "file": self.path.name}
+
+
+def utf8(text: str) -> bytes:
+    """`text` as UTF-8. A lone surrogate (what Python makes of invalid UTF-8 in argv, or a JSON
+    escape like \\ud83d) has no UTF-8 form, so no tokenizer can encode it."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} "
+                             f"at character {e.start} (invalid UTF-8 in the input?)") from None
 
 
 def _check_id(i, vocab_size: int) -> int:

@@ -20,19 +20,35 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(args, tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+def run_script(args, tmp_path, path=(), returncode=0):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, path)])}
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+BROKEN_FLA = """
+# imports, then fails at the first call, as an fla built for another triton does (its kernels
+# compile at their first launch)
+def chunk_rwkv7(*args, **kwargs):
+    raise RuntimeError("CompilationError at the first launch")
+fused_recurrent_rwkv7 = chunk_rwkv7
+"""
 
 
 def test_kernel_bench_dry_run_reports_every_part(tmp_path):
+    # with an fla whose kernels fail at first use: reported once, then our kernels alone
+    (tmp_path / "fla" / "ops" / "rwkv7").mkdir(parents=True)
+    for init in ("fla", "fla/ops"):
+        (tmp_path / init / "__init__.py").write_text("")
+    (tmp_path / "fla" / "ops" / "rwkv7" / "__init__.py").write_text(BROKEN_FLA)
     out = tmp_path / "bench.json"
-    run_script(["bench/kernels.py", "--device", "cpu", "--B", "1", "--T", "16", "--heads", "1", "--no-decode",
+    log = run_script(["bench/kernels.py", "--device", "cpu", "--B", "1", "--T", "16", "--heads", "1", "--no-decode",
                 "--sweep", "16/16/ieee/4/b/r128", "--breakdown", "--elementwise", "--elementwise-shape", "1,8,64",
-                "--model", "64,1,64", "--model-shape", "1,8", "--json", str(out)], tmp_path)
+                "--model", "64,1,64", "--model-shape", "1,8", "--json", str(out)], tmp_path, [tmp_path])
+    assert log.count("fla failed at first use") == 1 and "CompilationError at the first launch" in log
     results = json.loads(out.read_text())
+    assert results["agreement_rel_rms"] is None
     (sweep,) = results["sweep"]
     names = [row[0] for row in sweep["rows"]]
     assert names[1:] == ["ours sequential (WKV+SSE)", "chunk 16/16/ieee/4/b/r128, WKV only", "chunk 16/16/ieee/4/b/r128"]
@@ -47,6 +63,18 @@ def test_kernel_bench_dry_run_reports_every_part(tmp_path):
     decode = {r["decode"]: r for r in model if "decode" in r}
     assert decode["fused elementwise"]["ms_per_token"] > 0 and decode["plain-torch elementwise"]["ms_per_token"] > 0
     assert "CUDA" in decode["fused elementwise, CUDA graph"]["error"]  # reported, not fatal
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "16/32/tf32/4", "16/32"], "expected C/BV/PRECISION/WARPS"),
+    (["--sweep", "16/48/tf32/4"], "block_v = 48 must be a power of two"),
+    (["--sweep", "16/32/tf32/4", "--model", "64,1"], "--size expects D,L,V"),
+    (["--sweep", "16/32/tf32/4", "--model", "64,1,64", "--model-shape", "8"], "expected B,T"),
+    (["--model", "64,1,64"], "go with --sweep"),
+])
+def test_kernel_bench_refuses_bad_arguments_before_timing(tmp_path, args, message):
+    log = run_script(["bench/kernels.py", "--device", "cpu", *args], tmp_path, returncode=2)
+    assert message in log and "| H |" not in log  # nothing timed first
 
 
 def test_profile_dry_run_groups_time(tmp_path):

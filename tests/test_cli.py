@@ -152,6 +152,19 @@ def test_grow_keeps_logits(model, tmp_path, capsys):
 
     rc, _, err = run(["grow", path, "--out", tmp_path / "nothing"], capsys)
     assert_one_error(rc, err, "nothing to grow")
+    rc, _, err = run(["grow", path, "--out", tmp_path / "seed", "--heads", 3, "--seed", -1], capsys)
+    assert rc == 2 and "--seed: expected an integer in [0, 2^32), got '-1'" in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_one_line(model, tmp_path, capsys, monkeypatch):
+    import metastate_core.growth
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(metastate_core.growth, "init_layer", exhausted)
+    rc, _, err = run(["grow", model[0], "--out", tmp_path / "huge", "--heads", 10**6], capsys)
+    assert_one_error(rc, err, "out of memory")
+    assert not (tmp_path / "huge").exists()
 
 
 def test_convert_bfloat16(model, tmp_path, capsys):
@@ -227,8 +240,12 @@ def test_convert_pth_round_trip_with_tokenizer(tmp_path, capsys):
     assert rc == 0, err
     assert rel_rms(np.load(out), reference_logits(tensors, cfg, [3, 1, 2])) <= 1e-6
 
-    rc, _, err = run(["convert", back, "--to-pth", tmp_path / "again.pth"], capsys)
+    rc, text, err = run(["convert", back, "--to-pth", tmp_path / "again.pth"], capsys)
     assert rc == 0 and (tmp_path / "again.pth").is_file(), err
+    # a head size other than 64 is noted: the official runtime's GroupNorm epsilon differs
+    assert f"note: head size {cfg.head_size}: the official runtime's GroupNorm epsilon" in text
+    rc, _, err = run(["logits", "--model", back, "--text", "caf\udce9", "--out", out], capsys)
+    assert_one_error(rc, err, "lone surrogate U+DCE9 at character 3")
 
     # re-saving a model directory carries its tokenizer along
     copy = tmp_path / "copy"

@@ -294,6 +294,8 @@ def test_shrinking_and_bad_requests_raise():
         grow_heads(cfg, {k: v for k, v in p.items() if k != "blocks.1.meta.sse_gate"}, 4)
     with pytest.raises(GrowthError, match="has shape"):
         grow_heads(cfg.replace(d_att=32), p, 5)
+    with pytest.raises(GrowthError, match="rng must be a numpy Generator or a seed >= 0, got -1"):
+        grow(cfg, p, heads=4, rng=-1)
 
 
 def test_equal_target_is_a_noop_without_record():

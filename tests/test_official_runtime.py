@@ -96,3 +96,29 @@ def test_reference_matches_official_runtime(shape, official_rwkv, tmp_path):
     # final WKV states agree too (the runtime keeps them as [H, N, N] per layer, row = value)
     for layer in range(cfg.n_layer):
         assert rel_rms(st.wkv[layer, 0], state[layer * 3 + 1].numpy()) <= 1e-5
+
+
+def test_head_size_32_differs_only_by_the_group_norm_epsilon(official_rwkv, tmp_path, monkeypatch):
+    # SPEC's ln_x epsilon is head_size * 1e-5; the runtime's is 64e-5 for every head size. This
+    # pins down the one difference `convert` notes for head sizes other than 64.
+    from weights import official_runtime_caveats
+
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layer=2, head_size=32)
+    p = random_params(cfg, rng=7, sse=False)
+    path = tmp_path / "model.pth"
+    torch.save(official_state_dict(cfg, p), path)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 12).tolist()
+    with torch.no_grad():
+        expected = official_rwkv(str(path)[:-4], "cpu fp32").forward(tokens, None, full_output=True)[0].numpy()
+    imported_cfg, tensors = import_official_pth(path)
+    spec_eps = forward(tensors, imported_cfg, np.array([tokens]))[0][0]
+    assert rel_rms(spec_eps, expected) > 1e-4
+    monkeypatch.setattr(ModelConfig, "eps_group_norm", property(lambda self: 64e-5))
+    assert rel_rms(forward(tensors, imported_cfg, np.array([tokens]))[0][0], expected) <= 1e-5
+    monkeypatch.undo()
+
+    notes = official_runtime_caveats(imported_cfg)
+    assert len(notes) == 1 and "head size 32" in notes[0] and "0.00032" in notes[0]
+    assert official_runtime_caveats(ModelConfig(vocab_size=300, d_model=64, n_layer=2)) == []
+    grown = ModelConfig(vocab_size=300, d_model=64, n_layer=2, d_att=128)
+    assert "d_att 128 != d_model 64" in official_runtime_caveats(grown)[0]

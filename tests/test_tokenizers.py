@@ -118,6 +118,12 @@ def test_world_bad_vocab_and_ids(tmp_path, world):
         WorldTokenizer(tmp_path / "short.txt")
     with pytest.raises(TokenizerError):
         WorldTokenizer(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"1 '\xe9' 1\n")              # not UTF-8
+    with pytest.raises(TokenizerError, match="latin1.txt: not UTF-8"):
+        WorldTokenizer(tmp_path / "latin1.txt")
+    (tmp_path / "surrogate.txt").write_text("1 '\\ud800' 1\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="surrogate.txt:1: .*U\\+D800"):
+        WorldTokenizer(tmp_path / "surrogate.txt")
     with pytest.raises(TokenizerError):
         world.decode([65536])
     with pytest.raises(TokenizerError):
@@ -202,6 +208,14 @@ def test_sp_train_deterministic_quiet(sp_dir, tmp_path, capfd):
     assert tok.vocab_size == 300 and tok.eos_id == 2
     assert tok.to_config() == {"type": "sentencepiece", "file": "tokenizer.model"}
     assert isinstance(tok, Tokenizer)
+
+
+@pytest.mark.parametrize("text", ["\ud800", "caf\udce9", "ok \udfff."])
+def test_lone_surrogates_are_a_clear_error(world, sp, text):
+    # invalid UTF-8 in argv reaches Python as lone surrogates; they have no UTF-8 form
+    for tok in (world, sp):
+        with pytest.raises(TokenizerError, match=f"lone surrogate U\\+{ord(text.rstrip('.')[-1]):04X}"):
+            tok.encode(text)
 
 
 def test_sp_train_errors(tmp_path):

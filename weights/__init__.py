@@ -2,8 +2,8 @@
 
 from .format import (SUPPORTED_DTYPES, atomic_write, convert_dtype, load_config, load_model, save_model,
                      validate_tensors)
-from .official import export_official_pth, import_official_pth
+from .official import export_official_pth, import_official_pth, official_runtime_caveats
 from .safetensors_io import WeightsError
 
 __all__ = ["WeightsError", "save_model", "load_model", "load_config", "validate_tensors",
-           "convert_dtype", "import_official_pth", "export_official_pth", "SUPPORTED_DTYPES", "atomic_write"]
+           "convert_dtype", "import_official_pth", "export_official_pth", "official_runtime_caveats", "SUPPORTED_DTYPES", "atomic_write"]

@@ -127,6 +127,20 @@ def from_official(sd: dict[str, np.ndarray]) -> tuple[ModelConfig, dict[str, np.
     return cfg, out
 
 
+def official_runtime_caveats(cfg: ModelConfig) -> list[str]:
+    """Why the official `rwkv` runtime would not compute this model's logits exactly, if it would not."""
+    notes = []
+    if cfg.d_att != cfg.d_model:
+        notes.append(f"d_att {cfg.d_att} != d_model {cfg.d_model} (grown heads): the `rwkv` pip runtime sizes its "
+                     "state as d_model // head_size heads and cannot run this file (RWKV-LM's trainer, with "
+                     "dim_att, can)")
+    if cfg.head_size != 64:
+        notes.append(f"head size {cfg.head_size}: the official runtime's GroupNorm epsilon is 64e-5 whatever the "
+                     f"head size, SPEC's is head_size * 1e-5 = {cfg.eps_group_norm:g}, so its logits differ "
+                     "slightly from ours (every official RWKV-7 checkpoint has head size 64)")
+    return notes
+
+
 def to_official(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Canonical tensors -> official state dict (numpy), official shapes and key order."""
     validate_tensors(cfg, tensors)
