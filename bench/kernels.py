@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda.ops.wkv7 import (chunk_wkv7, decay_log, triton_state_read, triton_wkv7,  # noqa: E402
                                     triton_wkv7_step)
+from backends.cuda.ops.wkv7.sequential import CHUNK  # noqa: E402
+from backends.cuda.ops.wkv7.triton_ops import check_chunk_count  # noqa: E402
 
 try:
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
@@ -379,7 +381,10 @@ def check_arguments(p: argparse.ArgumentParser, args) -> None:
 
     if not args.sweep and (args.model or args.breakdown or args.elementwise):
         p.error("--model, --breakdown and --elementwise go with --sweep")
+    if args.T < 1 or args.B < 1 or min(args.heads) < 1:
+        p.error("--T, --B and every --heads must be at least 1")
     try:
+        check_chunk_count(args.T, CHUNK)  # the sequential kernel's chunks, the most any timed kernel makes
         for text in args.sweep or ():
             parse_config(text)
         if args.algorithm == "chunk" and not args.sweep:

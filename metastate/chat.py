@@ -20,6 +20,7 @@ from metastate.api import (Engine, GenerationError, context_warning, encode_cont
 from metastate_core.chat_templates import TEMPLATES, ChatTemplate, make_template, template_for
 from metastate_core.errors import MetaStateError
 from metastate_core.sampling import Sampler, SamplingParams
+from metastate_core.tokenizers import TokenizerError, utf8
 
 BACKEND_CHOICES = ("auto", "numpy", "torch", "mlx")
 KERNEL_CHOICES = ("auto", "ops", "triton", "metal")
@@ -159,10 +160,10 @@ class ChatSession:
 
 def _no_surrogates(text: str, what: str) -> str:
     """Text decoded with surrogateescape: refuse the bytes that were not valid UTF-8."""
-    bad = next((i for i, c in enumerate(text) if "\udc80" <= c <= "\udcff"), None)
-    if bad is not None:
-        raise GenerationError(f"{what} is not valid UTF-8 (byte 0x{ord(text[bad]) - 0xdc00:02x} "
-                              f"at character {bad})")
+    try:
+        utf8(text, what)
+    except TokenizerError as e:
+        raise GenerationError(str(e)) from None
     return text
 
 
@@ -265,7 +266,9 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:  # at the prompt: drop the line, like a shell
             print()
             continue
-        if any("\udc80" <= c <= "\udcff" for c in line):
+        try:
+            utf8(line)
+        except TokenizerError:
             print("error: that line is not valid UTF-8; nothing was sent", file=sys.stderr, flush=True)
             continue
         if line.startswith("/"):

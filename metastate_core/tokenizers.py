@@ -261,16 +261,20 @@ class WorldTokenizer:
         return {"type": "rwkv_world", "file": self.path.name}
 
 
-def utf8(text: str) -> bytes:
-    """`text` as UTF-8. A lone surrogate (what Python makes of invalid UTF-8 in argv, or a JSON
-    escape like \\ud83d) has no UTF-8 form, so no tokenizer can encode it."""
+def utf8(text: str, what: str = "the text") -> bytes:
+    """`text` as UTF-8. A lone surrogate (what Python makes of invalid UTF-8 in argv or stdin, or
+    a JSON escape like \\ud83d) has no UTF-8 form, so no tokenizer can encode it."""
     if not isinstance(text, str):
         raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise TokenizerError(f"the text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} "
-                             f"at character {e.start} (invalid UTF-8 in the input?)") from None
+        c = ord(text[e.start])
+        if 0xDC80 <= c <= 0xDCFF:  # surrogateescape's spelling of a byte that was not UTF-8
+            problem = f"is not valid UTF-8 (byte 0x{c - 0xDC00:02x} at character {e.start})"
+        else:
+            problem = f"is not valid Unicode (lone surrogate U+{c:04X} at character {e.start})"
+        raise TokenizerError(f"{what} {problem}") from None
 
 
 def _check_id(i, vocab_size: int) -> int:

@@ -71,6 +71,9 @@ def test_kernel_bench_dry_run_reports_every_part(tmp_path):
     (["--sweep", "16/32/tf32/4", "--model", "64,1"], "--size expects D,L,V"),
     (["--sweep", "16/32/tf32/4", "--model", "64,1,64", "--model-shape", "8"], "expected B,T"),
     (["--model", "64,1,64"], "go with --sweep"),
+    (["--T", "0"], "must be at least 1"),
+    (["--heads", "12", "0"], "must be at least 1"),
+    (["--T", str(16 * 65536)], "past the 65535 a CUDA grid dimension holds"),
 ])
 def test_kernel_bench_refuses_bad_arguments_before_timing(tmp_path, args, message):
     log = run_script(["bench/kernels.py", "--device", "cpu", *args], tmp_path, returncode=2)

@@ -245,7 +245,7 @@ def test_convert_pth_round_trip_with_tokenizer(tmp_path, capsys):
     # a head size other than 64 is noted: the official runtime's GroupNorm epsilon differs
     assert f"note: head size {cfg.head_size}: the official runtime's GroupNorm epsilon" in text
     rc, _, err = run(["logits", "--model", back, "--text", "caf\udce9", "--out", out], capsys)
-    assert_one_error(rc, err, "lone surrogate U+DCE9 at character 3")
+    assert_one_error(rc, err, "the text is not valid UTF-8 (byte 0xe9 at character 3)")
 
     # re-saving a model directory carries its tokenizer along
     copy = tmp_path / "copy"

@@ -392,6 +392,15 @@ def test_bad_settings_are_refused_before_training(data_dir, tmp_path, setting, v
         TrainConfig.from_dict({"data": str(data_dir), setting: value})
 
 
+def test_a_gpu_index_past_the_machines_gpus_is_refused(data_dir, tmp_path, monkeypatch):
+    # torch.cuda.set_device would raise a bare "invalid device ordinal" from inside CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail(f"set_device({dev}) was called"))
+    with pytest.raises(TrainError, match=r"device cuda:2: torch sees 2 CUDA GPUs here \(cuda:0 to cuda:1\)"):
+        Trainer(tiny(data_dir, tmp_path / "out", device="cuda:2"))
+
+
 def test_a_new_run_refuses_an_out_holding_another_runs_checkpoints(data_dir, tmp_path):
     train(tiny(data_dir, tmp_path, max_steps=3))
     before = [p.name for p in list_checkpoints(tmp_path)]

@@ -211,11 +211,18 @@ def test_input_errors():
         chunk_wkv7(*big[:6])
 
 
-def test_chunk_count_past_a_cuda_grid_dimension_is_refused():
+def test_chunk_count_past_a_cuda_grid_dimension_is_refused(monkeypatch):
     # CUDA launches at most 65535 programs along grid dimensions 1 and 2, where the chunks go;
     # past that a launch fails with a bare "invalid argument". Checked before any work (the
     # inputs are broadcast views, no memory).
-    from backends.cuda.ops.wkv7 import triton_wkv7
+    from backends.cuda.ops.wkv7 import chunk as chunk_module, triton_ops, triton_wkv7
+
+    class Unreachable:
+        @staticmethod
+        def apply(*args):  # a missing check fails here at once, not after a million interpreted steps
+            raise AssertionError("the kernels were launched")
+    monkeypatch.setattr(chunk_module, "_ChunkWKV7", Unreachable)
+    monkeypatch.setattr(triton_ops, "_WKV7", Unreachable)
 
     def inputs(T):
         return [torch.zeros(1, 1, 1, 16, device=DEV).expand(1, T, 1, 16) for _ in range(6)]

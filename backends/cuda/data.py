@@ -33,6 +33,7 @@ import numpy as np
 
 from metastate_core.config import is_natural, is_plain_file_name
 from metastate_core.errors import MetaStateError
+from metastate_core.tokenizers import TokenizerError, utf8
 
 FORMAT = "metastate-tokens"
 META_FILE = "meta.json"
@@ -110,10 +111,9 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                 raise DataError(f"{path}:{n}: record has no string field {text_key!r}")
             try:  # JSON escapes can spell lone surrogates (\ud83d), which no tokenizer can encode
-                record[text_key].encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise DataError(f"{path}:{n}: field {text_key!r} is not valid Unicode ({e.reason}: "
-                                f"{e.object[e.start:e.end]!a})") from None
+                utf8(record[text_key], f"field {text_key!r}")
+            except TokenizerError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
             key = (record["book"], record["chapter"]) if "book" in record and "chapter" in record else None
             if key is None:
                 yield record[text_key]

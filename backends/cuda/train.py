@@ -469,6 +469,10 @@ class Trainer:
         if dev == "cuda":  # one GPU per process, chosen before NCCL starts
             dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         if dev.startswith("cuda"):  # also for an explicit cuda:N: NCCL and Triton use the current device
+            count = torch.cuda.device_count()
+            if torch.device(dev).index >= count:
+                raise TrainError(f"device {dev}: torch sees {count} CUDA GPU{'s' * (count > 1)} here "
+                                 f"(cuda:0 to cuda:{count - 1})")
             torch.cuda.set_device(dev)
         self.dist = Dist.from_env(torch.device(dev).type)
         self.device = torch.device(dev)

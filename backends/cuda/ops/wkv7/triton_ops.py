@@ -107,8 +107,11 @@ def triton_wkv7(r, w_raw, k, v, kk, a, S0=None, *, block_rows: int | None = None
     if T == 0:
         raise WKV7InputError("sequence length T must be at least 1")
     if T * H * N >= 2**31:  # int64 offsets cost this kernel a block per SM; chunk_wkv7 has them
+        from .chunk import MAX_HEAD_SIZE
+        fix = ("use chunk_wkv7" if N <= MAX_HEAD_SIZE else
+               "split the sequence, passing each piece's S_T as the next S0")
         raise WKV7InputError(f"T * H * N = {T * H * N} elements per sequence is past the sequential kernel's "
-                             "32-bit token offsets: use chunk_wkv7")
+                             f"32-bit token offsets: {fix}")
     check_chunk_count(T, CHUNK)
     if S0 is not None:
         _check_state(S0, B, H, N, k.device)
