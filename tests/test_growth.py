@@ -44,11 +44,12 @@ def assert_same_tensors(a, b):
 
 
 def assert_state_old_part(s0, s1, layer_map, H):
-    """Final state of the grown model equals the old one on the old layers and heads."""
+    """Final state of the grown model equals the old one on the old layers and heads. Not bit for
+    bit: a matmul over a longer inner dimension (new zero columns) may sum in another order."""
     for old, new in enumerate(layer_map):
-        np.testing.assert_array_equal(s1.att_x[new], s0.att_x[old])
-        np.testing.assert_array_equal(s1.meta_x[new], s0.meta_x[old])
-        np.testing.assert_array_equal(s1.wkv[new][:, :H], s0.wkv[old])
+        assert rel_rms(s1.att_x[new], s0.att_x[old]) <= EXACT
+        assert rel_rms(s1.meta_x[new], s0.meta_x[old]) <= EXACT
+        assert rel_rms(s1.wkv[new][:, :H], s0.wkv[old]) <= EXACT
 
 
 class Loss:
