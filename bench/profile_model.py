@@ -27,7 +27,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda import load_model  # noqa: E402
-from backends.cuda.model import auto_kernels  # noqa: E402
 from metastate.bench import sized_model  # noqa: E402
 
 GROUPS = (  # first match wins; names as the profiler reports them (aten ops, Triton kernel names)
@@ -61,14 +60,6 @@ VIEW_OPS = {"view", "reshape", "as_strided", "expand", "expand_as", "select", "s
             "unbind", "split", "narrow", "contiguous", "to", "_to_copy", "flatten", "unflatten"}
 
 
-def chosen_kernels(kernels: str, model) -> str:
-    """--kernels, with auto resolved for this model as `metastate train` resolves it."""
-    if kernels == "auto":
-        kernels = auto_kernels(model.cfg, model.head.weight.device)
-    model.check_kernels(kernels)
-    return kernels
-
-
 def decode_ops(model_dir: str | None, kernels: str) -> None:
     """Print the aten operators per decoded token: all of them, the top-level non-view ones, and
     (plain elementwise pieces) those of each piece the fused kernels replace with one launch."""
@@ -77,7 +68,7 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir or default_model_path(), device=device)
-    kernels = chosen_kernels(kernels, model)
+    kernels = model.resolve_kernels(kernels)
     token = torch.tensor([[1]], device=device)
     steps = 10
     pieces = ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
@@ -143,7 +134,7 @@ def main():
         return decode_ops(args.decode_ops or None, args.kernels)
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
-    kernels = chosen_kernels(args.kernels, model)
+    kernels = model.resolve_kernels(args.kernels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)

@@ -339,7 +339,6 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         import torch
 
         from backends.cuda import load_model
-        from backends.cuda.model import auto_kernels
     except ImportError as e:
         raise BackendUnavailable(f"the torch backend cannot be imported ({e}): pip install 'metastate[torch]'") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -357,9 +356,7 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         model = load_model(path, device=device, dtype=dtype)
     except RuntimeError as e:  # a device this torch build lacks (mps, xpu, ...), or out of its memory
         raise BackendError(f"cannot put the model on {device}: {str(e).strip().splitlines()[0]}") from None
-    if kernels == "auto":
-        kernels = auto_kernels(model.cfg, device)
-    model.check_kernels(kernels)  # now, not at the first token
+    kernels = model.resolve_kernels(kernels)  # checked now, not at the first token
     return TorchEngine(model, device, kernels, cuda_graphs)
 
 

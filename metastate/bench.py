@@ -113,7 +113,6 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         import torch
 
         from backends.cuda import load_model
-        from backends.cuda.model import auto_kernels
     except ImportError as e:
         raise BenchError(f"training benchmarks need the torch backend ({e}): pip install 'metastate[torch]'") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,9 +120,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = load_model(path, device=device, dtype=dtype)
-    if kernels == "auto":
-        kernels = auto_kernels(model.cfg, torch.device(device))
-    model.check_kernels(kernels)
+    kernels = model.resolve_kernels(kernels)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)

@@ -295,6 +295,14 @@ class Model(nn.Module):
         # the matmul's dtype is _linear's: autocast's, else the weight's
         return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
 
+    def resolve_kernels(self, kernels: str) -> str:
+        """`kernels` ("auto", "ops" or "triton") with auto decided for this model on its device,
+        checked now (ModelError) rather than at the first call."""
+        if kernels == "auto":
+            kernels = auto_kernels(self.cfg, self.head.weight.device)
+        self.check_kernels(kernels)
+        return kernels
+
     def check_kernels(self, kernels: str) -> None:
         """Raise ModelError now if this model cannot run `kernels` ("ops" or "triton")."""
         if kernels not in ("ops", "triton"):

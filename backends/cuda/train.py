@@ -57,7 +57,7 @@ from metastate_core.params import init_params
 from weights import SUPPORTED_DTYPES, convert_dtype, load_model, save_model  # imported up front: a long run never re-imports code
 
 from .data import TOKENIZER_FILE, TokenData, read_meta
-from .model import Model, _to_numpy, auto_kernels
+from .model import Model, _to_numpy
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -536,8 +536,7 @@ class Trainer:
                                       extra={**mcfg.extra, "train_ctx_len": ctx})
         self.raw = Model.from_tensors(mcfg, tensors, device=self.device, dtype=torch.float32,
                                       freeze_sse_gate=cfg.freeze_sse_gate)
-        self.kernels = cfg.kernels if cfg.kernels != "auto" else auto_kernels(mcfg, self.device)
-        self.raw.check_kernels(self.kernels)
+        self.kernels = self.raw.resolve_kernels(cfg.kernels)
         self.model = self._wrap(self.raw)
         self.names = {p: n for n, p in self.model.named_parameters()}
         # fused: one kernel for every parameter's update instead of a few per tensor list
