@@ -39,7 +39,7 @@ def _saver() -> str:
     return "?"
 
 
-def saved_bytes(model: Model, T: int, kernels: str, autocast: bool, fused: bool | None) -> dict[str, int]:
+def saved_bytes(model: Model, T: int, autocast: bool) -> dict[str, int]:
     """Bytes kept for backward by one forward + loss over [1, T] tokens, by saving line."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, tuple[int, str]] = {}
@@ -55,7 +55,7 @@ def saved_bytes(model: Model, T: int, kernels: str, autocast: bool, fused: bool 
     tokens = tokens.to(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], kernels=kernels, fused=fused)
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
     del loss
     by_line: dict[str, int] = collections.Counter()
     for nbytes, line in seen.values():
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         p.error("--lengths needs 0 < T1 < T2")
     cfg = ModelConfig(vocab_size=args.vocab, d_model=d, n_layer=L, head_size=64)
     model = Model.from_tensors(cfg, init_params(cfg, 0), device=args.device, dtype=torch.float32)
-    fused = False if args.plain_elementwise else None
-    small, large = (saved_bytes(model, T, args.kernels, args.autocast, fused) for T in (T1, T2))
+    model.set_kernels(args.kernels, fused=False if args.plain_elementwise else None)
+    small, large = (saved_bytes(model, T, args.autocast) for T in (T1, T2))
     scale = 1 / ((T2 - T1) * L * 1024)
     rows = sorted(((large.get(k, 0) - small.get(k, 0)) * scale, k) for k in set(small) | set(large))
     total = sum(kb for kb, _ in rows)

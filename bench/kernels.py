@@ -31,10 +31,9 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.cuda.ops.wkv7 import (chunk_wkv7, decay_log, triton_state_read, triton_wkv7,  # noqa: E402
+from backends.cuda.ops.wkv7 import (CHUNK, chunk_wkv7, decay_log, triton_state_read, triton_wkv7,  # noqa: E402
                                     triton_wkv7_step)
-from backends.cuda.ops.wkv7.sequential import CHUNK  # noqa: E402
-from backends.cuda.ops.wkv7.triton_ops import check_chunk_count  # noqa: E402
+from backends.cuda.ops.wkv7.checks import check_chunk_count  # noqa: E402
 
 try:
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
@@ -294,16 +293,17 @@ def bench_model(size, batch, seq_len, repeats=5):
             print(f"| {name} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {r['peak_memory_mib']:.0f} |",
                   flush=True)
             empty_cache()
-        model = load_model(path, device=DEV, dtype="bfloat16")
+        model = load_model(path, device=DEV, dtype="bfloat16", kernels="triton")
         graph = lru_cache(None)(lambda: DecodeGraph(model))  # built in its row: it needs CUDA
         print("\n| decode, batch 1, bf16 | ms / token |\n|---|---|")
         with torch.no_grad():
-            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=DEV), kernels="triton")
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=DEV))
             token = torch.ones(1, 1, dtype=torch.long, device=DEV)
-            for name, step in (("fused elementwise", lambda: model(token, state, kernels="triton")),
-                               ("plain-torch elementwise", lambda: model(token, state, kernels="triton", fused=False)),
-                               ("fused elementwise, CUDA graph", lambda: graph()(token, state))):
+            for name, fused, step in (("fused elementwise", True, lambda: model(token, state)),
+                                      ("plain-torch elementwise", False, lambda: model(token, state)),
+                                      ("fused elementwise, CUDA graph", True, lambda: graph()(token, state))):
                 try:
+                    model.set_kernels("triton", fused=fused)
                     step()  # the graph captures here, outside the timing
                     t = ms(step)
                 except Exception as e:  # one failing row must not cost the others their report

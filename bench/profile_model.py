@@ -68,7 +68,7 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir or default_model_path(), device=device)
-    kernels = model.resolve_kernels(kernels)
+    kernels = model.set_kernels(kernels)
     token = torch.tensor([[1]], device=device)
     steps = 10
     pieces = ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
@@ -84,11 +84,11 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
         for name in pieces:  # the profile can then tell each piece's operators apart
             setattr(naive, name, labelled(name))
         with torch.no_grad():
-            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device), kernels=kernels)
-            model(token, state, kernels=kernels)  # warm-up
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device))
+            model(token, state)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
-                    model(token, state, kernels=kernels)
+                    model(token, state)
     finally:
         for name in pieces:
             setattr(naive, name, real[name])
@@ -134,14 +134,13 @@ def main():
         return decode_ops(args.decode_ops or None, args.kernels)
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
-    kernels = model.resolve_kernels(args.kernels)
+    kernels = model.set_kernels(args.kernels, fused=False if args.plain_elementwise else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
 
     def step():
-        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], kernels=kernels,
-                        fused=False if args.plain_elementwise else None)
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

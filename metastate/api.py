@@ -28,17 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
+from metastate_core import constants, reference
 from metastate_core.config import ModelConfig
+from metastate_core.constants import PREFILL_STEP, WEIGHT_DTYPES, check_kernels
 from metastate_core.errors import MetaStateError
 from metastate_core.sampling import Sampler, SamplingParams
 from metastate_core.tokenizers import StreamDecoder, Tokenizer
 
-PREFILL_STEP = 512   # prompt tokens per model call
 STATE_FORMAT = "metastate-state"
 STATE_FORMAT_VERSION = 1
-BACKENDS = ("numpy", "torch", "mlx")
-KERNELS = ("auto", "ops", "triton", "metal")
-DTYPES = ("float64", "float32", "bfloat16", "float16")
+BACKENDS = tuple(constants.KERNELS)
+KERNELS = ("auto", *dict.fromkeys(k for offered in constants.KERNELS.values() for k in offered))  # any backend's
+DTYPES = ("float64", *WEIGHT_DTYPES)
 
 
 class BackendError(MetaStateError):
@@ -79,7 +80,9 @@ def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class Engine:
-    """A loaded model on one backend. Subclasses implement the four state methods below.
+    """A loaded model on one backend: `_forward`, and the backend's `State` class (the fields of
+    `state_shapes`, batched [L, B, ...], float32, immutable) with `_tensor` / `_array` to move
+    one float32 array into the backend and back.
 
     Attributes: cfg (ModelConfig), backend ("numpy" | "torch" | "mlx"), description (e.g.
     "torch (cpu, kernels=ops)"), path (model directory or None) and fingerprint (identifies
@@ -90,6 +93,7 @@ class Engine:
     description = ""
     path: Path | None = None
     fingerprint = ""
+    State: type  # the backend's State class, set by each engine
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -119,20 +123,13 @@ class Engine:
     def check_ids(self, ids) -> np.ndarray:
         return check_tokens(ids, self.cfg.vocab_size)
 
-    # -- backend specific -----------------------------------------------------------------
-    def _forward(self, ids: np.ndarray, state, every: bool = False):
-        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits
-        float32, state): of the last token [V], or of every token [T, V] with `every`."""
-        raise NotImplementedError
-
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
         """Backend-independent float32 copy: att_x [L, d], meta_x [L, d], wkv [L, H, N, N] of a
         state of this engine holding one sequence (GenerationError otherwise)."""
-        try:
-            arrays = self._batched_arrays(state)
-        except (AttributeError, TypeError, ValueError):
+        if not isinstance(state, self.State):
             raise GenerationError(f"not a state of a {self.backend} model: {type(state).__module__}."
-                                  f"{type(state).__name__}") from None
+                                  f"{type(state).__name__}")
+        arrays = {k: np.asarray(self._array(getattr(state, k)), np.float32) for k in state_shapes(self.cfg)}
         for name, shape in state_shapes(self.cfg).items():
             want = (shape[0], 1, *shape[1:])
             if arrays[name].shape != want:
@@ -140,18 +137,30 @@ class Engine:
                                       "(one sequence of this model)")
         return {k: a[:, 0] for k, a in arrays.items()}
 
-    def _batched_arrays(self, state) -> dict[str, np.ndarray]:
-        """att_x, meta_x, wkv of state as float32 NumPy arrays [L, B, ...]."""
+    def state_from_arrays(self, arrays: dict[str, np.ndarray]):
+        """This engine's state of one sequence from the arrays of `state_to_arrays`."""
+        return self.State(**{k: self._tensor(np.asarray(arrays[k], np.float32)[:, None])
+                             for k in state_shapes(self.cfg)})
+
+    # -- backend specific -----------------------------------------------------------------
+    def _forward(self, ids: np.ndarray, state, every: bool = False):
+        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits
+        float32, state): of the last token [V], or of every token [T, V] with `every`."""
         raise NotImplementedError
 
-    def state_from_arrays(self, arrays: dict[str, np.ndarray]):
+    def _tensor(self, a: np.ndarray):
+        """A float32 NumPy array as the backend's array (a copy)."""
         raise NotImplementedError
+
+    def _array(self, t) -> np.ndarray:
+        return np.asarray(t)
 
 
 class NumpyEngine(Engine):
     """The NumPy reference (`metastate_core.reference`): chunked prefill, recurrent decode."""
 
     backend = "numpy"
+    State = reference.State
 
     def __init__(self, cfg: ModelConfig, tensors: dict, dtype=np.float32):
         super().__init__(cfg)
@@ -160,29 +169,17 @@ class NumpyEngine(Engine):
         self.description = f"numpy (cpu, {self.dtype.name})"
 
     def _forward(self, ids, state, every=False):
-        from metastate_core.reference import forward
-
         form = "recurrent" if len(ids) == 1 else "chunked"
-        logits, state = forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
+        logits, state = reference.forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
         return (logits[0] if every else logits[0, -1]).astype(np.float32), state
 
     def logits(self, ids):
         """The reference in its defining form: the recurrence, one token at a time."""
-        from metastate_core.reference import forward
+        logits, _ = reference.forward(self.weights, self.cfg, self.check_ids(ids)[None], dtype=self.dtype)
+        return logits[0].astype(np.float32)
 
-        return forward(self.weights, self.cfg, self.check_ids(ids)[None], dtype=self.dtype)[0][0].astype(np.float32)
-
-    def _batched_arrays(self, state):
-        from metastate_core.reference import State
-
-        if not isinstance(state, State):
-            raise TypeError(type(state).__name__)
-        return {k: np.asarray(getattr(state, k), np.float32) for k in ("att_x", "meta_x", "wkv")}
-
-    def state_from_arrays(self, arrays):
-        from metastate_core.reference import State
-
-        return State(*(np.array(arrays[k][:, None], dtype=self.dtype) for k in ("att_x", "meta_x", "wkv")))
+    def _tensor(self, a):
+        return a.astype(self.dtype)
 
 
 class TorchEngine(Engine):
@@ -190,15 +187,17 @@ class TorchEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, model, device, kernels: str, cuda_graphs: bool = False):
+    def __init__(self, model, device, cuda_graphs: bool = False):
+        from backends.cuda import State
+
         super().__init__(model.cfg)
-        self.model, self.device, self.kernels = model.eval(), device, kernels
-        self.description = f"torch ({device}, kernels={kernels}{', CUDA graphs' if cuda_graphs else ''})"
+        self.model, self.device, self.State = model.eval(), device, State
+        self.description = f"torch ({device}, kernels={model.kernels}{', CUDA graphs' if cuda_graphs else ''})"
         self.decode_graph = None
         if cuda_graphs:  # single-token steps replayed from one graph (captured at the first)
             from backends.cuda.decode_graph import DecodeGraph
 
-            self.decode_graph = DecodeGraph(model, batch=1, kernels=kernels)
+            self.decode_graph = DecodeGraph(model, batch=1)
 
     def _forward(self, ids, state, every=False):
         import torch
@@ -208,24 +207,17 @@ class TorchEngine(Engine):
             if self.decode_graph is not None and len(ids) == 1:
                 logits, state = self.decode_graph(tokens, state)
             else:
-                logits, state = self.model(tokens, state, kernels=self.kernels, last_only=not every)
+                logits, state = self.model(tokens, state, last_only=not every)
             logits = logits[0] if every else logits[0, -1]
             return logits.float().cpu().numpy(), state
 
-    def _batched_arrays(self, state):
-        from backends.cuda import State
-
-        if not isinstance(state, State):
-            raise TypeError(type(state).__name__)
-        return {k: getattr(state, k).float().cpu().numpy() for k in State._fields}
-
-    def state_from_arrays(self, arrays):
+    def _tensor(self, a):
         import torch
 
-        from backends.cuda import State
+        return torch.tensor(a, device=self.device)
 
-        return State(*(torch.as_tensor(np.asarray(arrays[k], np.float32)[:, None].copy(), device=self.device)
-                       for k in ("att_x", "meta_x", "wkv")))
+    def _array(self, t):
+        return t.float().cpu().numpy()
 
 
 class MLXEngine(Engine):
@@ -234,42 +226,26 @@ class MLXEngine(Engine):
     backend = "mlx"
 
     def __init__(self, model):
-        super().__init__(model.args)
         import mlx.core as mx
 
-        self.model = model
-        device = "gpu" if mx.metal.is_available() else "cpu"
-        self.description = f"mlx ({device}, kernels={model.wkv_ops.name})"
+        from backends.mlx import State
+
+        super().__init__(model.cfg)
+        self.model, self.State = model, State
+        self.description = f"mlx ({'gpu' if mx.metal.is_available() else 'cpu'}, kernels={model.kernels})"
 
     def _forward(self, ids, state, every=False):
         import mlx.core as mx
 
-        cache = self._copy(state)  # the model updates its cache in place; states stay immutable
-        logits = self.model(mx.array(ids.astype(np.int32))[None], cache, last_only=not every)[0]
-        logits = logits if every else logits[-1]
-        mx.eval(logits, cache.state)
-        return np.array(logits.astype(mx.float32)), cache
+        logits, state = self.model(mx.array(ids.astype(np.int32))[None], state, last_only=not every)
+        logits = logits[0] if every else logits[0, -1]
+        mx.eval(logits, vars(state))  # computed now: each prefill piece's graph is freed
+        return np.array(logits.astype(mx.float32)), state
 
-    def _copy(self, cache):
-        new = self.model.make_cache()
-        new.att_x, new.meta_x, new.wkv = list(cache.att_x), list(cache.meta_x), list(cache.wkv)
-        return new
-
-    def _batched_arrays(self, state):
-        from backends.mlx.model import Cache
-
-        if not isinstance(state, Cache):
-            raise TypeError(type(state).__name__)
-        return {k: np.stack([np.array(t) for t in getattr(state, k)]).astype(np.float32)
-                for k in ("att_x", "meta_x", "wkv")}
-
-    def state_from_arrays(self, arrays):
+    def _tensor(self, a):
         import mlx.core as mx
 
-        cache = self.model.make_cache()
-        for k in ("att_x", "meta_x", "wkv"):
-            setattr(cache, k, [mx.array(np.asarray(a, np.float32)[None]) for a in arrays[k]])
-        return cache
+        return mx.array(a)
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,22 +287,18 @@ def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str 
         backend = select_backend()
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    check_kernels(backend, kernels)
     if cuda_graphs and backend != "torch":
         raise BackendError(f"CUDA graphs are a torch backend option, and the backend is {backend}")
-    if backend == "torch":
-        engine = _load_torch(path, kernels, dtype, device, cuda_graphs)
-    else:
-        engine = _LOADERS[backend](path, kernels, dtype, device)
+    engine = _LOADERS[backend](path, kernels, dtype, device, cuda_graphs)
     engine.path = path.resolve()
     engine.fingerprint = model_fingerprint(path, engine.cfg)
     return engine, load_tokenizer(path, cfg.tokenizer)
 
 
-def _load_numpy(path, kernels, dtype, device):
+def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
     from weights import load_model
 
-    if kernels not in ("auto", "ops"):
-        raise BackendError(f"kernels {kernels!r} are not available on the numpy backend (use auto or ops)")
     if dtype not in (None, "float32", "float64", "bfloat16"):
         raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float64, float32 or bfloat16)")
     # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math)
@@ -348,25 +320,20 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
         raise BackendError(f"unknown torch device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {device}: torch sees no CUDA GPU here (leave device out, or use cpu)")
-    if kernels not in ("auto", "ops", "triton"):
-        raise BackendError(f"kernels {kernels!r} are not available on the torch backend (use auto, ops or triton)")
     if cuda_graphs and not str(device).startswith("cuda"):
         raise BackendError(f"CUDA graphs need a CUDA device, and the torch backend is on {device}")
-    try:
-        model = load_model(path, device=device, dtype=dtype)
+    try:  # the kernels are chosen and checked now, not at the first token
+        model = load_model(path, device=device, dtype=dtype, kernels=kernels)
     except RuntimeError as e:  # a device this torch build lacks (mps, xpu, ...), or out of its memory
         raise BackendError(f"cannot put the model on {device}: {str(e).strip().splitlines()[0]}") from None
-    kernels = model.resolve_kernels(kernels)  # checked now, not at the first token
-    return TorchEngine(model, device, kernels, cuda_graphs)
+    return TorchEngine(model, device, cuda_graphs)
 
 
-def _load_mlx(path, kernels, dtype, device):
+def _load_mlx(path, kernels, dtype, device, cuda_graphs=False):
     try:
         from backends.mlx import load as mlx_load
     except ImportError as e:
         raise BackendUnavailable(f"the mlx backend cannot be imported ({e}): pip install 'metastate[mlx]'") from None
-    if kernels not in ("auto", "ops", "metal"):
-        raise BackendError(f"kernels {kernels!r} are not available on the mlx backend (use auto, ops or metal)")
     model, _ = mlx_load(path, kernels=kernels, dtype=dtype)
     return MLXEngine(model)
 
@@ -402,8 +369,7 @@ def compute_logits(model_dir, tokens, backend: str = "numpy", kernels: str = "au
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if kernels not in KERNELS:
-        raise BackendError(f"unknown kernels {kernels!r}: expected one of {', '.join(KERNELS)}")
+    check_kernels(backend, kernels)
     if dtype is not None and dtype not in DTYPES:
         raise BackendError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     from weights import load_config

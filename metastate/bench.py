@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError
 
-from .api import default_model_path
+from .api import BACKENDS, KERNELS, default_model_path
 
 
 class BenchError(MetaStateError):
@@ -33,9 +34,9 @@ def add_parsers(sub) -> None:
     src.add_argument("--model", help="model directory (default: the shipped model)")
     src.add_argument("--size", metavar="D,L,V", help="a freshly initialised model of d_model D, L layers, "
                      "vocab V (head size 64) instead of a directory")
-    p.add_argument("--backend", default="auto", choices=("auto", "numpy", "torch", "mlx"))
-    p.add_argument("--kernels", default="auto", choices=("auto", "ops", "triton", "metal"))
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
+    p.add_argument("--kernels", default="auto", choices=KERNELS)
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default: as stored")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (generation mode)")
     p.add_argument("--decode", type=int, default=32, help="decode steps (generation mode)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -120,7 +121,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = load_model(path, device=device, dtype=dtype)
-    kernels = model.resolve_kernels(kernels)
+    kernels = model.set_kernels(kernels, fused=fused)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
@@ -129,10 +130,9 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
 
     def training_loss():
         if plain_loss:
-            logits, _ = model(tokens[:, :-1], kernels=kernels, grad_checkpoint=grad_checkpoint, fused=fused)
+            logits, _ = model(tokens[:, :-1], grad_checkpoint=grad_checkpoint)
             return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
-        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], kernels=kernels,  # as the trainer does
-                        grad_checkpoint=grad_checkpoint, fused=fused)
+        loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:], grad_checkpoint=grad_checkpoint)  # as the trainer
         return loss
 
     def train_step():
@@ -144,7 +144,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
 
     def forward_only():
         with torch.no_grad(), amp():
-            model(tokens[:, :-1], kernels=kernels, fused=fused)
+            model(tokens[:, :-1])
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     n = batch * seq_len

@@ -15,16 +15,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from metastate.api import (Engine, GenerationError, context_warning, encode_continuation, load, load_state,
-                           save_state, stream_generate)
+from metastate.api import (BACKENDS, KERNELS, Engine, GenerationError, context_warning, encode_continuation, load,
+                           load_state, save_state, stream_generate)
 from metastate_core.chat_templates import TEMPLATES, ChatTemplate, make_template, template_for
+from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError
 from metastate_core.sampling import Sampler, SamplingParams
 from metastate_core.tokenizers import TokenizerError, utf8
-
-BACKEND_CHOICES = ("auto", "numpy", "torch", "mlx")
-KERNEL_CHOICES = ("auto", "ops", "triton", "metal")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 HELP = """commands:
   /reset        forget the conversation (fresh state)
@@ -338,10 +335,10 @@ def _command(session: ChatSession, line: str) -> bool:
 
 def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     p.add_argument("--model", help="model directory (default: the shipped weights/default/)")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="default auto: mlx on Apple silicon, torch (Triton) on NVIDIA, else torch on the CPU")
-    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto", help="the backend's WKV kernels")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: as stored)")
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help="the backend's WKV kernels")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (default: as stored)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch on an NVIDIA GPU: replay each decoded token from a CUDA graph")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per answer (default {max_tokens})")

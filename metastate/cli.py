@@ -17,9 +17,9 @@ import numpy as np
 
 from metastate import __version__
 from metastate.api import BACKENDS, DTYPES, KERNELS, BackendUnavailable, compute_logits
+from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError
 
-DISK_DTYPES = ("float32", "bfloat16", "float16")
 PTH_SUFFIXES = (".pth", ".pt")
 
 
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--d-model", "--n-layer", "--head-size", "--d-att", "--n-param-tokens", "--sse-heads"):
         p.add_argument(flag, type=int, help="default: SPEC section 1")
     p.add_argument("--seed", type=seed_arg, default=0)
-    p.add_argument("--dtype", choices=DISK_DTYPES, default="float32")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_init)
 
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="official RWKV-7 .pth checkpoint, model directory or .safetensors file")
     p.add_argument("--out", help="model directory, or a .pth file to export to")
     p.add_argument("--to-pth", metavar="OUT.pth", help="export to the official .pth format")
-    p.add_argument("--dtype", choices=DISK_DTYPES, help="dtype on disk (default: keep)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="dtype on disk (default: keep)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="tokenizer to bundle: RWKV World vocab .txt or sentencepiece .model")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="MLX: quantize the large matrices to 4 or 8 bits")

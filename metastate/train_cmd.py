@@ -1,4 +1,4 @@
-"""`metastate prepare-data` and `metastate train` (torch backend).
+"""`metastate prepare-data` (no torch needed) and `metastate train` (the torch backend).
 
     metastate prepare-data --corpus shakespeare --vocab-size 2048 --out data/shakespeare
     metastate train --config configs/ablation.toml --max-steps 2000 --out runs/small
@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import signal
 import sys
 
-
-def _train_fields():
-    from backends.cuda.train import TrainConfig
-
-    return TrainConfig, dataclasses.fields(TrainConfig)
+from metastate.train.config import TrainConfig
 
 
 def _flag_type(annotation: str):
-    if "bool" in annotation:
-        return bool
-    if "int" in annotation:
-        return int
-    if "float" in annotation:
-        return float
-    return str
+    return next((t for t in (bool, int, float) if t.__name__ in annotation), str)
 
 
 HELP = {
@@ -71,19 +62,17 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     p.set_defaults(func=cmd_prepare_data)
 
-    try:
-        TrainConfig, fields = _train_fields()
-    except ImportError as e:  # no torch: every other command must still run (a Mac with the mlx extra)
+    if importlib.util.find_spec("torch") is None:  # every other command must still run (a Mac with the mlx extra)
         # "+" prefix: every word, flags and --help included, is taken as is, to reach the error
         p = subparsers.add_parser("train", help="train (or resume) a model (needs the torch extra)",
                                   prefix_chars="+", add_help=False)
         p.add_argument("settings", nargs="*")
-        p.set_defaults(func=lambda args, missing=e: _raise(missing))
+        p.set_defaults(func=lambda args: importlib.import_module("backends.cuda"))  # raises TorchUnavailable
         return
     p = subparsers.add_parser("train", help="train (or resume) a model on prepared data",
                               description="Settings come from --config (TOML), then flags.")
     p.add_argument("--config", help="TOML config file (keys: the flags below, with underscores)")
-    for f in fields:
+    for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(str(f.type))
         if f.name == "resume":
@@ -97,12 +86,8 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _raise(error: Exception):
-    raise error
-
-
 def cmd_prepare_data(args) -> int:
-    from backends.cuda.data import DataError, prepare_data
+    from metastate.train.data import DataError, prepare_data
 
     inputs = list(args.inputs) + list(args.corpus)
     if not inputs:
@@ -114,8 +99,6 @@ def cmd_prepare_data(args) -> int:
     n_val = sum(s["tokens"] for s in meta["splits"]["val"])
     print(f"prepared {meta['documents']} documents -> {n_train:,} train + {n_val:,} held-out tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}) in {args.out}")
-    from backends.cuda.train import TrainConfig
-
     split, n = min(("train", n_train), ("held-out", n_val), key=lambda x: x[1])
     if n - 1 < TrainConfig.seq_len:  # said now, not when `train` refuses the split
         print(f"note: the {split} split has {n:,} tokens, so training sequences can be at most {n - 1:,} tokens "
@@ -126,15 +109,16 @@ def cmd_prepare_data(args) -> int:
 
 def train_config(args):
     """The TrainConfig of parsed `train` arguments: config file, then flags."""
-    TrainConfig, fields = _train_fields()
-    overrides = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
     if args.config:
         return TrainConfig.from_toml(args.config, **overrides)
     return TrainConfig.from_dict(overrides, where="flags")
 
 
 def cmd_train(args) -> int:
-    from backends.cuda.train import TrainInterrupted, train
+    from metastate.train.dist import TrainInterrupted
+    from metastate.train.loop import train
 
     cfg = train_config(args)
     try:

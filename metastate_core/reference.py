@@ -13,12 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-
-DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(.)) lies in (0.545, 1)
-LN_EPS = 1e-5
+from .constants import DECAY_SCALE, L2_EPS, LN_EPS
 
 
-@dataclass
+@dataclass(frozen=True)
 class State:
     """Per-layer recurrent state of a batch. All zeros at the start of a sequence."""
 
@@ -63,7 +61,7 @@ def group_norm(y, weight, bias, eps):
     return y.reshape(*y.shape[:-2], -1) * weight + bias
 
 
-def l2_normalize(x, eps=1e-12):
+def l2_normalize(x, eps=L2_EPS):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 

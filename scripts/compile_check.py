@@ -161,12 +161,13 @@ def launch_everything(chunk_size=16, num_warps=4):
     triton_state_read(S, step_in[0], block_rows=default_decode_rows(N, gpu))
     x = torch.zeros(B, T, d, requires_grad=True)
     g = lambda *s: torch.zeros(*s, requires_grad=True)  # noqa: E731
+    eps = 64e-5  # the GroupNorm / SSE epsilon at N = 64 (ModelConfig.eps_group_norm)
     for low in (torch.bfloat16, torch.float16):  # bf16 training; fp16 (older GPUs)
         fused.token_shift_mix(x, g(B, d), g(6, d), low).float().sum().backward()
         fused.group_norm_bonus_gate(g(B, T, d // N, N), g(B, T, d // N, N), g(B, T, d // N, N),
-                                    g(B, T, d // N, N), g(B, T, d), g(d // N, N), g(d), g(d), 1e-5,
+                                    g(B, T, d // N, N), g(B, T, d), g(d // N, N), g(d), g(d), eps,
                                     low).float().sum().backward()
-        fused.sse_norm_gate(x, g(B, T, d // N, N), g(d), 1e-5, low).float().sum().backward()
+        fused.sse_norm_gate(x, g(B, T, d // N, N), g(d), eps, low).float().sum().backward()
         fused.relu_square(g(B, T, 4 * d).to(low), low).float().sum().backward()
     kk, k_out = fused.k_prep(g(B, T, d), g(B, T, d), g(d), g(d), d // N)
     (kk.sum() + k_out.sum()).backward()

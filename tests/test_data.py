@@ -2,15 +2,16 @@
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from backends.cuda.data import DataError, TokenData, prepare_data, read_meta  # noqa: E402
-from metastate_core.errors import MetaStateError  # noqa: E402
-from metastate_core.tokenizers import SentencePieceTokenizer  # noqa: E402
+from metastate.train.data import DataError, TokenData, prepare_data, read_meta
+from metastate_core.errors import MetaStateError
+from metastate_core.tokenizers import SentencePieceTokenizer
 
 WORDS = "the king queen lord sword crown night day love death speak hear my thou art, and. O!".split()
 
@@ -175,3 +176,15 @@ def test_a_damaged_meta_json_is_a_clear_error(corpus, tmp_path, change, problem)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=f"malformed .*meta.json: {problem}"):
         TokenData(tmp_path, "train", 8)
+
+
+def test_prepare_data_runs_without_torch(tmp_path):
+    """`metastate prepare-data` needs numpy and sentencepiece only: here `import torch` fails."""
+    (tmp_path / "a.txt").write_text(_doc(random.Random(2), 120))
+    script = "import sys; sys.modules['torch'] = None; from metastate.cli import main; sys.exit(main(sys.argv[1:]))"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, "prepare-data", str(tmp_path / "a.txt"), "--out",
+                           str(tmp_path / "d"), "--vocab-size", "300"], capture_output=True, text=True, cwd=repo,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert read_meta(tmp_path / "d")["vocab_size"] == 300

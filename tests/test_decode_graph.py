@@ -2,6 +2,8 @@
 eager Triton path, token after token, on a GPU (scripts/gpu_check.sh runs these); clear errors
 everywhere else."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,9 @@ from metastate_core.params import init_params  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+
+
+FIELDS = ("att_x", "meta_x", "wkv")
 
 
 def _model(device, dtype="float32"):
@@ -36,7 +41,7 @@ def test_decode_graph_checks_what_the_model_checks():
 
     model = _model("cpu")
     graph = DecodeGraph.__new__(DecodeGraph)
-    graph.model, graph.kernels, graph.graph = model, "triton", None
+    graph.model, graph.graph = model, None
     graph.tokens = torch.zeros(2, 1, dtype=torch.long)
     state = State.zeros(model.cfg, 2, torch.device("cpu"))
     with pytest.raises(ModelError, match="int64/int32 token for each of 2"):
@@ -44,7 +49,7 @@ def test_decode_graph_checks_what_the_model_checks():
     with pytest.raises(ModelError, match=r"token ids must be in \[0, 97\), got ids from 3 to 97"):
         graph(torch.tensor([[3], [97]]), state)
     with pytest.raises(ModelError, match="state.wkv must be a float32 tensor"):
-        graph(torch.tensor([[3], [4]]), state._replace(wkv=state.wkv.double()))
+        graph(torch.tensor([[3], [4]]), replace(state, wkv=state.wkv.double()))
     with pytest.raises(ModelError, match="a batch of 2"):
         graph(torch.tensor([[3], [4]]), State.zeros(model.cfg, 3, torch.device("cpu")))
 
@@ -70,28 +75,29 @@ def test_cuda_graph_decode_matches_eager(batch, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, 97, (batch, 9), device="cuda", generator=g)
     with torch.no_grad():
-        _, state = model(prompt, kernels="triton")
+        assert model.kernels == "triton"  # "auto" on a GPU
+        _, state = model(prompt)
         graph = DecodeGraph(model, batch=batch)
         eager_state = graph_state = state
-        before = [x.clone() for x in state]
+        before = [getattr(state, f).clone() for f in FIELDS]
         kept = []  # every output: they must not be the graph's buffers, which the next replay overwrites
         for _ in range(12):
             tok = torch.randint(0, 97, (batch, 1), device="cuda", generator=g)
-            want, eager_state = model(tok, eager_state, kernels="triton")
+            want, eager_state = model(tok, eager_state)
             got, graph_state = graph(tok, graph_state)
             kept.append((want, got, eager_state, graph_state))
         for want, got, eager, graphed in kept:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            for a, b in zip(graphed, eager):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        assert all(torch.equal(a, b) for a, b in zip(state, before))  # inputs left alone
+            for f in FIELDS:
+                torch.testing.assert_close(getattr(graphed, f), getattr(eager, f), rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(getattr(state, f), b) for f, b in zip(FIELDS, before))  # inputs left alone
         # the static buffers carry nothing between calls: an older state gives its own answer
-        want, _ = model(tok, state, kernels="triton")
+        want, _ = model(tok, state)
         got, _ = graph(tok, state)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # the graph reads the parameters where they are: an in-place update shows in the replay
         model.head.weight.mul_(2)
-        want, _ = model(tok, state, kernels="triton")
+        want, _ = model(tok, state)
         got, _ = graph(tok, state)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         with pytest.raises(ModelError, match="one int64/int32 token for each of"):

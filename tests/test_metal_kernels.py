@@ -18,7 +18,8 @@ mx = pytest.importorskip("mlx.core")
 
 from backends.mlx import kernels as K  # noqa: E402
 from metal_harness import HarnessError, mlx_launch, run_kernel  # noqa: E402
-from metastate_core.reference import DECAY_SCALE, RecurrentWKV, sigmoid  # noqa: E402
+from metastate_core.constants import DECAY_SCALE  # noqa: E402
+from metastate_core.reference import RecurrentWKV, sigmoid  # noqa: E402
 
 B, T, H, N = 2, 37, 2, 32   # T = 2 * 16 + 5: the last segment is partial
 

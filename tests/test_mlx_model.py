@@ -1,5 +1,6 @@
 """MLX model (plain-ops path) against the NumPy float64 reference: logits, state, dtypes,
-quantization, batching, generation and the model directory round trip."""
+quantization, batching, generation (metastate.api on the mlx engine) and the model directory
+round trip."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from metastate_core.config import ModelConfig  # noqa: E402
-from metastate_core.errors import MetaStateError  # noqa: E402
+from metastate_core.errors import MetaStateError, ModelError  # noqa: E402
 from metastate_core.params import param_shapes, random_params  # noqa: E402
 from metastate_core.reference import forward  # noqa: E402
 from metastate_core.sampling import Sampler, SamplingParams  # noqa: E402
 
-from backends.mlx import generate, load, quantize, save, stream_generate  # noqa: E402
-from backends.mlx.model import from_weights  # noqa: E402
+import backends.mlx.model as mlx_model  # noqa: E402
+from backends.mlx import Model, load, quantize, save  # noqa: E402
 from backends.mlx.wkv import _unit_lower_inverse  # noqa: E402
 
 V = 150
@@ -33,19 +34,25 @@ def tokens(B, T, seed=1):
     return np.random.default_rng(seed).integers(0, V, (B, T))
 
 
-def run(model, toks, cache=None):
-    return np.array(model(mx.array(np.asarray(toks, np.int32)), cache))
+def run(model, toks, state=None):
+    """(logits, state) as NumPy / mx arrays."""
+    logits, state = model(mx.array(np.asarray(toks, np.int32)), state)
+    return np.array(logits), state
 
 
-def cache_arrays(cache):
-    return {name: np.stack([np.array(t) for t in getattr(cache, name)]) for name in ("att_x", "meta_x", "wkv")}
+def state_arrays(state):
+    return {name: np.array(getattr(state, name)) for name in ("att_x", "meta_x", "wkv")}
+
+
+def from_tensors(cfg, weights, kernels="ops"):
+    return Model.from_tensors(cfg, weights, kernels=kernels)
 
 
 @pytest.fixture(scope="module", params=["rwkv7", "meta"])
 def case(request):
     cfg = RWKV7 if request.param == "rwkv7" else META
     weights = random_params(cfg, 0, sse=request.param == "meta")
-    model = from_weights(cfg, {k: v.astype(np.float32) for k, v in weights.items()}, kernels="ops")
+    model = from_tensors(cfg, {k: v.astype(np.float32) for k, v in weights.items()})
     return cfg, weights, model
 
 
@@ -62,9 +69,9 @@ def test_sequence_logits_and_state_match_reference(case):
     cfg, weights, model = case
     toks = tokens(2, 37)  # 3 chunks of 16, the last one padded
     ref, ref_state = forward(weights, cfg, toks)
-    cache = model.make_cache()
-    assert rel_rms(run(model, toks, cache), ref) <= 1e-4
-    got = cache_arrays(cache)
+    logits, state = run(model, toks)
+    assert rel_rms(logits, ref) <= 1e-4
+    got = state_arrays(state)
     for name in ("att_x", "meta_x", "wkv"):
         assert got[name].dtype == np.float32
         assert rel_rms(got[name], getattr(ref_state, name)) <= 1e-4, name
@@ -74,36 +81,55 @@ def test_prefill_then_decode_equals_one_pass(case):
     cfg, weights, model = case
     toks = tokens(2, 30, seed=2)
     ref, ref_state = forward(weights, cfg, toks)
-    cache = model.make_cache()
-    parts = [run(model, toks[:, :19], cache)]
-    parts += [run(model, toks[:, t:t + 1], cache) for t in range(19, 30)]
+    logits, state = run(model, toks[:, :19])
+    parts = [logits]
+    for t in range(19, 30):
+        logits, state = run(model, toks[:, t:t + 1], state)
+        parts.append(logits)
     assert rel_rms(np.concatenate(parts, axis=1), ref) <= 1e-4
-    assert rel_rms(cache_arrays(cache)["wkv"], ref_state.wkv) <= 1e-4
+    assert rel_rms(state_arrays(state)["wkv"], ref_state.wkv) <= 1e-4
     # decode only (the recurrent path from the start) meets the recurrent tolerance
-    cache = model.make_cache()
-    steps = np.concatenate([run(model, toks[:, t:t + 1], cache) for t in range(8)], axis=1)
-    assert rel_rms(steps, forward(weights, cfg, toks[:, :8])[0]) <= 1e-5
+    state, steps = None, []
+    for t in range(8):
+        logits, state = run(model, toks[:, t:t + 1], state)
+        steps.append(logits)
+    assert rel_rms(np.concatenate(steps, axis=1), forward(weights, cfg, toks[:, :8])[0]) <= 1e-5
 
 
 def test_last_only_logits_are_the_last_row(case):
     cfg, weights, model = case
     toks = tokens(2, 21, seed=4)
-    full_cache, cache = model.make_cache(), model.make_cache()
-    full = run(model, toks, full_cache)
-    last = np.array(model(mx.array(toks.astype(np.int32)), cache, last_only=True))
+    full, full_state = run(model, toks)
+    last, state = model(mx.array(toks.astype(np.int32)), last_only=True)
+    last = np.array(last)
     assert last.shape == (2, 1, V)
     np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     assert rel_rms(last, forward(weights, cfg, toks)[0][:, -1:]) <= 1e-4
-    for name, arr in cache_arrays(cache).items():
-        np.testing.assert_array_equal(arr, cache_arrays(full_cache)[name])
+    for name, arr in state_arrays(state).items():
+        np.testing.assert_array_equal(arr, state_arrays(full_state)[name])
+
+
+def test_state_is_checked_and_left_alone(case):
+    cfg, _, model = case
+    toks = tokens(2, 5)
+    _, state = run(model, toks)
+    before = state_arrays(state)
+    run(model, toks, state)
+    assert all(np.array_equal(a, state_arrays(state)[n]) for n, a in before.items())
+    with pytest.raises(ModelError, match="a batch of 3"):
+        run(model, tokens(3, 2), state)
+    with pytest.raises(ModelError, match="must be a backends.mlx State"):
+        run(model, toks, (state.att_x, state.meta_x, state.wkv))
+    with pytest.raises(ModelError, match=r"token ids must be in \[0, 150\)"):
+        run(model, [[1, V]])
 
 
 def test_batch_rows_are_independent(case):
     cfg, weights, model = case
     toks = tokens(3, 21, seed=3)
-    both = run(model, toks)
+    both, _ = run(model, toks)
     for i in range(3):
-        np.testing.assert_allclose(run(model, toks[i:i + 1])[0], both[i], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(run(model, toks[i:i + 1])[0][0], both[i], rtol=0, atol=1e-5)
     assert rel_rms(both[1], both[0]) > 0.1  # different rows really differ
 
 
@@ -118,22 +144,22 @@ def test_bfloat16_weights():
     import ml_dtypes
 
     weights = random_params(META, 0)
-    model = from_weights(META, {k: v.astype(ml_dtypes.bfloat16) for k, v in weights.items()}, kernels="ops")
+    model = from_tensors(META, {k: v.astype(ml_dtypes.bfloat16) for k, v in weights.items()})
     assert model.head.weight.dtype == mx.bfloat16
     toks = tokens(1, 24)
-    err = rel_rms(run(model, toks), forward(weights, META, toks)[0])
+    err = rel_rms(run(model, toks)[0], forward(weights, META, toks)[0])
     assert 1e-4 < err <= 3e-2  # really bfloat16, within the spec's bound
 
 
 @pytest.mark.parametrize("bits, bound", [(8, 2e-2), (4, 0.25)])
 def test_quantized_logit_error(bits, bound):
     weights = random_params(META, 0)
-    model = quantize(from_weights(META, weights, kernels="ops"), bits=bits, group_size=64)
-    assert model.args.extra["quantization"] == {"group_size": 64, "bits": bits}
+    model = quantize(from_tensors(META, weights), bits=bits, group_size=64)
+    assert model.cfg.extra["quantization"] == {"group_size": 64, "bits": bits}
     assert model.blocks[0].meta.param_keys.dtype == mx.uint32 and model.head.bits == bits
     assert model.blocks[0].att.w1.dtype == mx.float32  # LoRAs stay in full precision
     toks = tokens(1, 24)
-    err = rel_rms(run(model, toks), forward(weights, META, toks)[0])
+    err = rel_rms(run(model, toks)[0], forward(weights, META, toks)[0])
     assert 1e-4 < err <= bound  # measured on this model: 8-bit ~1e-2, 4-bit ~0.17
 
 
@@ -144,22 +170,29 @@ def _reference_greedy(weights, cfg, prompt, n):
     return seq[len(prompt):]
 
 
+def generated(model, prompt, n, **kw):
+    """The token ids metastate.api generates on the mlx engine over `model`."""
+    from metastate.api import MLXEngine, stream_generate
+
+    return [r.token for r in stream_generate(MLXEngine(model), None, prompt, n, **kw) if r.token is not None]
+
+
 def test_greedy_generation_matches_reference():
     weights = random_params(META, 4)
-    model = from_weights(META, weights, kernels="ops")
+    model = from_tensors(META, weights)
     prompt = tokens(1, 11, seed=5)[0]
-    got = generate(model, None, prompt, 8, prefill_step=4)  # prefill in pieces, then decode
+    got = generated(model, prompt, 8, temperature=0.0, prefill_step=4)  # prefill in pieces, then decode
     assert got == _reference_greedy(weights, META, prompt, 8)
     stop = got[3]
-    assert generate(model, None, prompt, 8, stop_ids=[stop]) == got[:got.index(stop)]  # stops before it
+    assert generated(model, prompt, 8, temperature=0.0, stop_ids=[stop]) == got[:got.index(stop)]  # stops before it
 
 
 def test_sampled_generation_uses_shared_sampler_and_counts():
     weights = random_params(META, 4)
-    model = from_weights(META, weights, kernels="ops")
+    model = from_tensors(META, weights)
     params = SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.3, seed=7)
     prompt = tokens(1, 9, seed=6)[0]
-    got = list(stream_generate(model, None, prompt, 6, params))
+    got = generated(model, prompt, 6, sampler=params)
     sampler, counts, seq = Sampler(params), np.zeros(V), list(prompt)
     for _ in range(6):
         token = sampler(forward(weights, META, np.array(seq)[None])[0][0, -1].astype(np.float32), counts)
@@ -169,41 +202,45 @@ def test_sampled_generation_uses_shared_sampler_and_counts():
 
 
 def test_kernels_argument():
-    with pytest.raises(MetaStateError, match="unknown kernels"):
-        from_weights(META, random_params(META, 0), kernels="cuda")
+    with pytest.raises(MetaStateError, match="'cuda' are not available on the mlx backend"):
+        from_tensors(META, random_params(META, 0), kernels="cuda")
     if not mx.metal.is_available():
         with pytest.raises(MetaStateError, match="Metal"):
-            from_weights(META, random_params(META, 0), kernels="metal")
+            from_tensors(META, random_params(META, 0), kernels="metal")
 
 
 def test_metal_kernels_that_fail_their_check_fall_back_to_ops(monkeypatch):
     """The Metal kernels are compiled by the Mac's own compiler at first use, which no CI here
     runs: a body it rejects, or wrong results, must not end a chat. "auto" checks them against
     the plain ops at model load and falls back with a warning; "metal" says why it cannot."""
-    import backends.mlx.wkv as wkv
+    from dataclasses import replace
+
+    OPS = mlx_model.OPS
 
     def rejected(*args):
         raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: ...")
 
     def doubled_step(S, *args):
-        y, S = wkv.OPS.step(S, *args)
+        y, S = OPS.step(S, *args)
         return 2 * y, S
 
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     weights = random_params(META, 0)
-    expected = run(from_weights(META, weights, kernels="ops"), tokens(1, 20))
-    for broken, problem in ((wkv.WKVOps("metal", rejected, rejected, rejected), "Unable to build metal library"),
-                            (wkv.WKVOps("metal", doubled_step, wkv.OPS.read, wkv.OPS.seq), "step y differs")):
-        monkeypatch.setattr(wkv, "metal_ops", lambda: broken)
+    expected = run(from_tensors(META, weights), tokens(1, 20))[0]
+    for broken, problem in ((replace(OPS, name="metal", seq=rejected, step=rejected, read=rejected),
+                             "Unable to build metal library"),
+                            (replace(OPS, name="metal", step=doubled_step), "step y differs")):
+        monkeypatch.setattr(mlx_model, "metal_kernels", lambda: broken)
         with pytest.warns(UserWarning, match=f"Metal kernels failed their check.*{problem}.*plain MLX ops"):
-            model = from_weights(META, weights, kernels="auto")
-        assert model.wkv_ops is wkv.OPS
-        np.testing.assert_array_equal(run(model, tokens(1, 20)), expected)
+            model = from_tensors(META, weights, kernels="auto")
+        assert model.kernels == "ops" and model.blocks[0].att.kern is OPS
+        np.testing.assert_array_equal(run(model, tokens(1, 20))[0], expected)
         with pytest.raises(MetaStateError, match=f"failed their check on this machine: .*{problem}"):
-            from_weights(META, weights, kernels="metal")
-    working = wkv.WKVOps("metal", wkv.OPS.step, wkv.OPS.read, wkv.OPS.seq)
-    monkeypatch.setattr(wkv, "metal_ops", lambda: working)
-    assert from_weights(META, weights, kernels="auto").wkv_ops is working
+            from_tensors(META, weights, kernels="metal")
+    working = replace(OPS, name="metal")
+    monkeypatch.setattr(mlx_model, "metal_kernels", lambda: working)
+    model = from_tensors(META, weights, kernels="auto")
+    assert model.kernels == "metal" and model.blocks[0].att.kern is working
 
 
 # -- model directories ---------------------------------------------------------------------
@@ -249,13 +286,13 @@ def test_quantized_directory_round_trip(tmp_path):
     config = json.loads((tmp_path / "q8" / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 8}
     model, _ = load(tmp_path / "q8", kernels="ops")
-    in_memory = quantize(from_weights(META, weights, kernels="ops"), bits=8)
+    in_memory = quantize(from_tensors(META, weights), bits=8)
     toks = tokens(1, 20)
-    np.testing.assert_array_equal(run(model, toks), run(in_memory, toks))  # same packed weights
+    np.testing.assert_array_equal(run(model, toks)[0], run(in_memory, toks)[0])  # same packed weights
     got = compute_logits(tmp_path / "q8", toks[0], "mlx", kernels="ops")
     assert rel_rms(got, forward(weights, META, toks)[0][0]) <= 2e-2
     save(model, tmp_path / "q8b")  # a loaded quantized model saves again
-    np.testing.assert_array_equal(run(load(tmp_path / "q8b", kernels="ops")[0], toks), run(model, toks))
+    np.testing.assert_array_equal(run(load(tmp_path / "q8b", kernels="ops")[0], toks)[0], run(model, toks)[0])
     with pytest.raises(MetaStateError, match="already quantized"):
         quantize(model, bits=4)
 
@@ -266,7 +303,6 @@ def test_metal_kernels_in_the_model_through_cpu_harness(monkeypatch):
     import shutil
 
     from backends.mlx import kernels as metal
-    from backends.mlx.wkv import metal_ops
 
     if not mx.metal.is_available():
         harness = pytest.importorskip("metal_harness")
@@ -275,14 +311,16 @@ def test_metal_kernels_in_the_model_through_cpu_harness(monkeypatch):
         launch = harness.mlx_launch(metal.KERNEL_SOURCES, metal.KERNEL_IO)
         monkeypatch.setattr(metal, "_launch", launch)
     weights = random_params(META, 0)
-    model = from_weights(META, weights, kernels=metal_ops())
+    model = from_tensors(META, weights, kernels=mlx_model.metal_kernels())
     toks = tokens(1, 19)  # small: the harness runs every GPU thread on 2 CPU cores
     ref, ref_state = forward(weights, META, toks)
-    cache = model.make_cache()
-    got = np.concatenate([run(model, toks[:, :17], cache)] + [run(model, toks[:, t:t + 1], cache)
-                                                             for t in range(17, 19)], axis=1)
-    assert rel_rms(got, ref) <= 1e-4
-    assert rel_rms(cache_arrays(cache)["wkv"], ref_state.wkv) <= 1e-4
+    logits, state = run(model, toks[:, :17])
+    parts = [logits]
+    for t in range(17, 19):
+        logits, state = run(model, toks[:, t:t + 1], state)
+        parts.append(logits)
+    assert rel_rms(np.concatenate(parts, axis=1), ref) <= 1e-4
+    assert rel_rms(state_arrays(state)["wkv"], ref_state.wkv) <= 1e-4
     if not mx.metal.is_available():
         names = {call[0] for call in launch.calls}
         assert {"wkv7_fwd", "wkv7_read", "wkv7_step", "wkv7_state_read"} <= names

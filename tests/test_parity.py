@@ -127,16 +127,15 @@ def torch_path(kernels: str):
 
         if kernels == "triton":
             need("triton", "triton")
-            need("backends.cuda.ops.wkv7.triton_ops", "the Triton WKV kernels")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = cuda.load_model(model_dir, device=device).eval()
+        model = cuda.load_model(model_dir, device=device, kernels=kernels).eval()
 
         def new():
             box = [None]
 
             def feed(toks):
                 with torch.no_grad():
-                    logits, box[0] = model(torch.as_tensor(toks[None], device=device), box[0], kernels=kernels)
+                    logits, box[0] = model(torch.as_tensor(toks[None], device=device), box[0])
                 return logits[0].float().cpu().numpy()
             return feed, lambda: {n: getattr(box[0], n).cpu().double().numpy() for n in STATE_NAMES}
         return new
@@ -151,22 +150,23 @@ def mlx_path(kernels: str):
         model, _ = mlx.load(model_dir, kernels="ops")
         if kernels == "metal":
             from backends.mlx import kernels as metal
-            from backends.mlx.wkv import metal_ops
+            from backends.mlx.model import metal_kernels
 
             if not mx.metal.is_available():  # run the same kernel sources on the CPU
                 if shutil.which("g++") is None:
                     pytest.skip("no Metal GPU, and the Metal CPU harness needs g++")
                 harness = need("metal_harness", "the Metal CPU harness (tests/metal_harness)")
                 monkeypatch.setattr(metal, "_launch", harness.mlx_launch(metal.KERNEL_SOURCES, metal.KERNEL_IO))
-            model.set_kernels(metal_ops())
-        assert model.wkv_ops.name == kernels
+            model.set_kernels(metal_kernels())
+        assert model.kernels == kernels
 
         def new():
-            cache = model.make_cache()
+            box = [None]
 
             def feed(toks):
-                return np.array(model(mx.array(toks[None].astype(np.int32)), cache)[0])
-            return feed, lambda: {n: np.stack([np.array(t) for t in getattr(cache, n)]) for n in STATE_NAMES}
+                logits, box[0] = model(mx.array(toks[None].astype(np.int32)), box[0])
+                return np.array(logits[0])
+            return feed, lambda: {n: np.array(getattr(box[0], n)) for n in STATE_NAMES}
         return new
     return load
 
@@ -240,7 +240,7 @@ def test_cli_logits(backend, kernels, tol, model_dirs, references, tmp_path, cap
     if backend == "torch":
         need("backends.cuda", "the torch backend")
         if kernels == "triton":
-            need("backends.cuda.ops.wkv7.triton_ops", "the Triton WKV kernels")
+            need("triton", "triton")
     if backend == "mlx":
         need("backends.mlx", "the mlx backend")
         import mlx.core as mx

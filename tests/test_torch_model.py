@@ -15,9 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from backends.cuda import Model, ModelError, State  # noqa: E402
-from backends.cuda.ops.wkv7.naive import naive_wkv7  # noqa: E402
-from backends.cuda.ops.wkv7.torch_chunked import torch_chunked_wkv7  # noqa: E402
+from backends.cuda.model import Kernels  # noqa: E402
+from backends.cuda.ops import wkv7  # noqa: E402
+from backends.cuda.ops.elementwise import naive as naive_elementwise  # noqa: E402
+from backends.cuda.ops.wkv7 import naive_wkv7, torch_chunked_wkv7  # noqa: E402
 from metastate_core.config import ModelConfig  # noqa: E402
+from metastate_core.constants import KernelChoiceError  # noqa: E402
 from metastate_core.params import param_shapes, random_params  # noqa: E402
 from metastate_core.reference import State as RefState  # noqa: E402
 from metastate_core.reference import forward  # noqa: E402
@@ -57,17 +60,16 @@ def run(model, toks, state=None, **kw):
         return model(torch.as_tensor(toks, device=next(model.parameters()).device), state, **kw)
 
 
-def ref_state(st: State) -> RefState:
-    return RefState(*(t.double().numpy() for t in st))
+STATE_FIELDS = ("att_x", "meta_x", "wkv")
 
 
 def torch_state(st: RefState) -> State:
-    return State(*(torch.tensor(t, dtype=torch.float32) for t in (st.att_x, st.meta_x, st.wkv)))
+    return State(*(torch.tensor(getattr(st, name), dtype=torch.float32) for name in STATE_FIELDS))
 
 
 def assert_state_close(st: State, ref: RefState, tol):
-    for name, a, b in zip(State._fields, st, (ref.att_x, ref.meta_x, ref.wkv)):
-        assert rel_rms(a, b) <= tol, name
+    for name in STATE_FIELDS:
+        assert rel_rms(getattr(st, name), getattr(ref, name)) <= tol, name
 
 
 # -- the chunked WKV op ------------------------------------------------------------------
@@ -158,7 +160,7 @@ def test_last_only_logits_are_the_last_row(meta):
     assert last.shape == (2, 1, CFG.vocab_size)
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
     assert rel_rms(last, ref[:, -1:]) <= 1e-4
-    assert all(torch.equal(a, b) for a, b in zip(st, st_full))
+    assert all(torch.equal(getattr(st, name), getattr(st_full, name)) for name in STATE_FIELDS)
 
 
 def test_batch_rows_do_not_leak(meta):
@@ -171,7 +173,7 @@ def test_batch_rows_do_not_leak(meta):
     assert rel_rms(logits, ref) <= 1e-4
     assert_state_close(st, ref_st, 1e-4)
     for b in range(3):
-        alone = State(*(t[:, b:b + 1] for t in torch_state(start)))
+        alone = State(*(getattr(torch_state(start), name)[:, b:b + 1] for name in STATE_FIELDS))
         row, _ = run(model, toks[b:b + 1], alone)
         assert rel_rms(row[0], ref[b]) <= 1e-4
         assert rel_rms(row[0], logits[b]) <= 1e-5
@@ -191,22 +193,29 @@ def test_half_weights(meta, dtype):
 
 # -- gradients -------------------------------------------------------------------------------
 
-def loss_of(model, toks, **kw):
+def loss_of(model, toks):
     toks = torch.as_tensor(toks, device=next(model.parameters()).device)
-    logits, _ = model(toks[:, :-1], **kw)
+    logits, _ = model(toks[:, :-1])
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), toks[:, 1:].flatten())
 
 
-def grads_of(model, toks, **kw):
+def grads_of(model, toks):
     model.zero_grad()
-    loss_of(model, toks, **kw).backward()
+    loss_of(model, toks).backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def on_kernel_device(model):
-    """The model where the Triton kernels run: a CUDA copy when there is a GPU, else itself
+def with_kernels(model, kernels, device="cpu", **kw):
+    """A copy of the model on `device`, computing with `kernels` (the shared model keeps its own)."""
+    model = copy.deepcopy(model).to(device)
+    model.set_kernels(kernels, **kw)
+    return model
+
+
+def on_kernel_device(model, kernels="triton", **kw):
+    """with_kernels where the Triton kernels run: on the GPU when there is one, else on the CPU
     (the interpreter takes CPU tensors)."""
-    return copy.deepcopy(model).cuda() if torch.cuda.is_available() else model
+    return with_kernels(model, kernels, "cuda" if torch.cuda.is_available() else "cpu", **kw)
 
 
 def test_gradient_reaches_every_parameter(meta):
@@ -224,12 +233,16 @@ def naive_kernel(r, w_raw, k, v, kk, a, S0):
     return y, S, lambda q: naive_wkv7(r, w_raw, k, v, kk, a, S0, q=q)[1]
 
 
+NAIVE = Kernels("naive", naive_kernel, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
+
+
 def test_gradients_match_naive_recurrence(meta):
     p, model = meta
     toks = tokens(length=24)
-    ops = grads_of(model, toks, kernels="ops")
+    assert model.kernels == "ops"
+    ops = grads_of(model, toks)
     ops = {n: g.clone() for n, g in ops.items()}
-    naive = grads_of(model, toks, kernels=naive_kernel)
+    naive = grads_of(with_kernels(model, NAIVE), toks)
     worst = max(rel_rms(ops[n], naive[n]) for n in ops)
     assert worst <= 1e-3
 
@@ -303,8 +316,8 @@ def test_from_tensors_rejects_bad_tensors(meta):
         Model.from_tensors(CFG, {n: t for n, t in p.items() if n != "blocks.1.att.v0"})
     with pytest.raises(ModelError, match="blocks.0.att.r_k"):
         Model.from_tensors(CFG, {**p, "blocks.0.att.r_k": np.zeros((2, 16))})
-    with pytest.raises(ModelError, match="unknown kernels"):
-        run(Model.from_tensors(CFG, p), tokens(), kernels="metal")
+    with pytest.raises(KernelChoiceError, match="'metal' are not available on the torch backend"):
+        Model.from_tensors(CFG, p, kernels="metal")
 
 
 def test_load_model_and_compute_logits(meta, tmp_path):
@@ -352,7 +365,7 @@ def test_triton_logits_match_reference(meta):
     model = on_kernel_device(model)
     toks = tokens(length=12)
     ref, ref_st = forward(p, CFG, toks)
-    logits, st = run(model, toks, kernels="triton")
+    logits, st = run(model, toks)
     assert rel_rms(logits, ref) <= 1e-4
     assert_state_close(st, ref_st, 1e-4)
 
@@ -363,10 +376,10 @@ def test_triton_prefill_then_decode(meta):
     model = on_kernel_device(model)
     toks = tokens(length=12)
     ref, ref_st = forward(p, CFG, toks)
-    logits, st = run(model, toks[:, :9], kernels="triton")
+    logits, st = run(model, toks[:, :9])
     steps = [logits]
     for t in range(9, 12):
-        out, st = run(model, toks[:, t:t + 1], st, kernels="triton")
+        out, st = run(model, toks[:, t:t + 1], st)
         steps.append(out)
     assert rel_rms(torch.cat(steps, 1), ref) <= 1e-4
     assert_state_close(st, ref_st, 1e-4)
@@ -375,14 +388,13 @@ def test_triton_prefill_then_decode(meta):
 @needs_triton
 @pytest.mark.parametrize("kernel", ["triton", "sequential"])
 def test_triton_gradients_match_naive_recurrence(meta, kernel):
-    # "triton" trains through the chunked kernels; the sequential kernel is passed as a callable.
-    from backends.cuda.ops.wkv7 import triton_wkv7
-
+    # "triton" trains through the chunked kernels; the sequential kernel is passed as Kernels.
+    sequential = Kernels("sequential", wkv7.triton_wkv7, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
     p, model = meta
     toks = tokens(length=24)
-    got = grads_of(on_kernel_device(model), toks, kernels="triton" if kernel == "triton" else triton_wkv7)
+    got = grads_of(on_kernel_device(model, "triton" if kernel == "triton" else sequential), toks)
     got = {n: g.cpu() for n, g in got.items()}
-    naive = grads_of(model, toks, kernels=naive_kernel)
+    naive = grads_of(with_kernels(model, NAIVE), toks)
     errs = {n: rel_rms(got[n], naive[n]) for n in got}
     assert max(errs.values()) <= 1e-3, errs
 
@@ -417,7 +429,7 @@ def test_grad_checkpoint_same_gradients_less_memory(meta, monkeypatch, kernels):
         for r in refs.values():
             r.clear()
         model.zero_grad()
-        logits = model(toks, kernels=kernels, grad_checkpoint=ckpt)[0]
+        logits = model(toks, grad_checkpoint=ckpt)[0]
         logits.square().mean().backward()
         grads[ckpt] = {n: t.grad.clone() for n, t in params.items()}
     for h in hooks:
@@ -436,16 +448,14 @@ def test_grad_checkpoint_same_gradients_less_memory(meta, monkeypatch, kernels):
     ("float32", False, None), ("bfloat16", False, "tf32"), ("float32", True, "tf32")])
 def test_triton_dot_precision_follows_the_weights(meta, monkeypatch, dtype, autocast, expected):
     # float32 weights: float32-accurate dots (SPEC 1e-4); bfloat16 weights or autocast: TF32.
-    from backends.cuda.ops.wkv7 import chunk
-
     seen = []
-    real = chunk.chunk_wkv7
-    monkeypatch.setattr(chunk, "chunk_wkv7", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    real = wkv7.chunk_wkv7
+    monkeypatch.setattr(wkv7, "chunk_wkv7", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
     p, _ = meta
-    model = on_kernel_device(Model.from_tensors(CFG, p, dtype=dtype))
+    model = on_kernel_device(Model.from_tensors(CFG, p, dtype=dtype))  # chooses the kernels after the patch
     device = next(model.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        run(model, tokens(length=5), kernels="triton")
+        run(model, tokens(length=5))
     assert seen == [expected] * CFG.n_layer
 
 
@@ -463,7 +473,7 @@ def test_fused_elementwise_follows_the_arguments(meta, monkeypatch, kernels, fus
         monkeypatch.setattr(fused_module, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     p, model = meta
     toks = tokens(length=12)
-    logits, _ = run(on_kernel_device(model), toks, kernels=kernels, fused=fused)
+    logits, _ = run(on_kernel_device(model, kernels, fused=fused), toks)
     # per layer: two token shifts, the keys, the time-mix output, the SSE input, relu^2
     assert len(calls) == (6 * CFG.n_layer if expected else 0), calls
     assert rel_rms(logits, forward(p, CFG, toks)[0]) <= 1e-4
@@ -474,9 +484,9 @@ def test_fused_elementwise_bfloat16_model(meta):
     # bfloat16 weights: the fused pieces store their outputs in bfloat16 for the matmuls.
     p, _ = meta
     toks = tokens(length=12)
-    model = on_kernel_device(Model.from_tensors(CFG, p, dtype="bfloat16"))
-    fused_logits, _ = run(model, toks, kernels="triton")
-    plain_logits, _ = run(model, toks, kernels="triton", fused=False)
+    model = Model.from_tensors(CFG, p, dtype="bfloat16")
+    fused_logits, _ = run(on_kernel_device(model), toks)
+    plain_logits, _ = run(on_kernel_device(model, fused=False), toks)
     ref, _ = forward(p, CFG, toks)
     assert 1e-4 < rel_rms(fused_logits, ref) <= 3e-2
     # no less accurate than the plain pieces (measured 5.2e-3 vs 4.9e-3 under the interpreter,
@@ -488,15 +498,13 @@ def test_fused_elementwise_bfloat16_model(meta):
 def test_triton_head_size_128_runs_on_the_sequential_kernel(monkeypatch):
     # Past N = 64 the chunked kernels' tiles outgrow a GPU (chunk.MAX_HEAD_SIZE): the model
     # takes the sequential kernel, and still computes the reference's logits.
-    from backends.cuda.ops.wkv7 import triton_ops
-
     cfg = ModelConfig(vocab_size=40, d_model=128, n_layer=1, head_size=128, n_param_tokens=32)
     p = random_params(cfg, 3)
     calls = []
-    real = triton_ops.triton_wkv7
-    monkeypatch.setattr(triton_ops, "triton_wkv7", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = wkv7.triton_wkv7
+    monkeypatch.setattr(wkv7, "triton_wkv7", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     toks = tokens(batch=1, length=5, vocab=40)
-    logits, _ = run(on_kernel_device(Model.from_tensors(cfg, p)), toks, kernels="triton")
+    logits, _ = run(on_kernel_device(Model.from_tensors(cfg, p)), toks)
     assert calls == [1] and rel_rms(logits, forward(p, cfg, toks)[0]) <= 1e-4
 
 
@@ -507,7 +515,7 @@ def test_kernels_for_head_sizes_the_triton_kernels_cannot_take():
     model = Model.from_tensors(odd, random_params(odd, 0))
     with pytest.raises(ModelError, match="power-of-two head size in \\[16, 256\\], and this model's is 48: use "
                                          "kernels='ops'"):
-        model.check_kernels("triton")
+        model.set_kernels("triton")
     with pytest.warns(UserWarning, match="this model's is 48: running on plain torch ops"):
         assert auto_kernels(odd, torch.device("cuda")) == "ops"
     assert auto_kernels(CFG, torch.device("cpu")) == "ops"
@@ -522,7 +530,7 @@ def test_fused_elementwise_needs_a_kernel_device(meta, monkeypatch):
         pytest.skip("CPU tensors on a CUDA machine")
     pytest.importorskip("triton")
     with pytest.raises(ModelError, match="CUDA tensors"):
-        run(model, tokens(length=4), kernels="ops", fused=True)
+        model.set_kernels("ops", fused=True)
 
 
 def test_forward_refuses_what_it_cannot_compute():
@@ -546,8 +554,8 @@ def test_forward_refuses_what_it_cannot_compute():
         with pytest.raises(ModelError, match=r"token ids must be in \[0, 50\)"):
             model(torch.tensor(ids))
     with pytest.raises(ModelError, match="state.att_x is on meta and the model on cpu"):
-        model(tokens, State(*(t.to("meta") for t in state)))
+        model(tokens, State(*(getattr(state, name).to("meta") for name in STATE_FIELDS)))
     with pytest.raises(ModelError, match="must be a backends.cuda State.*tuple"):
-        model(tokens, tuple(state))
+        model(tokens, tuple(getattr(state, name) for name in STATE_FIELDS))
     with pytest.raises(ModelError, match=r"chunk_size must be an integer in \[1, 64\], got 0"):
-        model(tokens, chunk_size=0)
+        model.set_kernels("ops", chunk_size=0)

@@ -21,10 +21,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from backends.cuda.data import prepare_data  # noqa: E402
-from backends.cuda.train import (TrainConfig, TrainError, Trainer, amp_dtype, decays,  # noqa: E402
-                                 list_checkpoints, lr_at, param_groups, read_metrics, read_trainer_state,
-                                 train)
+from metastate.train.checkpoints import list_checkpoints, read_trainer_state  # noqa: E402
+from metastate.train.config import TrainConfig, TrainError, amp_dtype  # noqa: E402
+from metastate.train.data import prepare_data  # noqa: E402
+from metastate.train.dist import StopRequest, TrainInterrupted  # noqa: E402
+from metastate.train.loop import Trainer, decays, lr_at, param_groups, train  # noqa: E402
+from metastate.train.plot import read_metrics  # noqa: E402
 from weights import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,15 +112,13 @@ def test_a_bfloat16_save_dtype_still_resumes_bit_for_bit(data_dir, tmp_path):
     def bad_copy(arrays):
         return {**arrays, "master.emb.weight": arrays["master.emb.weight"][:2]}
 
-    for name, change in (("old", without_copies), ("bad", bad_copy)):
+    for name, change in (("none", without_copies), ("bad", bad_copy)):
         ckpt = tmp_path / name / "checkpoints" / first.name
         shutil.copytree(first, ckpt)
         with np.load(first / "optimizer.npz") as z:
             np.savez(ckpt / "optimizer.npz", **change({k: z[k] for k in z.files}))
-    # a checkpoint saved before the copies were kept still resumes, from the rounded weights, and says so
-    with pytest.warns(UserWarning, match="bfloat16 only .* not bit for bit"):
-        old = train(tiny(data_dir, tmp_path / "old", save_dtype="bfloat16", resume="auto"))
-    assert old["losses"] != full["losses"][3:]
+    with pytest.raises(TrainError, match=r"float32 weight emb.weight is bfloat16 \[300, 32\]"):
+        Trainer(tiny(data_dir, tmp_path / "none", save_dtype="bfloat16", resume="auto"))
     with pytest.raises(TrainError, match=r"float32 weight emb.weight is float32 \[2, 32\]"):
         Trainer(tiny(data_dir, tmp_path / "bad", save_dtype="bfloat16", resume="auto"))
 
@@ -133,7 +133,8 @@ KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 import weights.safetensors_io as st
-from backends.cuda.train import TrainConfig, train
+from metastate.train.config import TrainConfig
+from metastate.train.loop import train
 
 write, calls = st.write_file, []
 def slow_write(path, tensors, meta):
@@ -175,7 +176,8 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(data_dir, tmp_path):
 DIST_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from backends.cuda.train import TrainConfig, train
+from metastate.train.config import TrainConfig
+from metastate.train.loop import train
 r = train(TrainConfig(**json.loads(sys.argv[1])))
 if r["checkpoint"]:
     print("LOSSES", json.dumps(r["losses"] + [r["val_loss"]]))
@@ -218,7 +220,8 @@ def _launch(cfg: TrainConfig) -> list[float]:
 POISON_SCRIPT = """
 import hashlib, json, math, sys, torch
 torch.set_num_threads(1)
-from backends.cuda.train import TrainConfig, Trainer
+from metastate.train.config import TrainConfig
+from metastate.train.loop import Trainer
 
 class NanValue(torch.autograd.Function):  # the loss NaN, its gradient untouched (finite)
     @staticmethod
@@ -418,7 +421,7 @@ def test_resume_knows_the_data_by_content_and_the_precision_by_meaning(data_dir,
     out = train(tiny("moved", tmp_path / "run", max_steps=4, save_interval=2, precision="float32", resume="auto"))
     assert out["step"] == 4 and len(out["losses"]) == 2  # on the CPU auto means float32
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
-    # the dtype the run computed in is what counts: recorded, or for older checkpoints inferred
+    # the dtype the run computed in is what counts
     state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state["amp"] == "float32"
@@ -426,25 +429,11 @@ def test_resume_knows_the_data_by_content_and_the_precision_by_meaning(data_dir,
     with pytest.raises(TrainError, match=r"settings changed \(precision\)"):
         Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, resume="auto"))
     Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, precision="bf16", resume="auto"))
-    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "amp"}))  # written before "amp"
-    Trainer(tiny(data_dir, tmp_path / "run", max_steps=4, save_interval=2, precision="float32", resume="auto"))
+    state_file.write_text(json.dumps(state))  # float32 again: only the data differs below
     other = tmp_path / "other"
     prepare_data([data_dir.parent / "doc0.txt"], other, vocab_size=300, val_fraction=0.1)
     with pytest.raises(TrainError, match=r"settings changed \(data\)"):
         Trainer(tiny(other, tmp_path / "run", max_steps=4, save_interval=2, resume="auto"))
-
-
-def test_a_checkpoint_from_before_the_skip_counts_resumes_exactly(data_dir, tmp_path):
-    full = train(tiny(data_dir, tmp_path / "full", max_steps=4, save_interval=2))
-    train(tiny(data_dir, tmp_path / "old", max_steps=4, save_interval=2))
-    shutil.rmtree(tmp_path / "old" / "checkpoints" / "step-000004")
-    state_file = tmp_path / "old" / "checkpoints" / "step-000002" / "trainer_state.json"
-    state = json.loads(state_file.read_text())  # the keys of the earlier trainer_state.json
-    old = {k: v for k, v in state.items() if k not in ("amp", "data_fingerprint", "bad_steps", "skipped_steps",
-                                                     "grad_scaler")}
-    state_file.write_text(json.dumps({**old, "config_hash": "0123456789abcdef"}))
-    resumed = train(tiny(data_dir, tmp_path / "old", max_steps=4, save_interval=2, resume="auto"))
-    assert resumed["losses"] == full["losses"][2:]
 
 
 def test_the_cli_summary_reports_skips_and_a_finished_run(data_dir, tmp_path, capsys, monkeypatch):
@@ -590,7 +579,7 @@ def test_cli_config_file_and_flag_overrides(data_dir, tmp_path):
 SIGNAL_SCRIPT = """
 import json, os, signal, sys, torch
 torch.set_num_threads(1)
-from backends.cuda.train import Trainer
+from metastate.train.loop import Trainer
 from metastate.cli import main
 
 sig, at_step, rank = getattr(signal, sys.argv[1]), int(sys.argv[2]), int(os.environ.get("RANK", "0"))
@@ -690,8 +679,6 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(data_dir,
     """The later checkpoints belong to another continuation: left in place, retention (keeping the
     highest steps) deleted the resumed run's own checkpoint for them and a stop reported a stale
     one. They are moved aside instead, nothing deleted."""
-    from backends.cuda.train import TrainInterrupted
-
     out = tmp_path / "run"
     train(tiny(data_dir, out, max_steps=9, keep_last=5, keep_best=False))
     ckpts = list_checkpoints(out)
@@ -729,8 +716,6 @@ def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypat
     """train() called from Python: the stop is an exception (a KeyboardInterrupt, which `except
     Exception` does not swallow) carrying the result, after the checkpoint, with the process's
     signal handlers restored."""
-    from backends.cuda.train import TrainInterrupted
-
     before = signal.getsignal(signal.SIGTERM)
     _sigterm_during_step(monkeypatch, 2)
     with pytest.raises(TrainInterrupted) as caught:
@@ -744,8 +729,6 @@ def test_interrupted_run_raises_for_python_callers(data_dir, tmp_path, monkeypat
 def test_stop_request_leaves_ignored_signals_ignored():
     """Under nohup (or as a background job) SIGHUP / SIGINT are ignored: training must not turn
     them back on; the others get the handler, and everything is restored afterwards."""
-    from backends.cuda.train import StopRequest
-
     before = {s: signal.getsignal(s) for s in StopRequest.SIGNALS}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from backends.cuda.ops.wkv7 import DECAY_SCALE, WKV7InputError, decay_log, naive_wkv7  # noqa: E402
+from backends.cuda.ops.wkv7 import WKV7InputError, decay_log, naive_wkv7  # noqa: E402
 from backends.cuda.ops.wkv7.chunk import (  # noqa: E402
     Launch,
     chunk_wkv7,
@@ -20,6 +20,7 @@ from backends.cuda.ops.wkv7.chunk import (  # noqa: E402
     reference_forward,
 )
 from metastate_core.chunked import ChunkedWKV  # noqa: E402
+from metastate_core.constants import DECAY_SCALE  # noqa: E402
 from metastate_core.errors import MetaStateError  # noqa: E402
 
 from wkv_inputs import DEV, rwkv_inputs  # noqa: E402

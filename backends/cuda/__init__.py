@@ -1,24 +1,14 @@
-"""PyTorch / Triton backend: `Model` and `load_model` (the engine over them: `metastate.api`).
+"""PyTorch backend: CUDA through Triton kernels, any device through plain torch ops. `Model`,
+`State` and `load_model` (the engine over them: `metastate.api`).
 
-Needs the `torch` extra; importing this package without torch raises `TorchUnavailable`.
+Needs the `torch` extra; importing this package without torch raises `ExtraUnavailable`.
 """
 
-from __future__ import annotations
+from metastate_core.errors import ModelError, require_extra
 
-from metastate_core.errors import MetaStateError
+require_extra("torch", "torch")
 
+from .model import Model, ModelArgs, State  # noqa: E402
+from .utils import load_model  # noqa: E402
 
-class TorchUnavailable(MetaStateError, ImportError):
-    """torch is not installed."""
-
-    exit_code = 2  # as for every missing extra (metastate's BackendUnavailable)
-
-
-try:
-    import torch  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise TorchUnavailable("the torch backend needs torch: pip install 'metastate[torch]'") from e
-
-from .model import Model, ModelArgs, ModelError, State, load_model  # noqa: E402
-
-__all__ = ["Model", "ModelArgs", "ModelError", "State", "TorchUnavailable", "load_model"]
+__all__ = ["Model", "ModelArgs", "ModelError", "State", "load_model"]

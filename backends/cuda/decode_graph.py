@@ -8,6 +8,8 @@ into a CUDA graph, a token is one replay plus the copies in and out.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from .model import Model, ModelError, State, _check_state, _check_tokens
@@ -20,16 +22,17 @@ class DecodeGraph:
     the input state is not modified. Inside, the tokens and state are copied into static buffers,
     the graph replays, and the outputs are cloned out of its memory pool. The graph reads the
     model's parameters where they are: update them in place (as optimizers and
-    `load_state_dict` do), not by replacing tensors.
+    `load_state_dict` do), not by replacing tensors. It runs the model's kernels (`model.kernels`,
+    "triton" where there is a GPU) as they are at the first call.
     """
 
-    def __init__(self, model: Model, batch: int = 1, kernels: str = "triton", warmup: int = 2):
+    def __init__(self, model: Model, batch: int = 1, warmup: int = 2):
         device = model.head.weight.device
         if device.type != "cuda":
             raise ModelError(f"CUDA graphs need the model on a CUDA device, and it is on {device}")
         if batch < 1 or warmup < 1:  # warm-up compiles the kernels: nothing may compile under capture
             raise ModelError(f"batch and warmup must be at least 1, got {batch} and {warmup}")
-        self.model, self.kernels, self.warmup = model, kernels, warmup
+        self.model, self.warmup = model, warmup
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.state = State.zeros(model.cfg, batch, device)
         self.graph = None
@@ -41,11 +44,11 @@ class DecodeGraph:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # compile the kernels, warm cuBLAS, off the capture
                 for _ in range(self.warmup):
-                    self.model(self.tokens, self.state, kernels=self.kernels)
+                    self.model(self.tokens, self.state)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-                self.logits, self.next_state = self.model(self.tokens, self.state, kernels=self.kernels)
+                self.logits, self.next_state = self.model(self.tokens, self.state)
         self.graph = graph
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -61,7 +64,7 @@ class DecodeGraph:
             if self.graph is None:
                 self._capture()
             self.tokens.copy_(tokens.reshape(B, 1))
-            for buf, x in zip(self.state, state):
-                buf.copy_(x)
+            for f in fields(State):
+                getattr(self.state, f.name).copy_(getattr(state, f.name))
             self.graph.replay()
-            return self.logits.clone(), State(*(x.clone() for x in self.next_state))
+            return self.logits.clone(), State(*(getattr(self.next_state, f.name).clone() for f in fields(State)))

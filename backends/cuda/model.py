@@ -1,19 +1,17 @@
 """The Meta-State model in PyTorch: SPEC section 2 over whole sequences (section 3).
 
-One self-contained file in the style of mlx-lm's models/*.py. Module attributes carry the
-canonical names of SPEC section 4, so `Model.state_dict()` keys are exactly the weight format's
-tensor names. Dtypes: weights float32 / bfloat16 / float16; every matmul runs in the weight
-dtype, everything else (residual stream, norms, gates, SSE) in float32, and the WKV state and
-decay are float32 always.
+One self-contained file in the style of mlx-lm's models/*.py, and the twin of
+backends/mlx/model.py: the same classes, methods and state (`diff` the two files to see what
+differs between the frameworks). Module attributes carry the canonical names of SPEC section
+4, so `Model.state_dict()` keys are exactly the weight format's tensor names. Dtypes: weights
+float32 / bfloat16 / float16; every matmul runs in the weight dtype, everything else (residual
+stream, norms, gates, SSE) in float32, and the WKV state and decay are float32 always.
 
-The WKV sequence kernel is chosen per call: `kernels="ops"` is the plain-torch chunked form
-(`ops.wkv7.torch_chunked`), `"triton"` the Triton kernels (sequences: the chunked kernels
-`ops.wkv7.chunk_wkv7`, same signature, for head sizes up to 64, the sequential `triton_wkv7`
-past that; decode: the fused step), or any callable with that
-signature (tests substitute the naive recurrence or the sequential `triton_wkv7`). The
-elementwise pieces around the scan (token shift, the keys kk and k', GroupNorm + bonus + gate,
-SSE normalisation, relu^2) are plain torch (`ops.elementwise.naive`) or fused Triton kernels (`.fused`, the
-default with "triton"); either way they are handed to the blocks in a `Kernels` tuple.
+Kernels are chosen once, in `Model.set_kernels`: "ops" is plain torch on any device (the
+chunked WKV `torch_chunked_wkv7`, the elementwise pieces of `ops.elementwise.naive`), "triton"
+the Triton kernels (the chunked `chunk_wkv7` for head sizes up to 64, the sequential
+`triton_wkv7` past that, the fused decode step, and by default the fused elementwise pieces of
+`ops.elementwise.fused`, same functions as the plain ones).
 """
 
 from __future__ import annotations
@@ -22,8 +20,10 @@ import importlib.util
 import os
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,24 +32,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from metastate_core.config import ModelConfig
-from metastate_core.errors import MetaStateError
+from metastate_core.constants import LN_EPS, MAX_CHUNK, WEIGHT_DTYPES, check_kernels
+from metastate_core.errors import ModelError
 from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
+from .ops import wkv7
 from .ops.cross_entropy import chunked as chunked_cross_entropy
 from .ops.elementwise import naive as naive_elementwise
-from .ops.wkv7.naive import naive_wkv7_step, state_readout
-from .ops.wkv7.torch_chunked import torch_chunked_wkv7
 
 ModelArgs = ModelConfig  # the config dataclass of SPEC section 1
-LN_EPS = 1e-5
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(MetaStateError):
-    """Tensors that do not fit the config, or a request the torch model cannot serve."""
-
-
-class State(NamedTuple):
+@dataclass(frozen=True)
+class State:
     """Recurrent state of a batch (the layout of `metastate_core.reference.State`), float32."""
 
     att_x: torch.Tensor   # [L, B, d]        previous ln1 output
@@ -63,12 +58,26 @@ class State(NamedTuple):
         return cls(z(L, batch, d), z(L, batch, d), z(L, batch, H, N, N))
 
 
-class Kernels(NamedTuple):
-    """What one forward call computes with: the WKV sequence function and the elementwise module
-    (`ops.elementwise.naive` or `.fused`, same function names and signatures)."""
+@dataclass(frozen=True)
+class Kernels:
+    """What the model computes with, chosen once by `Model.set_kernels`."""
 
-    wkv: Callable
-    ew: object
+    name: str
+    seq: Callable    # (r, w_raw, k, v, kk, a [B, T, H, N], S0) -> (y, S_T, read: q [B, T, K, N] -> S_t q_t)
+    step: Callable   # (S, r, w_raw, k, v, kk, a [B, H, N]) -> (y, S after the token)
+    read: Callable   # (S, q [B, K, N]) -> S q for the first K heads
+    ew: ModuleType   # the elementwise pieces: ops.elementwise.naive or .fused (same functions)
+
+    def __deepcopy__(self, memo):  # functions and modules: a copy of the model shares them
+        return self
+
+
+def wkv(kern: Kernels, r, w_raw, k, v, kk, a, S0):
+    """The WKV of a sequence; one token without autograd is one recurrent step (no chunks)."""
+    if r.shape[1] > 1 or torch.is_grad_enabled():
+        return kern.seq(r, w_raw, k, v, kk, a, S0)
+    y, S = kern.step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
+    return y[:, None], S, lambda q: kern.read(S, q[:, 0])[:, None]
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -81,8 +90,8 @@ def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.to(w.dtype) @ w).float()
 
 
-def _vec(n: int, *shape) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(n, *shape))
+def _vec(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape))
 
 
 class LayerNorm(nn.LayerNorm):
@@ -121,37 +130,36 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, d, bias=False)
         self.ln_x = GroupNorm(cfg)
 
-    def forward(self, xa, prev, S0, v_first, kern: Kernels):
+    def forward(self, xa, prev, S0, v_first):
         """xa [B, T, d] (ln1 output, float32), prev [B, d], S0 [B, H, N, N].
 
         Returns the residual update [B, T, d], v_first [B, T, d_att], S_T and read(q).
         """
         B, T, _ = xa.shape
-        H, N = self.n_head, self.head_size
+        H, N, ew = self.n_head, self.head_size, self.kern.ew
         # Each mix feeds matmuls only, so it is stored in their dtype (x_v feeds two: value and
         # the v LoRA, so with bfloat16 weights its two gradients add in bfloat16).
         dt = self.receptance.weight.dtype
-        mix = torch.stack([getattr(self, f"x_{c}") for c in "rwkvag"])
-        x_r, x_w, x_k, x_v, x_a, x_g = kern.ew.token_shift_mix(xa, prev, mix, dt).unbind(0)
+        mix = torch.stack([getattr(self, name) for name in ATT_VECTORS_D])
+        x_r, x_w, x_k, x_v, x_a, x_g = ew.token_shift_mix(xa, prev, mix, dt)
         r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)
         w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
         a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
         g = _mm(torch.sigmoid(_mm(x_g, self.g1)), self.g2)
-        kk, k = kern.ew.k_prep(k, a, self.k_k, self.k_a, H)
+        kk, k = ew.k_prep(k, a, self.k_k, self.k_a, H)
         if self.layer == 0:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0.float() + _mm(_mm(x_v, self.v1), self.v2))
-        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        r, w_raw, k, v, a = map(heads, (r, w_raw, k, v, a))
-        y, S, read = kern.wkv(r, w_raw, k, v, kk, a, S0)
+        r, w_raw, k, v, a = (t.reshape(B, T, H, N) for t in (r, w_raw, k, v, a))
+        y, S, read = wkv(self.kern, r, w_raw, k, v, kk, a, S0)
         ln = self.ln_x
-        y = kern.ew.group_norm_bonus_gate(y, r, k, v, g, self.r_k, ln.weight, ln.bias, ln.eps, dt)
+        y = ew.group_norm_bonus_gate(y, r, k, v, g, self.r_k, ln.weight, ln.bias, ln.eps, dt)
         return _linear(y, self.output), v_first, S, read
 
 
 class MetaLayer(nn.Module):
-    """The Meta-State layer: token-parameter attention with the Self-State Encoder."""
+    """The Meta-State layer (`blocks.i.meta`): Self-State Encoder + token-parameter layer."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -161,14 +169,13 @@ class MetaLayer(nn.Module):
         self.param_keys, self.param_values = _vec(n, d), _vec(n, d)
         self.sse_gate = _vec(d)
 
-    def forward(self, xm, prev, read, ew, use_sse: bool = True):
-        """xm [B, T, d] (ln2 output, float32), prev [B, d], read: the WKV readout, ew: the
-        elementwise module (Kernels.ew). -> [B, T, d]."""
+    def forward(self, xm, prev, read):
+        """xm [B, T, d] (ln2 output, float32), prev [B, d], read(q [B, T, K, N]) -> S_t q_t."""
         B, T, _ = xm.shape
-        dt = self.param_keys.dtype
+        ew, dt = self.kern.ew, self.param_keys.dtype
         u = xs = ew.token_shift_mix(xm, prev, self.x_k[None])[0]
         KN = self.sse_heads * self.head_size
-        if KN and use_sse:  # z_t = S_t xs_t: the state after this token as weights
+        if KN:  # z_t = S_t xs_t: the state after this token as weights
             z = read(xs[..., :KN].reshape(B, T, self.sse_heads, self.head_size))
             u = ew.sse_norm_gate(xs, z, self.sse_gate, self.eps, dt)
         alpha = ew.relu_square(u.to(dt) @ self.param_keys.T, dt)
@@ -184,13 +191,13 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer)
         self.meta = MetaLayer(cfg)
 
-    def forward(self, x, att_prev, meta_prev, S0, v_first, kern: Kernels, use_sse: bool):
+    def forward(self, x, att_prev, meta_prev, S0, v_first):
         """x [B, T, d] float32 -> (x, v_first, S_T, ln1 and ln2 outputs at the last token)."""
         xa = self.ln1(x)
-        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first, kern)
+        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first)
         x = x + dx
         xm = self.ln2(x)
-        x = x + self.meta(xm, meta_prev, read, kern.ew, use_sse=use_sse)
+        x = x + self.meta(xm, meta_prev, read)
         # clones, not views: a view would keep the whole [B, T, d] tensors alive (checkpointing)
         return x, v_first, S, xa[:, -1].clone(), xm[:, -1].clone()
 
@@ -203,7 +210,7 @@ class Model(nn.Module):
     sse_heads 0 the gates, never read, are out of the optimizer too.
     """
 
-    def __init__(self, cfg: ModelConfig, *, freeze_sse_gate: bool = False):
+    def __init__(self, cfg: ModelConfig, kernels: str | Kernels = "auto", *, freeze_sse_gate: bool = False):
         super().__init__()
         self.cfg, self.freeze_sse_gate = cfg, freeze_sse_gate
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -214,6 +221,7 @@ class Model(nn.Module):
             for p in self.parameters():
                 p.zero_()
         self._apply_freeze()
+        self.set_kernels(kernels)
 
     def _apply_freeze(self):
         # With sse_heads 0 no gate is ever read: a trainable parameter without gradient would
@@ -222,33 +230,53 @@ class Model(nn.Module):
             if self.freeze_sse_gate or self.cfg.sse_heads == 0:
                 block.meta.sse_gate.requires_grad_(False)
             if self.freeze_sse_gate:
+                block.meta.sse_heads = 0  # the layer reads no state: exact RWKV-7
                 with torch.no_grad():
                     block.meta.sse_gate.zero_()
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None, *,
-                kernels: str | Callable = "ops", chunk_size: int = 16, grad_checkpoint: bool = False,
-                fused: bool | None = None, targets: torch.Tensor | None = None, last_only: bool = False):
+    def set_kernels(self, kernels: str | Kernels = "auto", *, chunk_size: int = 16, fused: bool | None = None) -> str:
+        """Choose what the model computes with: "ops", "triton", "auto" (`auto_kernels`: triton
+        on a GPU where the kernels can run this model, else ops) or a `Kernels` (tests: the
+        naive recurrence). Checked now (ModelError), not at the first call. chunk_size: the
+        chunk length of the "ops" WKV. fused: the elementwise pieces as fused Triton kernels;
+        None means "with triton". Set again after a change of device or weight dtype.
+        Returns the name, also `model.kernels`."""
+        if not isinstance(kernels, Kernels):
+            device = self.head.weight.device
+            name = check_kernels("torch", kernels)
+            name = auto_kernels(self.cfg, device) if name == "auto" else name
+            if name == "ops":
+                if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
+                    raise ModelError(f"chunk_size must be an integer in [1, {MAX_CHUNK}], got {chunk_size!r}")
+                kernels = Kernels("ops", partial(wkv7.torch_chunked_wkv7, chunk_size=chunk_size),
+                                  wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
+            else:
+                kernels = _triton_kernels(self.cfg, device, low_weights=self.head.weight.dtype != torch.float32)
+            if fused if fused is not None else name == "triton":
+                kernels = replace(kernels, ew=_fused_elementwise(device))
+        for block in self.blocks:
+            block.att.kern = block.meta.kern = kernels
+        self.kernels = kernels.name
+        return self.kernels
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, *, last_only: bool = False,
+                targets: torch.Tensor | None = None, grad_checkpoint: bool = False):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
 
+        The input state is not modified. last_only: logits of the last position only,
+        [B, 1, V] (prefill: the head's matmul for one token instead of T).
         targets [B, T] (or [T]): return the mean cross-entropy against them (a float32 scalar)
         instead of the logits, computed a chunk of rows at a time (`ops.cross_entropy.chunked`),
-        so the [B, T, V] logits and their gradient never exist at once.
-        last_only: logits of the last position only, [B, 1, V] (prefill: the head's matmul for one
-        token instead of T).
-
-        The input state is not modified. kernels: "ops", "triton" or a callable with the
-        signature of `torch_chunked_wkv7` (r, w_raw, k, v, kk, a, S0) -> (y, S_T, read).
-        fused: the elementwise pieces as fused Triton kernels; None means "with kernels='triton'".
-        chunk_size: the chunk length of the "ops" path. grad_checkpoint: keep only each block's
-        input for backward and recompute the block there (activation memory of one block
-        instead of all; about one more forward pass of compute).
+        so the [B, T, V] logits and their gradient never exist at once. grad_checkpoint: keep
+        only each block's input for backward and recompute the block there (activation memory
+        of one block instead of all; about one more forward pass of compute).
         """
         device = self.head.weight.device
         # Triton launches on the current CUDA device, not the tensors': make it the model's.
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            return self._forward(tokens, state, kernels, chunk_size, grad_checkpoint, fused, targets, last_only)
+            return self._forward(tokens, state, last_only, targets, grad_checkpoint)
 
-    def _forward(self, tokens, state, kernels, chunk_size, grad_checkpoint, fused, targets, last_only):
+    def _forward(self, tokens, state, last_only, targets, grad_checkpoint):
         if tokens.dtype not in (torch.int64, torch.int32) or tokens.dim() not in (1, 2):
             raise ModelError(f"tokens must be int64 or int32 ids shaped [B, T] or [T], got {tokens.dtype} "
                              f"{list(tokens.shape)}")
@@ -265,14 +293,11 @@ class Model(nn.Module):
             state = State.zeros(self.cfg, B, device)
         else:
             _check_state(self.cfg, state, B, device)
-        if fused is None:
-            fused = kernels == "triton"
-        kern = Kernels(self._wkv(kernels, T, chunk_size, device), _elementwise(fused, device))
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
         recompute = grad_checkpoint and torch.is_grad_enabled()
         for l, block in enumerate(self.blocks):
-            args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first, kern, not self.freeze_sse_gate)
+            args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first)
             if recompute:
                 x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False,
                                                              preserve_rng_state=False)  # no randomness
@@ -295,68 +320,24 @@ class Model(nn.Module):
         # the matmul's dtype is _linear's: autocast's, else the weight's
         return chunked_cross_entropy.linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
 
-    def resolve_kernels(self, kernels: str) -> str:
-        """`kernels` ("auto", "ops" or "triton") with auto decided for this model on its device,
-        checked now (ModelError) rather than at the first call."""
-        if kernels == "auto":
-            kernels = auto_kernels(self.cfg, self.head.weight.device)
-        self.check_kernels(kernels)
-        return kernels
-
-    def check_kernels(self, kernels: str) -> None:
-        """Raise ModelError now if this model cannot run `kernels` ("ops" or "triton")."""
-        if kernels not in ("ops", "triton"):
-            raise ModelError(f"unknown kernels {kernels!r}: expected 'ops' or 'triton'")
-        if kernels == "triton":
-            _check_triton_device(self.head.weight.device)
-            problem = triton_problem(self.cfg)
-            if problem:
-                raise ModelError(f"{problem}: use kernels='ops'")
-
-    def _wkv(self, kernels, T: int, chunk_size: int, device: torch.device) -> Callable:
-        """The WKV sequence function for this call."""
-        if callable(kernels):
-            return kernels
-        decode = T == 1 and not torch.is_grad_enabled()  # one token: a plain step, no chunks
-        self.check_kernels(kernels)
-        if kernels == "ops":
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= 64:
-                raise ModelError(f"chunk_size must be an integer in [1, 64], got {chunk_size!r}")
-            if decode:
-                return _ops_decode
-            return lambda *args: torch_chunked_wkv7(*args, chunk_size=chunk_size)
-        try:  # imported here: triton is needed only for these kernels
-            from .ops.wkv7 import chunk_wkv7, triton_state_read, triton_wkv7, triton_wkv7_step
-            from .ops.wkv7.chunk import MAX_HEAD_SIZE
-        except ImportError as e:
-            raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
-        if decode:  # one fused step, no checkpoints
-            return lambda *args: _decode_step(triton_wkv7_step, triton_state_read, *args)
-        if self.cfg.head_size > MAX_HEAD_SIZE:  # the chunked kernels' tiles outgrow the GPU
-            return triton_wkv7
-        # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
-        # bfloat16/float16 weights or autocast make them that precise, and TF32 dots suffice.
-        low = self.head.weight.dtype != torch.float32 or torch.is_autocast_enabled(device.type)
-        precision = "tf32" if low else None  # None: float32-accurate dots for float32 inputs
-        # chunked: 5x the sequential kernel's training speed (docs/kernels.md)
-        return lambda *args: chunk_wkv7(*args, precision=precision)
-
     # -- canonical tensors ----------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, cfg: ModelConfig, tensors: dict, *, device=None, dtype=None,
+    def from_tensors(cls, cfg: ModelConfig, tensors: dict, *, device=None, dtype=None, kernels="auto",
                      freeze_sse_gate: bool = False) -> "Model":
         """A model from canonical name -> array (numpy, ml_dtypes.bfloat16 or torch).
 
         dtype: torch dtype or name; None keeps the dtype of emb.weight (float64 becomes float32).
+        kernels: as for `set_kernels`, chosen once the model is on its device.
         """
         problem = shape_mismatch(cfg, tensors)
         if problem:
             raise ModelError(f"tensors do not match the config: {problem}")
         torch_tensors = {name: _to_torch(t) for name, t in tensors.items()}
         dtype = _resolve_dtype(dtype, torch_tensors["emb.weight"].dtype)
-        model = cls(cfg, freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
+        model = cls(cfg, "ops", freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
         model.load_state_dict(torch_tensors, strict=True)
         model._apply_freeze()
+        model.set_kernels(kernels)
         return model
 
     def to_tensors(self) -> dict[str, np.ndarray]:
@@ -380,15 +361,17 @@ def _check_state(cfg: ModelConfig, state: State, batch: int, device: torch.devic
         raise ModelError(f"state must be a backends.cuda State (from this model or State.zeros), got "
                          f"{type(state).__module__}.{type(state).__name__}")
     L, d, H, N = cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_size
-    want = State((L, batch, d), (L, batch, d), (L, batch, H, N, N))
-    for name, t, shape in zip(State._fields, state, want):
+    for field, shape in zip(fields(State), ((L, batch, d), (L, batch, d), (L, batch, H, N, N))):
+        t = getattr(state, field.name)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
             got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ModelError(f"state.{name} must be a float32 tensor {list(shape)} for this model and a batch of "
-                             f"{batch}, got {got}")
+            raise ModelError(f"state.{field.name} must be a float32 tensor {list(shape)} for this model and a "
+                             f"batch of {batch}, got {got}")
         if t.device != device:
-            raise ModelError(f"state.{name} is on {t.device} and the model on {device}: move the state there")
+            raise ModelError(f"state.{field.name} is on {t.device} and the model on {device}: move the state there")
 
+
+# -- kernels ---------------------------------------------------------------------------------
 
 def triton_problem(cfg: ModelConfig) -> str | None:
     """Why the Triton kernels cannot run this model, or None."""
@@ -418,40 +401,55 @@ def _check_triton_device(device: torch.device) -> None:
                          "move it to a GPU or use kernels='ops'")
 
 
-def _elementwise(fused: bool, device: torch.device):
-    """The module of elementwise pieces: plain torch, or the fused Triton kernels."""
-    if not fused:
-        return naive_elementwise
+def _triton_kernels(cfg: ModelConfig, device: torch.device, low_weights: bool) -> Kernels:
+    _check_triton_device(device)
+    problem = triton_problem(cfg)
+    if problem:
+        raise ModelError(f"{problem}: use kernels='ops'")
+    try:  # triton is imported only for these kernels
+        seq = (wkv7.triton_wkv7 if cfg.head_size > wkv7.MAX_HEAD_SIZE  # the chunked kernels' tiles outgrow the GPU
+               else partial(_chunk_wkv7, wkv7.chunk_wkv7, low_weights))  # 5x the sequential kernel's training speed
+        return Kernels("triton", seq, partial(_step_on_copy, wkv7.triton_wkv7_step), wkv7.triton_state_read,
+                       naive_elementwise)
+    except ImportError as e:
+        raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
+
+
+def _chunk_wkv7(chunk_wkv7, low_weights: bool, *args):
+    # The WKV inputs are float32 here whatever the weights; their precision is the matmuls':
+    # bfloat16/float16 weights or autocast make them that precise, and TF32 dots suffice
+    # (None: float32-accurate dots for float32 inputs).
+    low = low_weights or torch.is_autocast_enabled(args[0].device.type)
+    return chunk_wkv7(*args, precision="tf32" if low else None)
+
+
+def _step_on_copy(step, S0, *args):
+    """A decode kernel that updates S in place, run on a copy: (y, S after the token)."""
+    S = S0.clone(memory_format=torch.contiguous_format)
+    return step(S, *args), S
+
+
+def _fused_elementwise(device: torch.device) -> ModuleType:
     try:
-        from .ops.elementwise import fused as fused_elementwise
+        from .ops.elementwise import fused
     except ImportError as e:
         raise ModelError(f"the fused Triton elementwise kernels are not available: {e}") from e
     _check_triton_device(device)
-    return fused_elementwise
+    return fused
 
 
-def _ops_decode(r, w_raw, k, v, kk, a, S0):
-    """One token by the plain-torch recurrence step, shaped like the sequence path."""
-    y, S = naive_wkv7_step(S0, r[:, 0], w_raw[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0])
-    return y[:, None], S, lambda q: state_readout(S, q[:, 0])[:, None]
-
-
-def _decode_step(step, state_read, r, w_raw, k, v, kk, a, S0):
-    """One token through the Triton decode kernels, shaped like the sequence path."""
-    S = S0.clone(memory_format=torch.contiguous_format)  # the kernel updates S in place
-    y = step(S, r[:, 0], w_raw[:, 0], k[:, 0], v[:, 0], kk[:, 0], a[:, 0])
-    return y[:, None].float(), S, lambda q: state_read(S, q[:, 0])[:, None].float()
-
+# -- tensors in and out ----------------------------------------------------------------------
 
 def _resolve_dtype(dtype, default: torch.dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32 if default == torch.float64 else default
+    names = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ModelError(f"unsupported dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ModelError(f"unsupported dtype {dtype}: expected float32, bfloat16 or float16")
+        if dtype not in names:
+            raise ModelError(f"unsupported dtype {dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)}")
+        return names[dtype]
+    if dtype not in names.values():
+        raise ModelError(f"unsupported dtype {dtype}: expected one of {', '.join(WEIGHT_DTYPES)}")
     return dtype
 
 
@@ -471,11 +469,3 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-def load_model(path, device="cpu", dtype=None, *, freeze_sse_gate: bool = False) -> Model:
-    """A model directory (SPEC section 4) -> Model on `device`; dtype None keeps the file's."""
-    from weights import load_model as load_weights
-
-    cfg, tensors = load_weights(Path(path))
-    return Model.from_tensors(cfg, tensors, device=device, dtype=dtype, freeze_sse_gate=freeze_sse_gate)

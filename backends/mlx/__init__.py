@@ -1,28 +1,14 @@
-"""MLX backend: the model (plain ops or Metal kernels), generation, 4/8-bit quantization.
+"""MLX backend: the model (plain ops or Metal kernels), `State`, loading, saving and 4/8-bit
+quantization (utils.py).
 
-Needs the `mlx` extra; importing this package without mlx raises `MLXUnavailable`.
+Needs the `mlx` extra; importing this package without mlx raises `ExtraUnavailable`.
 """
 
-from __future__ import annotations
+from metastate_core.errors import ModelError, require_extra
 
-from metastate_core.errors import MetaStateError
+require_extra("mlx.core", "mlx")
 
+from .model import Model, ModelArgs, State  # noqa: E402
+from .utils import convert, load, quantize, save  # noqa: E402
 
-class MLXUnavailable(MetaStateError, ImportError):
-    """mlx is not installed."""
-
-    exit_code = 2  # as for every missing extra (metastate's BackendUnavailable)
-
-
-try:
-    import mlx.core  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise MLXUnavailable("the mlx backend needs mlx: pip install 'metastate[mlx]'") from e
-
-from .generate import generate, prefill, stream_generate  # noqa: E402
-from .model import (Cache, Model, ModelArgs, ModelError, convert, from_weights, load,  # noqa: E402
-                    quantize, resolve_kernels, save)
-
-__all__ = ["Cache", "MLXUnavailable", "Model", "ModelArgs", "ModelError", "convert",
-           "from_weights", "generate", "load", "prefill", "quantize", "resolve_kernels", "save",
-           "stream_generate"]
+__all__ = ["Model", "ModelArgs", "ModelError", "State", "convert", "load", "quantize", "save"]

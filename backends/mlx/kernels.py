@@ -7,7 +7,9 @@ per state row i (the value index): the update is row-local,
 
 so a thread keeps its row of S in registers (N floats) and the key-indexed vectors of a step
 are staged in threadgroup memory. The state is float32 whatever the input dtype; the decay is
-w = exp(-0.6065306597126334 * sigmoid(w_raw)), computed in float32 inside the kernels.
+w = exp(DECAY_SCALE * sigmoid(w_raw)), computed in float32 inside the kernels. The row update
+is one header function, `wkv_row_update` (twin: `wkv7_step_ops` in wkv.py), shared by the
+step, sequence, readout and backward-replay kernels.
 
 The sequence kernel runs over time and saves the state every `save_every` tokens
 (`states` [B, H, n_seg, N, N], stored key-major, i.e. transposed, so that the saves and loads
@@ -25,9 +27,9 @@ import functools
 
 import mlx.core as mx
 
+from metastate_core.constants import DECAY_SCALE
 from metastate_core.errors import MetaStateError
 
-DECAY_SCALE = -0.6065306597126334  # -exp(-0.5)
 SAVE_EVERY = 16
 MAX_HEAD_SIZE = 256  # one thread per row; also bounds the registers a row takes
 
@@ -40,11 +42,30 @@ class MetalKernelError(MetaStateError):
 # Kernel sources. Template parameters (given at call time): N head size, C save interval,
 # InT the dtype of the per-token vectors (float, float16_t or bfloat16_t).
 
-_HEADER = """
+_HEADER = f"""
 // log w = DECAY * sigmoid(w_raw); the decay is always computed in float32.
-constant constexpr float WKV_DECAY = -0.6065306597126334f;
-
+constant constexpr float WKV_DECAY = {DECAY_SCALE!r}f;
+""" + """
 inline float wkv_sigmoid(float x) { return 1.0f / (1.0f + metal::exp(-x)); }
+
+// One token's update of the thread's state row s (value index i), the token's key-indexed
+// vectors staged in threadgroup memory: s <- s diag(w) + (s . alpha) beta + v_i k,
+// alpha = -kk, beta = kk a (SPEC section 2; twin: wkv7_step_ops in wkv.py).
+template <int N>
+inline void wkv_row_update(thread float* s, const threadgroup float* w, const threadgroup float* k,
+                           const threadgroup float* alpha, const threadgroup float* beta, float v_i) {
+    float sa = 0.0f;
+    for (int j = 0; j < N; ++j) sa += s[j] * alpha[j];
+    for (int j = 0; j < N; ++j) s[j] = s[j] * w[j] + sa * beta[j] + v_i * k[j];
+}
+
+// The row's readout s . q.
+template <int N>
+inline float wkv_row_dot(const thread float* s, const threadgroup float* q) {
+    float acc = 0.0f;
+    for (int j = 0; j < N; ++j) acc += s[j] * q[j];
+    return acc;
+}
 """
 
 # Decode: one token. Grid (N, H, B), threadgroup (N, 1, 1).
@@ -69,15 +90,9 @@ _STEP = """
     for (int j = 0; j < N; ++j) s[j] = S[row + j];
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
-    float sa = 0.0f;
-    for (int j = 0; j < N; ++j) sa += s[j] * tal[j];
-    float acc = 0.0f;
-    for (int j = 0; j < N; ++j) {
-        s[j] = s[j] * tw[j] + sa * tbe[j] + v_i * tk[j];
-        acc += s[j] * tr[j];
-        S_out[row + j] = s[j];
-    }
-    y[vec + i] = InT(acc);
+    wkv_row_update<N>(s, tw, tk, tal, tbe, v_i);
+    for (int j = 0; j < N; ++j) S_out[row + j] = s[j];
+    y[vec + i] = InT(wkv_row_dot<N>(s, tr));
 """
 
 # Decode SSE readout z = S q for the first K heads. Grid (N, K, B), threadgroup (N, 1, 1).
@@ -131,14 +146,8 @@ _WKV7_FWD = """
         const float v_i = float(v[idx]);
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
-        float sa = 0.0f;
-        for (int j = 0; j < N; ++j) sa += s[j] * tal[p][j];
-        float acc = 0.0f;
-        for (int j = 0; j < N; ++j) {
-            s[j] = s[j] * tw[p][j] + sa * tbe[p][j] + v_i * tk[p][j];
-            acc += s[j] * tr[p][j];
-        }
-        y[idx] = InT(acc);
+        wkv_row_update<N>(s, tw[p], tk[p], tal[p], tbe[p], v_i);
+        y[idx] = InT(wkv_row_dot<N>(s, tr[p]));
     }
     for (int j = 0; j < N; ++j) S_T[row + j] = s[j];
 """
@@ -174,14 +183,8 @@ _WKV7_READ = """
         const float v_i = float(v[idx]);
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
-        float sa = 0.0f;
-        for (int j = 0; j < N; ++j) sa += s[j] * tal[p][j];
-        float acc = 0.0f;
-        for (int j = 0; j < N; ++j) {
-            s[j] = s[j] * tw[p][j] + sa * tbe[p][j] + v_i * tk[p][j];
-            acc += s[j] * tq[p][j];
-        }
-        z[qdx] = InT(acc);
+        wkv_row_update<N>(s, tw[p], tk[p], tal[p], tbe[p], v_i);
+        z[qdx] = InT(wkv_row_dot<N>(s, tq[p]));
     }
 """
 
@@ -237,13 +240,9 @@ _WKV7_BWD = """
                 tbe[i] = kk_i * float(a[idx]);
                 const float v_i = float(v[idx]);
                 threadgroup_barrier(mem_flags::mem_threadgroup);
-                float sa = 0.0f;
-                for (int j = 0; j < N; ++j) sa += s[j] * tal[j];
+                wkv_row_update<N>(s, tw, tk, tal, tbe, v_i);
                 device float* dst = scr + (t - t0 + 1) * N * N;
-                for (int j = 0; j < N; ++j) {
-                    s[j] = s[j] * tw[j] + sa * tbe[j] + v_i * tk[j];
-                    dst[j * N + i] = s[j];
-                }
+                for (int j = 0; j < N; ++j) dst[j * N + i] = s[j];
             }
         }
         // Other threads read these scratch rows by column below: make the writes visible.

@@ -1,32 +1,23 @@
-"""WKV-7 + SSE readout in plain MLX ops, and the dispatch to the Metal kernels.
+"""WKV-7 + SSE readout in plain MLX ops, and the check that puts the Metal kernels beside them.
 
 Inputs [B, T, H, N] (decode: [B, H, N]); w_raw is the decay pre-activation, log w =
 DECAY_SCALE * sigmoid(w_raw); state S [B, H, N, N] float32, row = value index. The sequence
-path is the chunked (WY) algorithm of metastate_core/chunked.py; `kernels="metal"` swaps in
-`backends.mlx.kernels` (same signatures), `"auto"` does so when `mx.metal.is_available()`.
+path is the chunked (WY) algorithm of metastate_core/chunked.py; the Metal kernels of
+`backends.mlx.kernels` have the same signatures (the model chooses, in `Model.set_kernels`).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
-from metastate_core.errors import MetaStateError
+from metastate_core.constants import DECAY_SCALE
 from metastate_core.reference import rel_rms
 
-DECAY_SCALE = -0.6065306597126334  # log w = DECAY_SCALE * sigmoid(w_raw)
 CHUNK_SIZE = 16
 F32 = mx.float32
-
-
-class KernelChoiceError(MetaStateError):
-    """Kernels that are unknown or cannot run on this machine."""
-
 
 
 def wkv7_step_ops(S, r, w_raw, k, v, kk, a):
@@ -116,63 +107,13 @@ def wkv7_ops(r, w_raw, k, v, kk, a, S0, chunk_size: int = CHUNK_SIZE):
     return read(r), S, read
 
 
-@dataclass(frozen=True)
-class WKVOps:
-    """The three WKV entry points a kernel set provides (see the ops functions above)."""
-
-    name: str
-    step: Callable   # (S, r, w_raw, k, v, kk, a) -> (y [B, H, N], S_new)
-    read: Callable   # (S, q [B, K, N]) -> [B, K, N]
-    seq: Callable    # (r, w_raw, k, v, kk, a, S0) -> (y [B, T, H, N], S_T, read)
-
-
-OPS = WKVOps("ops", wkv7_step_ops, state_read_ops, wkv7_ops)
-
-
-def metal_ops() -> WKVOps:
-    """The Metal kernels of backends.mlx.kernels as a WKVOps (imported lazily)."""
-    from . import kernels as metal
-
-    return WKVOps("metal", metal.metal_wkv7_step, metal.metal_state_read, metal.metal_wkv7)
-
-
-def resolve_kernels(kernels: str | WKVOps = "auto", head_size: int | None = None) -> WKVOps:
-    """"auto" | "ops" | "metal" (or a WKVOps) -> the WKV implementation to use.
-
-    auto = Metal when mx.metal.is_available() and the kernels import and, for a given
-    head_size, pass a check against the plain ops (check_kernels); else plain ops, with a
-    warning when the check failed. "metal" raises KernelChoiceError instead of falling back.
-    """
-    if isinstance(kernels, WKVOps):
-        return kernels
-    if kernels not in ("auto", "ops", "metal"):
-        raise KernelChoiceError(f"unknown kernels {kernels!r}: expected auto, ops or metal")
-    if kernels == "ops" or (kernels == "auto" and not mx.metal.is_available()):
-        return OPS
-    if not mx.metal.is_available():
-        raise KernelChoiceError("kernels='metal' needs a Metal GPU (mx.metal.is_available() is False); use kernels='ops'")
-    try:
-        ops = metal_ops()
-    except ImportError as e:
-        if kernels == "auto":
-            return OPS
-        raise KernelChoiceError(f"the Metal kernels cannot be imported: {e}") from e
-    problem = check_kernels(ops, head_size) if head_size else None
-    if problem is None:
-        return ops
-    if kernels == "metal":
-        raise KernelChoiceError(f"the Metal kernels failed their check on this machine: {problem}")
-    warnings.warn(f"the Metal kernels failed their check on this machine ({problem}); using plain MLX ops "
-                  "(correct, slower). Please report this with your macOS and MLX versions.", stacklevel=2)
-    return OPS
-
-
 @functools.lru_cache(maxsize=None)
-def check_kernels(ops: WKVOps, head_size: int) -> str | None:
-    """Run every entry point of `ops` once (float32, a sequence past one state-save interval)
-    against the plain ops: None if they agree at SPEC section 6's float32 bounds, else what
-    went wrong. The kernels are compiled by this machine's Metal compiler at first use, so a
-    body it rejects shows here, once per process and head size, not in the middle of a chat."""
+def metal_problem(kernels, head_size: int) -> str | None:
+    """Why `kernels` (the Metal set: seq, step, read) cannot stand in for the plain ops on this
+    machine, or None. Runs every entry point once (float32, a sequence past one state-save
+    interval) against the plain ops, at SPEC section 6's float32 bounds. The kernels are
+    compiled by this machine's Metal compiler at first use, so a body it rejects shows here,
+    once per process and head size, not in the middle of a chat."""
     B, T, H, N = 1, 21, 1, head_size
     keys = mx.random.split(mx.random.key(0), 7)
     r, w_raw, k, v, a = (mx.random.normal((B, T, H, N), key=keys[i]) for i in range(5))
@@ -180,8 +121,10 @@ def check_kernels(ops: WKVOps, head_size: int) -> str | None:
     kk = kk / mx.sqrt((kk * kk).sum(-1, keepdims=True))
     a = mx.sigmoid(a)
     S0 = 0.1 * mx.random.normal((B, H, N, N), key=keys[6])
+    inputs = (r, w_raw, k, v, kk, a, S0)
     try:
-        got, want = _run(ops, r, w_raw, k, v, kk, a, S0), _run(OPS, r, w_raw, k, v, kk, a, S0)
+        got = _run(kernels.step, kernels.read, kernels.seq, *inputs)
+        want = _run(wkv7_step_ops, state_read_ops, wkv7_ops, *inputs)
         mx.eval(got, want)
     except Exception as e:  # noqa: BLE001 - a compiler error, whatever MLX raises it as
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
@@ -192,17 +135,7 @@ def check_kernels(ops: WKVOps, head_size: int) -> str | None:
     return None
 
 
-def _run(ops: WKVOps, r, w_raw, k, v, kk, a, S0) -> tuple:
-    y1, S1 = ops.step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
-    y, S_T, read = ops.seq(r, w_raw, k, v, kk, a, S0)
-    return y1, S1, ops.read(S1, r[:, 0]), y, S_T, read(k)
-
-
-def wkv(ops: WKVOps, r, w_raw, k, v, kk, a, S):
-    """Dispatch on length: T == 1 is the per-token update, T > 1 the sequence path."""
-    if k.shape[1] > 1:
-        return ops.seq(r, w_raw, k, v, kk, a, S)
-    y, S = ops.step(S, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
-    return y[:, None], S, lambda q: ops.read(S, q[:, 0])[:, None]
-
-
+def _run(step, read, seq, r, w_raw, k, v, kk, a, S0) -> tuple:
+    y1, S1 = step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
+    y, S_T, seq_read = seq(r, w_raw, k, v, kk, a, S0)
+    return y1, S1, read(S1, r[:, 0]), y, S_T, seq_read(k)

@@ -7,8 +7,8 @@
 //  - threadgroup_barrier: a std::barrier over the real threads of the threadgroup;
 //  - simd_sum / simd_max / simd_min / simd_broadcast: a per-simdgroup barrier exchange over
 //    groups of 32 threads (summed in lane order, where the GPU uses a tree: rounding differs);
-//  - the address-space qualifiers are defined by the generated wrapper (see runner.py):
-//    device/constant/thread are empty, threadgroup is `static`, which makes a threadgroup
+//  - the address-space qualifiers are defined by the generated wrapper (see runner.py): all
+//    empty, and the body's threadgroup declarations become `static`, which makes a threadgroup
 //    array one storage shared by the threads of a group (the runner runs groups one at a time).
 // What it does not: memory-model subtleties (every barrier is a full fence, mem_device or
 // not), the 32 KiB threadgroup-memory limit, register pressure, non-uniform simd control flow,

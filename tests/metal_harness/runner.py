@@ -7,7 +7,8 @@ parameters, `const device T* name [[buffer(i)]]` inputs, `const constant T&` for
 then the thread attributes the body mentions), and compiles it with g++ against
 metal_compat.h. Threadgroups run one after the other; the threads of a group are real
 threads (std::thread), so barriers and simd reductions synchronise as on the GPU, and
-`threadgroup` storage (declared `static` by the wrapper) is shared by exactly one group.
+`threadgroup` storage (the body's declarations, made `static` by the wrapper) is shared by
+exactly one group.
 Grids follow MLX's dispatchThreads: `grid` counts threads, edge groups may be partial.
 
 Binaries are cached by source hash under $TMPDIR/metal_harness; `mlx_launch` adapts the
@@ -127,9 +128,11 @@ def generate(name, header, source, input_names, inputs, output_names, output_dty
     params += [f"  {_ATTRS[a][0]} {a} [[{a}]]" for a in attrs]
 
     lines = ['#include "metal_compat.h"']
-    # Address spaces: `threadgroup` storage becomes static, i.e. one array shared by the threads
-    # of the group that runs (groups run one at a time); the others are empty.
-    lines += ["#define device", "#define constant", "#define thread", "#define threadgroup static"]
+    # Address spaces are empty, except that the body's `threadgroup` declarations become static:
+    # one array shared by the threads of the group that runs (groups run one at a time), while
+    # `threadgroup` in a pointer type (a header function's parameter) stays a plain pointer.
+    lines += [f"#define {q}" for q in _QUALIFIERS]
+    source = re.sub(r"^(\s*)threadgroup\b", r"\1static", source, flags=re.M)
     lines.append(header)
     if tmpl:
         lines.append("template <" + ", ".join(f"{kind} {n}" for n, kind, _ in tmpl) + ">")

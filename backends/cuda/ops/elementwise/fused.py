@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from metastate_core.constants import L2_EPS
 from metastate_core.errors import MetaStateError
 
 from .. import first_order_only
@@ -30,6 +31,7 @@ ROWS = 16          # rows (tokens) per tile of a per-head piece: [ROWS, N]
 MIX_ROWS = 4       # rows per tile of the token shift: [mixes (8), MIX_ROWS, BLOCK_D], in registers
 BLOCK_D = 64       # channels per tile of the token shift (128: 234 registers in backward, 64: 96)
 BLOCK_FLAT = 1024  # elements per program of relu_square
+_L2_EPS = tl.constexpr(L2_EPS)  # kk = x / max(|x|, L2_EPS), F.normalize's eps
 
 
 class ElementwiseInputError(MetaStateError):
@@ -389,7 +391,7 @@ def _kprep_fwd_kernel(k_ptr, a_ptr, kk_w_ptr, ka_ptr, kk_ptr, kout_ptr, BT,
                       H: tl.constexpr, N: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     io, m2, k, a, kk_w, ka, x, norm = _kprep_tile(k_ptr, a_ptr, kk_w_ptr, ka_ptr, rows, tl.program_id(1), BT, H, N)
-    tl.store(kk_ptr + io, x / tl.maximum(norm, 1e-12)[:, None], mask=m2)  # F.normalize's eps
+    tl.store(kk_ptr + io, x / tl.maximum(norm, _L2_EPS)[:, None], mask=m2)
     tl.store(kout_ptr + io, k * (1.0 + (a - 1.0) * ka[None, :]), mask=m2)
 
 
@@ -406,10 +408,10 @@ def _kprep_bwd_kernel(k_ptr, a_ptr, kk_w_ptr, ka_ptr, dkk_ptr, dkout_ptr, dk_ptr
         dkk = tl.load(dkk_ptr + io, mask=m2, other=0.0).to(tl.float32)
         dko = tl.load(dkout_ptr + io, mask=m2, other=0.0).to(tl.float32)
         # x / max(|x|, eps): the projection off the unit vector, or a plain scale below eps
-        big = norm > 1e-12
-        inv = 1.0 / tl.maximum(norm, 1e-12)
+        big = norm > _L2_EPS
+        inv = 1.0 / tl.maximum(norm, _L2_EPS)
         y = x * inv[:, None]
-        dx = tl.where(big[:, None], (dkk - y * tl.sum(dkk * y, axis=1)[:, None]) * inv[:, None], dkk * 1e12)
+        dx = tl.where(big[:, None], (dkk - y * tl.sum(dkk * y, axis=1)[:, None]) * inv[:, None], dkk * (1.0 / _L2_EPS))
         tl.store(dk_ptr + io, dko * (1.0 + (a - 1.0) * ka[None, :]) + dx * kk_w[None, :], mask=m2)
         tl.store(da_ptr + io, dko * k * ka[None, :], mask=m2)
         d_kk_w += tl.sum(dx * k, axis=0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from metastate_core.constants import L2_EPS
+
 from .. import at_least_f32 as f32
 
 
@@ -60,5 +62,5 @@ def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tenso
     k, a [B, T, H*N] (a in (0, 1)), k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]), float32.
     """
     k, a = f32(k), f32(a)
-    kk = F.normalize((k * f32(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=1e-12)
+    kk = F.normalize((k * f32(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=L2_EPS)
     return kk, k * (1 + (a - 1) * f32(k_a))

@@ -1,8 +1,9 @@
 """WKV-7 over a sequence in chunks on tensor cores (Triton), forward and backward.
 
-The algorithm of `metastate_core/chunked.py` (read its docstring). Per head, chunk of C tokens
-starting from state S (row = value index), alpha = -kk, beta = kk * a, G = in-chunk cumsum of
-log w, Gp = G - log w, g = G[C-1] (the chunk's total log decay):
+The algorithm of `metastate_core/chunked.py` (read its docstring); the kernels' plain-torch twin
+is at the end of this file (`reference_forward`, `reference_backward`). Per head, chunk of C
+tokens starting from state S (row = value index), alpha = -kk, beta = kk * a, G = in-chunk
+cumsum of log w, Gp = G - log w, g = G[C-1] (the chunk's total log decay):
 
     A = alpha e^Gp,  Bh = beta e^-G,  Kh = k e^-G,  Q = q e^G                      [C, N]
     M = tril(A Bh^T, -1),  P = tril(A Kh^T, -1),  Tinv = (I - M)^-1                [C, C]
@@ -38,23 +39,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import first_order_only
-from .naive import DECAY_SCALE
-from .sequential import graph_task
+from metastate_core.constants import DECAY_SCALE
 
-CHUNK_SIZES = (16, 32, 64)
-# Head sizes up to this: the passes hold whole [N, N] float32 tiles per program. Compiled for
-# sm_90 by Triton 3.7.1 at N = 128, _bwd_kernel spills 2.4 KB per thread and needs 160 KB of
-# shared memory (consumer GPUs, sm_86/89, give a block 99 KB); at N = 256, 576 KB (no GPU has
-# it). triton_wkv7, one state row per thread, takes the larger heads.
-MAX_HEAD_SIZE = 64
+from .. import first_order_only
+from .checks import MAX_HEAD_SIZE, WKV7InputError, check_chunk_count, check_read_once, check_sequence
+from .naive import decay_log
+from .sequential import _DECAY, graph_task
+from .torch_chunked import from_chunks, solve_unit_lower, to_chunks, wy_factors, wy_read
+
+CHUNK_SIZES = (16, 32, 64)  # tl.dot needs >= 16 rows; MAX_CHUNK (64) bounds 1 / Gamma in float32
 # tl.dot operand precision on a GPU (the interpreter ignores it: numpy float32 matmul). "ieee":
 # float32 FMA on CUDA cores; "tf32x3": float32-accurate on tensor cores (three TF32 products);
 # "tf32": one TF32 product (10-bit mantissa, below bfloat16 input rounding). Accumulation is
 # float32 in all. bfloat16 operands were measured slower (the f32 -> bf16 conversions at every
 # dot) and 4x less accurate than tf32 (docs/kernels.md), so they are not offered.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-_DECAY = tl.constexpr(DECAY_SCALE)
 
 
 @triton.jit
@@ -94,7 +93,8 @@ def _prep_kernel(w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, g_ptr, wf_ptr, uv_ptr, ti_p
     strict = rows[:, None] > rows[None, :]
     M = tl.where(strict, _dot(A, tl.trans(Bh), PREC), 0.0)
     P = tl.where(strict, _dot(A, tl.trans(Kh), PREC), 0.0)
-    # Forward substitution: Tinv[t] = e_t + sum_{s<t} M[t, s] Tinv[s] (rows >= t are still e_t).
+    # Tinv by forward substitution (twin: solve_unit_lower): Tinv[t] = e_t + sum_{s<t} M[t, s] Tinv[s]
+    # (rows >= t are still e_t).
     Ti = (rows[:, None] == rows[None, :]).to(tl.float32)
     for s in range(1, C):
         sel = rows[:, None] == s
@@ -426,8 +426,6 @@ class Launch:
         """Defaults by device and input dtype: on a GPU BV = 32 and float32 inputs get "tf32x3"
         (SPEC section 6's 1e-4 for float32), bfloat16/float16 "tf32"; under the interpreter one
         block per head (its cost is per operation, not per element)."""
-        from .triton_ops import WKV7InputError
-
         if chunk_size not in CHUNK_SIZES:
             raise WKV7InputError(f"chunk_size = {chunk_size} is not supported; expected one of {CHUNK_SIZES}")
         BV = block_v or (min(N, 32) if device.type == "cuda" else N)
@@ -635,7 +633,7 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
 
     Args:
         r, w_raw, k, v, kk, a: [B, T, H, N], float32/bfloat16/float16. w_raw is the decay
-            pre-activation: log w = -0.6065306597126334 * sigmoid(w_raw), in float32.
+            pre-activation: log w = DECAY_SCALE * sigmoid(w_raw), in float32.
         S0: [B, H, N, N] float32 initial state (row = value index), zeros if None.
         chunk_size: tokens per chunk, 16, 32 or 64 (tl.dot needs >= 16; 1/Gamma overflows
             float32 past 64).
@@ -653,23 +651,14 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
         read(q): q [B, T, K, N], K <= H -> z [B, T, K, N] = S_t q_t over the first K heads
         (dtype of q), at most once; the backward pass adds both readouts' state gradients.
     """
-    # Imported here: triton_ops may import this module to offer the chunked path.
-    from .triton_ops import WKV7InputError, _check_inputs, _check_state, check_chunk_count, check_read_once
-
-    names = ("r", "w_raw", "k", "v", "kk", "a")
-    _check_inputs(names, (r, w_raw, k, v, kk, a), 4)
-    B, T, H, N = k.shape
-    if T == 0:
-        raise WKV7InputError("sequence length T must be at least 1")
+    B, T, H, N = check_sequence((r, w_raw, k, v, kk, a), S0)
     if N > MAX_HEAD_SIZE:
         raise WKV7InputError(f"head size N = {N} is past the chunked kernels' {MAX_HEAD_SIZE}: use triton_wkv7")
     launch = Launch.resolve(k.device, k.dtype, N, chunk_size, block_v, precision, num_warps,
                             fused_backward, seq_maxnreg)
     check_chunk_count(T, launch.C)
-    if S0 is not None:
-        _check_state(S0, B, H, N, k.device)
-        S0 = S0.contiguous()
     r, w_raw, k, v, kk, a = (x.contiguous() for x in (r, w_raw, k, v, kk, a))
+    S0 = S0 if S0 is None else S0.contiguous()
     shared = _Shared(launch, T)
     y, sT, link, G, _, _, _, U, states = _ChunkWKV7.apply(r, w_raw, k, v, kk, a, S0, shared)
 
@@ -681,76 +670,33 @@ def chunk_wkv7(r, w_raw, k, v, kk, a, S0=None, *, chunk_size: int = 16, block_v:
 
 
 # ---------------------------------------------------------------------------------------------
-# The same forward and backward in plain torch ops (any dtype, float64 in tests): the executable
-# derivation the kernels follow line by line. No autograd; not a production path.
-
-
-def _chunks(x, C):
-    """[B, T, H, N] -> [B, H, NC, C, N], zero padded at the end (identity steps)."""
-    B, T, H, N = x.shape
-    NC = -(-T // C)
-    x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, NC * C - T))
-    return x.view(B, NC, C, H, N).permute(0, 3, 1, 2, 4)
-
-
-def _unchunk(x, T):
-    B, H, NC, C, N = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, NC * C, H, N)[:, :T]
-
-
-def _tr(x):
-    return x.transpose(-1, -2)
+# The twin in plain torch ops (any dtype, float64 in tests): the forward is torch_chunked's
+# passes 1-3 (`wy_factors`, `wy_read`); the backward is the executable derivation the backward
+# kernels follow line by line. No autograd; not a production path.
 
 
 def reference_forward(r, w_raw, k, v, kk, a, S0, C):
-    """Passes 1-3 in torch, in the dtype of the inputs: (y, S_T, saved dict)."""
-    B, T, H, N = k.shape
-    logw = _chunks(DECAY_SCALE * torch.sigmoid(w_raw), C)
-    k, v, kk, a = (_chunks(x, C) for x in (k, v, kk, a))
-    G = logw.cumsum(-2)
-    A, Bh, Kh = -kk * torch.exp(G - logw), kk * a * torch.exp(-G), k * torch.exp(-G)
-    M, P = torch.tril(A @ _tr(Bh), -1), torch.tril(A @ _tr(Kh), -1)
-    eye = torch.eye(C, dtype=k.dtype)
-    Ti = torch.linalg.solve_triangular(eye - M, eye.expand_as(M), upper=False, unitriangular=True)
-    W, Uv = Ti @ A, Ti @ P @ v
-    g = G[..., -1:, :]
-    Bend, Kend = kk * a * torch.exp(g - G), k * torch.exp(g - G)
-    S, states, Us = S0, [], []
-    for c in range(G.shape[2]):
-        states.append(S)
-        Us.append(W[:, :, c] @ _tr(S) + Uv[:, :, c])
-        S = S * torch.exp(g[:, :, c]) + _tr(Us[-1]) @ Bend[:, :, c] + _tr(v[:, :, c]) @ Kend[:, :, c]
-    sv = dict(C=C, T=T, logw=logw, sig=_chunks(torch.sigmoid(w_raw), C), k=k, v=v, kk=kk, a=a,
-              G=G, A=A, Bh=Bh, Kh=Kh, P=P, Ti=Ti, W=W, Uv=Uv, U=torch.stack(Us, 2),
-              states=torch.stack(states, 2))
-    return reference_read(sv, r), S, sv
-
-
-def reference_read(sv, q):
-    """Pass 3 for q [B, T, K, N]."""
-    K = q.shape[2]
-    Q = _chunks(q, sv["C"]) * torch.exp(sv["G"][:, :K])
-    O = (Q @ _tr(sv["states"][:, :K]) + torch.tril(Q @ _tr(sv["Bh"][:, :K])) @ sv["U"][:, :K]
-         + torch.tril(Q @ _tr(sv["Kh"][:, :K])) @ sv["v"][:, :K])
-    return _unchunk(O, sv["T"])
+    """Passes 1-3 in torch, in the dtype of the inputs: (y, S_T, saved factors)."""
+    sv = wy_factors(decay_log(w_raw), k, v, kk, a, S0, C)
+    sv.sig = to_chunks(torch.sigmoid(w_raw), C)
+    sv.Ti = solve_unit_lower(sv.M, torch.eye(C, dtype=k.dtype, device=k.device).expand_as(sv.M))
+    return wy_read(sv, r), sv.S_T, sv
 
 
 def _reference_read_bwd(sv, q, dO):
     """One readout's backward: dq [B, T, K, N] and its chunk-local terms (dG, dU, dV, dBh, dKh)."""
     K = q.shape[2]
-    C = sv["C"]
-    G, Bh, Kh, U, v = (sv[n][:, :K] for n in ("G", "Bh", "Kh", "U", "v"))
-    Q, dO = _chunks(q, C) * torch.exp(G), _chunks(dO, C)
-    DU, DV = torch.tril(dO @ _tr(U)), torch.tril(dO @ _tr(v))
-    dQ = dO @ sv["states"][:, :K] + DU @ Bh + DV @ Kh
-    terms = (dQ * Q, _tr(torch.tril(Q @ _tr(Bh))) @ dO, _tr(torch.tril(Q @ _tr(Kh))) @ dO,
-             _tr(DU) @ Q, _tr(DV) @ Q)
-    return _unchunk(dQ * torch.exp(G), sv["T"]), terms
+    G, Bh, Kh, U, v = (x[:, :K] for x in (sv.G, sv.Bh, sv.Kh, sv.U, sv.v))
+    Q, dO = to_chunks(q, sv.C) * torch.exp(G), to_chunks(dO, sv.C)
+    DU, DV = torch.tril(dO @ U.mT), torch.tril(dO @ v.mT)
+    dQ = dO @ sv.states[:, :K] + DU @ Bh + DV @ Kh
+    terms = (dQ * Q, torch.tril(Q @ Bh.mT).mT @ dO, torch.tril(Q @ Kh.mT).mT @ dO, DU.mT @ Q, DV.mT @ Q)
+    return from_chunks(dQ * torch.exp(G), sv.T), terms
 
 
 def reference_backward(sv, r, dy, dS_T, q=None, dz=None):
     """Gradients of r, w_raw, k, v, kk, a, S0 (and q if given) for dy, dz, dS_T."""
-    C, T = sv["C"], sv["T"]
+    C, T = sv.C, sv.T
     dr, (dG, dU, dV, dBh, dKh) = _reference_read_bwd(sv, r, dy)
     dq = None
     if dz is not None:  # the SSE readout's terms land on its first K heads
@@ -758,51 +704,51 @@ def reference_backward(sv, r, dy, dS_T, q=None, dz=None):
         dq, terms = _reference_read_bwd(sv, q, dz)
         for acc, t in zip((dG, dU, dV, dBh, dKh), terms):
             acc[:, :K] += t
-    G, W, S_all = sv["G"], sv["W"], sv["states"]
+    G, W, S_all = sv.G, sv.W, sv.states
     g = G[..., -1:, :]
     e = torch.exp(g - G)
-    Qr = _chunks(r, C) * torch.exp(G)
-    dyc = _chunks(dy, C)
+    Qr = to_chunks(r, C) * torch.exp(G)
+    dyc = to_chunks(dy, C)
     # Reverse over chunks: dS' (gradient at each chunk end) and dU += Bend dS'^T.
     dS, dSn = dS_T, torch.empty_like(S_all)
     for c in reversed(range(G.shape[2])):
         dSn[:, :, c] = dS
-        dU[:, :, c] += (sv["kk"] * sv["a"] * e)[:, :, c] @ _tr(dS)
-        dS = dS * torch.exp(g[:, :, c]) + _tr(dU[:, :, c]) @ W[:, :, c] + _tr(dyc[:, :, c]) @ Qr[:, :, c]
+        dU[:, :, c] += (sv.kk * sv.a * e)[:, :, c] @ dS.mT
+        dS = dS * torch.exp(g[:, :, c]) + dU[:, :, c].mT @ W[:, :, c] + dyc[:, :, c].mT @ Qr[:, :, c]
         if dz is not None:
             K = q.shape[2]
-            Qz = _chunks(q, C)[:, :, c] * torch.exp(G[:, :K, c])
-            dS[:, :K] += _tr(_chunks(dz, C)[:, :, c]) @ Qz
+            Qz = to_chunks(q, C)[:, :, c] * torch.exp(G[:, :K, c])
+            dS[:, :K] += to_chunks(dz, C)[:, :, c].mT @ Qz
     # Chunk-local gradients, every chunk at once.
-    S, v, kk, a, k = S_all, sv["v"], sv["kk"], sv["a"], sv["k"]
+    S, v, kk, a, k = S_all, sv.v, sv.kk, sv.a, sv.k
     beta = kk * a
     Bend, Kend = beta * e, k * e
     dg = torch.exp(g) * (dSn * S).sum(-2, keepdim=True)
-    dBend, dKend = sv["U"] @ dSn, v @ dSn
-    dV = dV + Kend @ _tr(dSn)
+    dBend, dKend = sv.U @ dSn, v @ dSn
+    dV = dV + Kend @ dSn.mT
     dbeta, dk = dBend * e, dKend * e
     t1 = dBend * Bend + dKend * Kend
     dg = dg + t1.sum(-2, keepdim=True)
     dG = dG - t1
     dW = dU @ S
-    dWt, dUt = _tr(sv["Ti"]) @ dW, _tr(sv["Ti"]) @ dU
-    dM = torch.tril(dWt @ _tr(W) + dUt @ _tr(sv["Uv"]), -1)
-    dP = torch.tril(dUt @ _tr(v), -1)
-    A = sv["A"]
-    dV = dV + _tr(sv["P"]) @ dUt
-    dA = dWt + dM @ sv["Bh"] + dP @ sv["Kh"]
-    dBh = dBh + _tr(dM) @ A
-    dKh = dKh + _tr(dP) @ A
+    dWt, dUt = sv.Ti.mT @ dW, sv.Ti.mT @ dU
+    dM = torch.tril(dWt @ W.mT + dUt @ sv.Uv.mT, -1)
+    dP = torch.tril(dUt @ v.mT, -1)
+    A = sv.A
+    dV = dV + sv.P.mT @ dUt
+    dA = dWt + dM @ sv.Bh + dP @ sv.Kh
+    dBh = dBh + dM.mT @ A
+    dKh = dKh + dP.mT @ A
     ig = torch.exp(-G)
     dbeta = dbeta + dBh * ig
     dk = dk + dKh * ig
-    dG = dG - dBh * sv["Bh"] - dKh * sv["Kh"]
+    dG = dG - dBh * sv.Bh - dKh * sv.Kh
     dGp = dA * A
     dG = dG + dGp
     dG[..., -1:, :] += dg
     dlogw = dG.flip(-2).cumsum(-2).flip(-2) - dGp
-    sig = sv["sig"]
+    sig = sv.sig
     dw = dlogw * DECAY_SCALE * sig * (1 - sig)
-    dkk = dbeta * a - dA * torch.exp(G - sv["logw"])
-    out = [_unchunk(x, T) for x in (dw, dk, dV, dkk, dbeta * kk)]
+    dkk = dbeta * a - dA * torch.exp(G - sv.log_w)
+    out = [from_chunks(x, T) for x in (dw, dk, dV, dkk, dbeta * kk)]
     return (dr, *out, dS, dq)

@@ -5,7 +5,7 @@ owns (b, h, a block of BI rows): the update is row-local, so rows need no commun
 
 The SSE readout z = S_t xs_t cannot share the update's launch: xs_t comes from y_t through
 the output projection and ln2, so decoding runs `step` (update + y), the model's dense layers,
-then `state_read`.
+then `state_read`. Twins: naive_wkv7_step and state_readout (naive.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sequential import _DECAY
+from .sequential import _step
 
 
 def default_decode_rows(N: int, device: torch.device) -> int:
@@ -31,17 +31,10 @@ def _step_kernel(s_ptr, r_ptr, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, y_ptr,
     cols = tl.arange(0, N)
     sp = s_ptr + bh * N * N + rows[:, None] * N + cols[None, :]
     o = bh * N
-    x = tl.load(w_ptr + o + cols).to(tl.float32)
-    w = tl.exp((1.0 / (1.0 + tl.exp(-x))) * _DECAY)
-    k = tl.load(k_ptr + o + cols).to(tl.float32)
-    v = tl.load(v_ptr + o + rows).to(tl.float32)
-    kk = tl.load(kk_ptr + o + cols).to(tl.float32)
-    a = tl.load(a_ptr + o + cols).to(tl.float32)
-    r = tl.load(r_ptr + o + cols).to(tl.float32)
-    S = tl.load(sp)
-    sa = -tl.sum(S * kk[None, :], axis=1)  # uses S before decay
-    S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+    # the sequence kernels' step (twin: naive_wkv7_step); every row and column is in range
+    S = _step(tl.load(sp), w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, o, rows, cols, cols < N, rows < N)
     tl.store(sp, S)
+    r = tl.load(r_ptr + o + cols).to(tl.float32)
     tl.store(y_ptr + o + rows, tl.sum(S * r[None, :], axis=1))
 
 

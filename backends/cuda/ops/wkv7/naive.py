@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import at_least_f32
+from metastate_core.constants import DECAY_SCALE
 
-DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(w_raw)) in (0.545, 1)
+from .. import at_least_f32
 
 
 def decay_log(w_raw: torch.Tensor) -> torch.Tensor:

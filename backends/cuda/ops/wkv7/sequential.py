@@ -27,26 +27,28 @@ import torch
 import triton
 import triton.language as tl
 
+from metastate_core.constants import DECAY_SCALE
+
 from .. import first_order_only
-from .naive import DECAY_SCALE
 
 CHUNK = 16  # tokens between saved states: memory T/16 * N^2 per head, scratch 16 * BI * N per program
 # Multiply it tensor-first (x * _DECAY): the interpreter keeps constexpr * tensor a constexpr.
 _DECAY = tl.constexpr(DECAY_SCALE)
 
 
-# The forward step is one @triton.jit helper (_step); the adjoint step in _bwd_kernel is written out,
-# since the CPU interpreter (tests) re-patches triton.language on every device-function call, which
-# dominates its run time in these per-token loops. A masked token (t >= T) loads w = 1 and
-# k = v = kk = a = 0, the identity step. (sigmoid is written as 1 / (1 + exp(-x)) for the same
-# reason: tl.sigmoid is a device function.) The step, alpha = -kk, beta = kk * a:
+# The forward step is one @triton.jit helper (_step, also the decode kernel's); the adjoint step in
+# _bwd_kernel is written out (twin: autograd through naive_wkv7_step), since the CPU interpreter
+# (tests) re-patches triton.language on every device-function call, which dominates its run time in
+# these per-token loops. A masked token (t >= T) loads w = 1 and k = v = kk = a = 0, the identity
+# step. (sigmoid is written as 1 / (1 + exp(-x)) for the same reason: tl.sigmoid is a device
+# function.) The step, alpha = -kk, beta = kk * a:
 #     sa = S alpha;   S <- S diag(w) + sa beta^T + v k^T
 
 
 @triton.jit
 def _step(S, w_ptr, k_ptr, v_ptr, kk_ptr, a_ptr, o, rows, cols, mc, mr):
     """S_t from S_{t-1} ([BI, N], this program's value rows) for the token at offset o; past the
-    sequence's end (masks mc, mr off) an identity step."""
+    sequence's end (masks mc, mr off) an identity step. Twin: naive_wkv7_step."""
     x = tl.load(w_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)
     w = tl.exp(tl.where(mc, (1.0 / (1.0 + tl.exp(-x))) * _DECAY, 0.0))
     k = tl.load(k_ptr + o + cols, mask=mc, other=0.0).to(tl.float32)

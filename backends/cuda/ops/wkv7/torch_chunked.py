@@ -9,18 +9,22 @@ alpha = -kk, beta = kk * a and G the in-chunk cumulative log decay:
 
 Everything runs in float32 whatever the input dtype. No per-token loop: cost O(T N^2 + T C N)
 per head and autograd memory O(T N + (T / C) N^2). The Triton kernels have the same signature.
+Passes 1-3 (`wy_factors`, `wy_read`) are also the forward of chunk.py's `reference_backward`,
+the plain twin of the chunked Triton kernels, which runs them in float64.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+
+from metastate_core.constants import MAX_CHUNK
 
 from .naive import decay_log
 
-MAX_CHUNK = 64  # exp(0.6065 * 64) ~ 7e16: 1 / Gamma stays finite in float32
 
-
-def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+def to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     """[B, T, H, N] -> [B, H, n, C, N], zero padded at the end (identity steps)."""
     B, T, H, N = x.shape
     n = -(-T // C)
@@ -28,10 +32,61 @@ def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     return x.view(B, n, C, H, N).permute(0, 3, 1, 2, 4)
 
 
-def _from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+def from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
     """[B, H, n, C, N] -> [B, T, H, N]."""
     B, H, n, C, N = x.shape
     return x.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, N)[:, :T]
+
+
+def solve_unit_lower(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(I - M)^-1 rhs for strictly lower-triangular M [..., C, C], in the dtype of rhs (M may be
+    bfloat16 under autocast)."""
+    eye = torch.eye(M.shape[-1], device=M.device, dtype=rhs.dtype)
+    return torch.linalg.solve_triangular(eye - M, rhs, upper=False, unitriangular=True)
+
+
+def wy_factors(log_w, k, v, kk, a, S, C: int) -> SimpleNamespace:
+    """Passes 1 and 2 for [B, T, H, N] inputs (log w the log decay) from the state S [B, H, N, N],
+    in chunks of C, in the inputs' dtype: the chunked inputs and factors (log_w, k, v, kk, a,
+    G, A, Bh, Kh, M, P, W, Uv [B, H, n, C, N or C]), U, the state at each chunk start (states
+    [B, H, n, N, N]) and the final one (S_T)."""
+    f = SimpleNamespace(C=C, T=k.shape[1])
+    f.log_w = to_chunks(log_w, C)                                 # padding: log 1 = 0
+    f.k, f.v, f.kk, f.a = (to_chunks(x, C) for x in (k, v, kk, a))
+    alpha, beta = -f.kk, f.kk * f.a
+    f.G = torch.cumsum(f.log_w, dim=-2)                           # [B, H, n, C, N]
+    G_last = f.G[..., -1:, :]
+    f.A = alpha * torch.exp(f.G - f.log_w)                        # alpha_t Gamma_{t-1}
+    inv = torch.exp(-f.G)
+    f.Bh, f.Kh = beta * inv, f.k * inv
+
+    # Pass 1: chunk-local WY factors, all chunks at once.
+    f.M = torch.tril(f.A @ f.Bh.mT, -1)
+    f.P = torch.tril(f.A @ f.Kh.mT, -1)
+    WU = solve_unit_lower(f.M, torch.cat([f.A, f.P @ f.v], -1))
+    f.W, f.Uv = WU[..., :k.shape[-1]], WU[..., k.shape[-1]:]
+
+    # Pass 2: carry the state over chunks; decays to the chunk end are <= 1.
+    end = torch.exp(G_last - f.G)
+    B_end, K_end, decay_end = beta * end, f.k * end, torch.exp(G_last)
+    starts, Us = [], []
+    for c in range(f.G.shape[2]):
+        starts.append(S)
+        U = f.W[:, :, c] @ S.mT + f.Uv[:, :, c]
+        Us.append(U)
+        S = S * decay_end[:, :, c] + U.mT @ B_end[:, :, c] + f.v[:, :, c].mT @ K_end[:, :, c]
+    f.states, f.U, f.S_T = torch.stack(starts, 2), torch.stack(Us, 2), S
+    return f
+
+
+def wy_read(f: SimpleNamespace, q: torch.Tensor) -> torch.Tensor:
+    """Pass 3: S_t q_t for q [B, T, K, N], K <= H (the first K heads of `f`): [B, T, K, N]."""
+    K = q.shape[2]
+    Q = to_chunks(q, f.C) * torch.exp(f.G[:, :K])
+    out = (Q @ f.states[:, :K].mT
+           + torch.tril(Q @ f.Bh[:, :K].mT) @ f.U[:, :K]
+           + torch.tril(Q @ f.Kh[:, :K].mT) @ f.v[:, :K])
+    return from_chunks(out, f.T)
 
 
 def torch_chunked_wkv7(r, w_raw, k, v, kk, a, S0=None, chunk_size: int = 16):
@@ -39,7 +94,7 @@ def torch_chunked_wkv7(r, w_raw, k, v, kk, a, S0=None, chunk_size: int = 16):
 
     Args:
         r, w_raw, k, v, kk, a: [B, T, H, N], any float dtype. w_raw is the decay
-            pre-activation: log w = -0.6065306597126334 * sigmoid(w_raw).
+            pre-activation: log w = DECAY_SCALE * sigmoid(w_raw).
         S0: [B, H, N, N] initial state (row = value index), zeros if None.
         chunk_size: C in [1, 64]; shorter sequences use C = T.
     Returns:
@@ -49,46 +104,12 @@ def torch_chunked_wkv7(r, w_raw, k, v, kk, a, S0=None, chunk_size: int = 16):
     if not 1 <= chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK}], got {chunk_size}")
     B, T, H, N = k.shape
-    C = min(chunk_size, T)
     f32 = torch.float32
     S = torch.zeros(B, H, N, N, device=k.device, dtype=f32) if S0 is None else S0.to(f32)
-
-    log_w = _to_chunks(decay_log(w_raw), C)                       # padding: log 1 = 0
-    kc, vc = _to_chunks(k.to(f32), C), _to_chunks(v.to(f32), C)
-    kk32 = kk.to(f32)
-    alpha, beta = _to_chunks(-kk32, C), _to_chunks(kk32 * a.to(f32), C)
-    G = torch.cumsum(log_w, dim=-2)                               # [B, H, n, C, N]
-    G_last = G[..., -1:, :]
-    A = alpha * torch.exp(G - log_w)                              # alpha_t Gamma_{t-1}
-    inv = torch.exp(-G)
-    Bh, Kh = beta * inv, kc * inv
-
-    # Pass 1: chunk-local WY factors, all chunks at once.
-    M = torch.tril(A @ Bh.transpose(-1, -2), -1)
-    P = torch.tril(A @ Kh.transpose(-1, -2), -1)
-    eye = torch.eye(C, device=k.device, dtype=f32)
-    WU = torch.linalg.solve_triangular(eye - M, torch.cat([A, P @ vc], -1), upper=False, unitriangular=True)
-    W, Uv = WU[..., :N], WU[..., N:]
-
-    # Pass 2: carry the state over chunks; decays to the chunk end are <= 1.
-    end = torch.exp(G_last - G)
-    B_end, K_end, decay_end = beta * end, kc * end, torch.exp(G_last)
-    starts, Us = [], []
-    for c in range(G.shape[2]):
-        starts.append(S)
-        U = W[:, :, c] @ S.transpose(-1, -2) + Uv[:, :, c]
-        Us.append(U)
-        S = (S * decay_end[:, :, c] + U.transpose(-1, -2) @ B_end[:, :, c]
-             + vc[:, :, c].transpose(-1, -2) @ K_end[:, :, c])
-    S0s, U = torch.stack(starts, 2), torch.stack(Us, 2)           # [B, H, n, N, N], [B, H, n, C, N]
+    f = wy_factors(decay_log(w_raw), *(x.to(f32) for x in (k, v, kk, a)), S, min(chunk_size, T))
 
     def read(q: torch.Tensor) -> torch.Tensor:
-        """Pass 3: S_t q_t for q [B, T, K, N], K <= H: [B, T, K, N] float32."""
-        K = q.shape[2]
-        Q = _to_chunks(q.to(f32), C) * torch.exp(G[:, :K])
-        out = (Q @ S0s[:, :K].transpose(-1, -2)
-               + torch.tril(Q @ Bh[:, :K].transpose(-1, -2)) @ U[:, :K]
-               + torch.tril(Q @ Kh[:, :K].transpose(-1, -2)) @ vc[:, :K])
-        return _from_chunks(out, T)
+        """S_t q_t for q [B, T, K, N], K <= H: [B, T, K, N] float32."""
+        return wy_read(f, q.to(f32))
 
-    return read(r), S, read
+    return read(r), f.S_T, read

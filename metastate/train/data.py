@@ -17,11 +17,12 @@ Batches (`TokenData.batch`): the stream is cut into windows of T + 1 tokens that
 one (inputs tokens[i*T : i*T+T], targets shifted by one). Sample s of the run is window
 perm_e[s mod n] with e = s div n and perm_e a permutation seeded by (seed, e): so the batch at
 any data position is a pure function of (seed, position), which is what exact resume and
-data-parallel equivalence rest on.
+data-parallel equivalence rest on. Torch-free: `metastate prepare-data` needs numpy and sentencepiece only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -251,6 +252,15 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def data_fingerprint(data_dir: str | Path, meta: dict) -> str:
+    """What a prepared data directory holds, wherever it lies: its meta.json (token counts per
+    shard, dtype, vocabulary, seed; not the source paths) and its tokenizer file."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sources"}, sort_keys=True).encode())
+    tok = Path(data_dir) / meta.get("tokenizer", TOKENIZER_FILE)
+    h.update(tok.read_bytes() if tok.is_file() else b"")
+    return h.hexdigest()[:16]
+
+
 class TokenData:
     """One split of a prepared data directory, cut into windows of seq_len + 1 tokens."""
 
@@ -267,7 +277,7 @@ class TokenData:
             self.shards.append(np.memmap(file, dtype=dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.n_tokens = int(self.starts[-1])
-        self.seq_len, self.vocab_size, self.eos_id = seq_len, meta["vocab_size"], meta["eos_id"]
+        self.seq_len = seq_len
         self.n_windows = (self.n_tokens - 1) // seq_len
         if self.n_windows < 1:
             raise DataError(f"the {split!r} split has {self.n_tokens} tokens: fewer than seq_len + 1 = {seq_len + 1}")

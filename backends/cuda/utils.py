@@ -1,0 +1,17 @@
+"""Loading a model directory into the torch model (the twin of backends/mlx/utils.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model import Model
+
+
+def load_model(path, device="cpu", dtype=None, *, kernels="auto", freeze_sse_gate: bool = False) -> Model:
+    """A model directory (SPEC section 4) -> Model on `device`; dtype None keeps the file's.
+    kernels: as for `Model.set_kernels`."""
+    from weights import load_model as load_weights
+
+    cfg, tensors = load_weights(Path(path))
+    return Model.from_tensors(cfg, tensors, device=device, dtype=dtype, kernels=kernels,
+                              freeze_sse_gate=freeze_sse_gate)

@@ -1,0 +1,278 @@
+"""The run directory and its checkpoints: each rule of saving, keeping and resuming a run is a
+function of the directory (and of the arrays it reads or writes) alone.
+
+    out/metrics.jsonl loss.png train_config.json
+    out/checkpoints/step-000200/   a model directory (config.json, model.safetensors, tokenizer.model) and
+        trainer_state.json         step, data position and fingerprint, RNG, config, skip counts, fp16 loss scale
+        optimizer.npz              AdamW moments, RNG arrays, float32 weights if save_dtype is narrower
+    out/superseded/after-step-000100/   the checkpoints of another continuation, set aside on resume
+
+A checkpoint is written by one `weights.save_model` call (temp directory, fsync, rename), so a
+kill at any moment leaves the previous checkpoints whole; stale temp directories go at the next start.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metastate_core.config import ModelConfig
+from weights import save_model
+
+from .config import TrainConfig, TrainError
+from .data import TOKENIZER_FILE
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPT_FILE = "optimizer.npz"
+MASTER = "master."  # optimizer.npz prefix of the float32 weights when save_dtype is narrower
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+# every key a checkpoint's trainer_state.json holds that a resume reads
+STATE_KEYS = ("step", "config", "rng", "amp", "data_fingerprint", "best_val_loss", "bad_steps", "skipped_steps",
+              "grad_scaler")
+
+
+def finite(x):
+    """x, or None for a float NaN / inf (JSON has neither)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+# -- the checkpoints of a run -----------------------------------------------------------------
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(out) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name)  # not a copied "step-best"
+             and (p / STATE_FILE).is_file() and (p / OPT_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def clean_stale(out: Path) -> None:
+    """Temp and half-deleted directories left by a kill during a save or a retention sweep."""
+    root = out / CKPT_DIR
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def retain(out: Path, keep_last: int, keep_best: bool) -> None:
+    """Delete all but the last keep_last checkpoints and, with keep_best, the lowest held-out loss's."""
+    found = list_checkpoints(out)
+    keep = set(found[-keep_last:])
+    if keep_best:
+        scored = [(json.loads((p / STATE_FILE).read_text())["val_loss"], p) for p in found]
+        scored = [(v, p) for v, p in scored if v is not None]
+        if scored:
+            keep.add(min(scored, key=lambda vp: vp[0])[1])
+    for p in found:
+        if p not in keep:  # rename first: a kill mid-delete leaves a hidden dir, not a broken ckpt
+            trash = p.with_name(f".deleted-{p.name}")
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def resume_dir(out: Path, resume: str | None, main: bool) -> Path | None:
+    """The checkpoint a run continues from; None for a new run, which refuses an `out` holding
+    checkpoints (it would mix its own with them, and retention would delete some of either)."""
+    if not resume:
+        if list_checkpoints(out):
+            raise TrainError(f"{out} already holds a run's checkpoints (latest {latest_checkpoint(out)}): "
+                             "continue it with --resume, or give the new run another --out")
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise TrainError(f"resume checkpoint {resume} does not exist")
+        return Path(resume)
+    if main:
+        clean_stale(out)
+    latest = latest_checkpoint(out)
+    if latest is None:
+        _no_checkpoint_yet(out, main)
+    return latest
+
+
+def _no_checkpoint_yet(out: Path, main: bool) -> None:
+    """--resume auto in an out without checkpoints starts a new run, unless the run there
+    started from a model (init_from): a new run would start from random weights instead."""
+    try:
+        begun = json.loads((out / "train_config.json").read_text(encoding="utf-8")).get("init_from")
+    except (OSError, ValueError, AttributeError):
+        begun = None
+    if begun:
+        raise TrainError(f"{out} holds no checkpoint yet, and its run started from --init-from {begun}: "
+                         "start that run again (with --init-from, without --resume)")
+    if main:
+        print(f"note: no checkpoint in {out}: starting a new run", file=sys.stderr)
+
+
+def set_aside(out: Path, resumed_from: Path, step: int) -> None:
+    """out/checkpoints holds one line of steps. Resuming from an earlier checkpoint of it, the
+    later ones belong to another continuation; resuming from a checkpoint elsewhere (another
+    run, or out/superseded/), all of them do. They move to out/superseded/, so that
+    retention (which keeps the highest steps) cannot delete this run's own checkpoints for
+    them, nor `--resume auto` pick them up; nothing is deleted."""
+    own = resumed_from.resolve().parent == (out / CKPT_DIR).resolve()
+    later = [p for p in list_checkpoints(out) if not own or int(p.name.split("-")[1]) > step]
+    if not later:
+        return
+    dest = out / "superseded" / f"after-step-{step:06d}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"after-step-{step:06d}-{n}")
+    dest.mkdir(parents=True)
+    for ckpt in later:
+        os.rename(ckpt, dest / ckpt.name)
+    print(f"note: resuming at step {step}: the checkpoints of another continuation "
+          f"({', '.join(c.name for c in later)}) moved to {dest}", file=sys.stderr)
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint (they belonged to the killed tail)."""
+    file = out / METRICS_FILE
+    if not file.exists():
+        return
+    if step == 0:
+        file.unlink()  # a fresh run in a used directory starts a fresh log
+        return
+    keep = [line for line in file.read_text().splitlines() if _record_step(line) <= step]
+    file.write_text("".join(line + "\n" for line in keep))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; infinity for a blank or cut-off one (a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+# -- one checkpoint ---------------------------------------------------------------------------
+
+def write_checkpoint(path: Path, model_cfg: ModelConfig, tensors: dict[str, np.ndarray], opt: dict[str, np.ndarray],
+                     state: dict, save_dtype: str, tokenizer_file: Path) -> None:
+    """A model directory of tensors in save_dtype, with the trainer state (state and this
+    process's RNG states) and the optimizer arrays."""
+    rng_meta, rng_arrays = rng_state()
+    # the model file holds save_dtype for use; resuming needs the float32 weights themselves
+    masters = {} if save_dtype == "float32" else {f"{MASTER}{n}": t for n, t in tensors.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **opt, **rng_arrays, **masters)
+    extra = {STATE_FILE: (json.dumps({**state, "rng": rng_meta}, indent=1) + "\n").encode(), OPT_FILE: buf.getvalue()}
+    if tokenizer_file.is_file():
+        extra[TOKENIZER_FILE] = tokenizer_file
+    save_model(path, model_cfg, tensors, dtype=save_dtype, extra_files=extra)
+
+
+def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(trainer_state.json, optimizer.npz arrays) of a checkpoint; arrays load without pickles."""
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        with np.load(ckpt / OPT_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError as e:
+        raise TrainError(f"{ckpt} is not a training checkpoint: {Path(e.filename).name} is missing") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise TrainError(f"corrupt training checkpoint {ckpt}: {e}") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else [STATE_FILE]
+    missing += [k for k in ("rng.torch", "rng.numpy") if k not in arrays]
+    if missing:
+        raise TrainError(f"corrupt training checkpoint {ckpt}: no {', '.join(missing)}")
+    return state, arrays
+
+
+def changed_settings(cfg: TrainConfig, state: dict, precision: str, data_id: str) -> list[str]:
+    """The settings that define the loss curve and differ from a checkpoint's. The data is
+    compared by content (data_fingerprint), the precision by the dtype the run computed in."""
+    changed = [k for k, v in cfg.to_dict().items()
+               if k not in cfg.RESUME_FREE and k not in ("data", "precision") and state["config"].get(k) != v]
+    if state["amp"] != precision:
+        changed.append("precision")
+    if state["data_fingerprint"] != data_id:
+        changed.append("data")
+    return changed
+
+
+def master_weights(ckpt: Path, tensors: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict:
+    """The float32 weights to resume from: the model file's, or, when it was saved in a narrower
+    save_dtype, the float32 copies kept beside the optimizer state."""
+    masters = {k[len(MASTER):]: v for k, v in arrays.items() if k.startswith(MASTER)} or tensors
+    for name, t in tensors.items():
+        m = masters.get(name)
+        if m is None or m.shape != t.shape or m.dtype != np.float32 or not np.isfinite(m).all():
+            got = "missing" if m is None else f"{m.dtype} {list(m.shape)}"
+            raise TrainError(f"corrupt training checkpoint {ckpt}: float32 weight {name} is {got}, "
+                             f"expected float32 {list(t.shape)}, finite")
+    return {name: masters[name] for name in tensors}
+
+
+def optimizer_state(arrays: dict[str, np.ndarray], shapes: dict[str, tuple]) -> dict[str, dict]:
+    """{parameter name: {moment: tensor}} of a checkpoint's 'opt.<name>.<moment>' arrays, checked
+    against the trainable parameters' shapes (the fused AdamW kernel reads moments unchecked)."""
+    state: dict[str, dict] = {}
+    for key, value in arrays.items():
+        if key.startswith("opt."):
+            name, k = key[4:].rsplit(".", 1)
+            want = () if k == "step" else shapes.get(name)
+            if want is None or tuple(value.shape) != want or value.dtype != np.float32:
+                raise TrainError(f"corrupt optimizer state {key}: {value.dtype} {list(value.shape)}, expected "
+                                 + (f"float32 {list(want)}" if want is not None else "no such parameter"))
+            state.setdefault(name, {})[k] = torch.from_numpy(value.copy())
+    return state
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON part, array part) of the torch / numpy / python RNG states."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    arrays = {"rng.torch": torch.get_rng_state().numpy(), "rng.numpy": np_state[1]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        arrays["rng.cuda"] = torch.cuda.get_rng_state().numpy()
+    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], *np_state[2:]]}
+    return meta, arrays
+
+
+def set_rng_state(meta: dict, arrays: dict) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], arrays["rng.numpy"], *n[1:]))
+    torch.set_rng_state(torch.from_numpy(arrays["rng.torch"].copy()))
+    if "rng.cuda" in arrays and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(arrays["rng.cuda"].copy()))
+
+
+def check_tokenizer(model_dir: Path, mcfg: ModelConfig, tokenizer_file: Path, data: str) -> None:
+    """A model may continue on data only if both use the same tokenizer (ids mean the same)."""
+    tok = mcfg.tokenizer
+    if tok is None:  # e.g. an imported official checkpoint: nothing to compare
+        return
+    if tok.get("type") != "sentencepiece":
+        raise TrainError(f"{model_dir}'s tokenizer is {tok.get('type')!r}; the trainer's data is tokenized by "
+                         "sentencepiece only, so its token ids would mean other pieces")
+    file = model_dir / tok.get("file", "")
+    if not (file.is_file() and tokenizer_file.is_file() and file.read_bytes() == tokenizer_file.read_bytes()):
+        raise TrainError(f"{model_dir}'s tokenizer ({tok.get('file')}) is not the one {data} was "
+                         f"prepared with: its token ids mean other pieces. Prepare the data with "
+                         f"`metastate prepare-data --tokenizer {file}`")
