@@ -25,8 +25,10 @@ def official_lora_size(d_model: int, factor: float) -> int:
 
 LORA_FACTORS = {"lora_w": 2.5, "lora_a": 2.5, "lora_v": 1.7, "lora_g": 5.0}
 SIZES = ("vocab_size", "d_model", "n_layer", "head_size", "d_att", *LORA_FACTORS, "n_param_tokens")
+PARAM_MODES = ("dense", "product")
+PRODUCT_FIELDS = ("n_sub_keys", "param_heads", "param_topk")  # product mode only (SPEC section 7)
 # What defines the computation; the rest of a config (tokenizer, chat_template, ...) may be edited.
-ARCHITECTURE = (*SIZES, "sse_heads")
+ARCHITECTURE = (*SIZES, "sse_heads", "param_mode", *PRODUCT_FIELDS)
 
 
 @dataclass
@@ -42,6 +44,10 @@ class ModelConfig:
     lora_g: int | None = None
     n_param_tokens: int | None = None
     sse_heads: int | None = None
+    param_mode: str = "dense"           # "dense" (SPEC section 2) or "product" (product keys, section 7)
+    n_sub_keys: int | None = None       # product: m sub-keys per half, n_param_tokens = m * m
+    param_heads: int | None = None      # product: P heads, each reading its own top-k
+    param_topk: int | None = None       # product: k tokens read per head
     tokenizer: dict | None = None
     growth: list = field(default_factory=list)
     # Keys this version does not model (e.g. "quantization" written by a backend): kept so
@@ -60,6 +66,8 @@ class ModelConfig:
         for name, factor in LORA_FACTORS.items():
             if getattr(self, name) is None:
                 setattr(self, name, official_lora_size(self.d_model, factor))
+        if self.param_mode == "product" and self.n_param_tokens is None and _is_pos_int(self.n_sub_keys):
+            self.n_param_tokens = self.n_sub_keys ** 2
         if self.n_param_tokens is None:
             self.n_param_tokens = 4 * self.d_model
         if self.sse_heads is None and _is_pos_int(self.head_size) and _is_pos_int(self.d_att):
@@ -73,6 +81,11 @@ class ModelConfig:
     @property
     def n_head(self) -> int:
         return self.d_att // self.head_size
+
+    @property
+    def product(self) -> bool:
+        """Parameter tokens read through product keys (SPEC section 7), not densely."""
+        return self.param_mode == "product"
 
     @property
     def eps_group_norm(self) -> float:
@@ -107,12 +120,36 @@ class ModelConfig:
                               f"{tok['file']!r}")
         if not all(isinstance(step, dict) for step in self.growth):
             raise ConfigError("config field 'growth' must be a list of objects")
+        self._validate_param_mode()
+
+    def _validate_param_mode(self) -> None:
+        if self.param_mode not in PARAM_MODES:
+            raise ConfigError(f"config field 'param_mode' must be 'dense' or 'product', got {self.param_mode!r}")
+        given = [name for name in PRODUCT_FIELDS if getattr(self, name) is not None]
+        if self.param_mode == "dense":
+            if given:
+                raise ConfigError(f"config field {given[0]!r} is for param_mode 'product' only (this model is dense)")
+            return
+        for name in PRODUCT_FIELDS:
+            if not _is_pos_int(getattr(self, name)):
+                raise ConfigError(f"param_mode 'product' needs {name!r}, a positive integer below 2^31, got "
+                                  f"{getattr(self, name)!r}")
+        m, k = self.n_sub_keys, self.param_topk
+        if self.n_param_tokens != m * m:
+            raise ConfigError(f"product mode has n_param_tokens = n_sub_keys^2 = {m * m}, got {self.n_param_tokens}")
+        if k > m * m:
+            raise ConfigError(f"param_topk {k} exceeds the {m * m} parameter tokens (n_sub_keys^2)")
+        if self.d_model % 2:
+            raise ConfigError(f"product mode splits the query in two halves: d_model must be even, got {self.d_model}")
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
         fields = dataclasses.asdict(self)
         extra = fields.pop("extra")
+        if self.param_mode == "dense":  # product-only fields are absent from dense configs
+            for name in PRODUCT_FIELDS:
+                fields.pop(name)
         out.update(fields)
         out.update({k: v for k, v in extra.items() if k not in out})
         return out

@@ -27,8 +27,12 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                        b + "att.receptance.weight": (A, d), b + "att.key.weight": (A, d),
                        b + "att.value.weight": (A, d), b + "att.output.weight": (d, A),
                        b + "att.ln_x.weight": (A,), b + "att.ln_x.bias": (A,)})
-        shapes.update({b + "meta.x_k": (d,), b + "meta.param_keys": (cfg.n_param_tokens, d),
-                       b + "meta.param_values": (cfg.n_param_tokens, d), b + "meta.sse_gate": (d,)})
+        shapes[b + "meta.x_k"] = (d,)
+        if cfg.product:  # SPEC section 7: P heads of two sub-key tables over the halves of u
+            shapes[b + "meta.sub_keys"] = (cfg.param_heads, 2, cfg.n_sub_keys, d // 2)
+        else:
+            shapes[b + "meta.param_keys"] = (cfg.n_param_tokens, d)
+        shapes.update({b + "meta.param_values": (cfg.n_param_tokens, d), b + "meta.sse_gate": (d,)})
     shapes.update({"ln_out.weight": (d,), "ln_out.bias": (d,), "head.weight": (V, d)})
     return shapes
 
@@ -84,7 +88,10 @@ def init_layer(cfg: ModelConfig, layer: int, rng: np.random.Generator, n_layer: 
     p[b + "att.ln_x.weight"] = np.full(A, ((1 + layer) / L) ** 0.7)
     p[b + "att.ln_x.bias"] = np.zeros(A)
     p[b + "meta.x_k"] = 1.0 - ddd ** (ratio_1_to_almost0 ** 4)
-    p[b + "meta.param_keys"] = rng.uniform(-0.5 * s, 0.5 * s, (cfg.n_param_tokens, d))
+    # product keys: each half-key at the dense keys' scale, so concat(K0[i], K1[j]) is a dense key
+    keys = ((cfg.param_heads, 2, cfg.n_sub_keys, d // 2), "meta.sub_keys") if cfg.product else \
+        ((cfg.n_param_tokens, d), "meta.param_keys")
+    p[b + keys[1]] = rng.uniform(-0.5 * s, 0.5 * s, keys[0])
     p[b + "meta.param_values"] = np.zeros((cfg.n_param_tokens, d))
     p[b + "meta.sse_gate"] = np.zeros(d)
     return p
@@ -114,7 +121,7 @@ def random_params(cfg: ModelConfig, rng: np.random.Generator | int = 0, dtype=np
     rng = np.random.default_rng(rng)
     p = init_params(cfg, rng, np.float64)
     for name, t in p.items():
-        scale = 0.5 / np.sqrt(t.shape[-1]) if t.ndim == 2 else 0.1
+        scale = 0.5 / np.sqrt(t.shape[-1]) if t.ndim >= 2 else 0.1
         if name.endswith(("emb.weight", "head.weight")):
             scale = 1.0 if name == "emb.weight" else 1.0 / np.sqrt(t.shape[-1])
         p[name] = t + rng.normal(0.0, scale, t.shape)

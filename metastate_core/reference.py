@@ -88,6 +88,31 @@ class RecurrentWKV:
         return np.einsum("bthij,bthj->bthi", self.states[:, :, :heads], q)
 
 
+def top(scores, k: int):
+    """Indices of the k largest scores along the last axis, best first; ties go to the smaller
+    index (SPEC section 7), so every backend can select the same set."""
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
+def product_select(u, sub_keys, k: int):
+    """SPEC section 7's selection. u [..., d], sub_keys [P, 2, m, d/2] -> (score, token), each
+    [..., P, k]: per head, the k best of the m*m sums sL[i] + sR[j], token t = i*m + j.
+
+    The best k sums lie among the best min(k, m) halves on each side, so this is exact: a pair
+    outside I x J is beaten by k pairs inside it (same or higher score, smaller t on a tie).
+    """
+    P, _, m, h = sub_keys.shape
+    sL = np.einsum("...c,pic->...pi", u[..., :h], sub_keys[:, 0])      # [..., P, m]
+    sR = np.einsum("...c,pjc->...pj", u[..., h:], sub_keys[:, 1])
+    I = np.sort(top(sL, min(k, m)), axis=-1)                           # ascending index, so the
+    J = np.sort(top(sR, min(k, m)), axis=-1)                           # candidates' t ascend too
+    cand = (np.take_along_axis(sL, I, -1)[..., :, None] + np.take_along_axis(sR, J, -1)[..., None, :])
+    token = I[..., :, None] * m + J[..., None, :]                      # [..., P, |I|, |J|]
+    cand, token = cand.reshape(*cand.shape[:-2], -1), token.reshape(*token.shape[:-2], -1)
+    best = top(cand, k)                                                # a tie: the smaller t
+    return np.take_along_axis(cand, best, -1), np.take_along_axis(token, best, -1)
+
+
 def _lerp_prev(x, prev):
     """Token shift: the previous token's value for each position ([B, T, d], prev [B, d])."""
     return np.concatenate([prev[:, None], x[:, :-1]], axis=1)
@@ -156,7 +181,12 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
             z = z / np.sqrt((z * z).mean(-1, keepdims=True) + cfg.eps_group_norm)
             u = xs.copy()
             u[..., : K * N] += p(b + "meta.sse_gate")[: K * N] * z.reshape(B, T, K * N)
-        alpha = np.maximum(u @ p(b + "meta.param_keys").T, 0) ** 2
-        x = x + alpha @ p(b + "meta.param_values")
+        if cfg.product:  # SPEC section 7: each head reads its exact top-k of m*m tokens
+            score, token = product_select(u, p(b + "meta.sub_keys"), cfg.param_topk)
+            alpha = np.maximum(score, 0) ** 2                                # [B, T, P, k]
+            x = x + np.einsum("btpk,btpkd->btd", alpha, p(b + "meta.param_values")[token])
+        else:
+            alpha = np.maximum(u @ p(b + "meta.param_keys").T, 0) ** 2      # [B, T, n]
+            x = x + alpha @ p(b + "meta.param_values")
     logits = layer_norm(x, p("ln_out.weight"), p("ln_out.bias")) @ p("head.weight").T
     return logits, st

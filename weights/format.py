@@ -193,7 +193,9 @@ def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> N
         saved = json.loads(meta["config"])
     except ValueError:
         raise WeightsError(f"{file}: malformed config in the header") from None
-    changed = [k for k in ARCHITECTURE if isinstance(saved, dict) and saved.get(k) != getattr(cfg, k)]
+    defaults = {"param_mode": "dense"}  # files written before product mode existed are dense
+    changed = [k for k in ARCHITECTURE
+               if isinstance(saved, dict) and saved.get(k, defaults.get(k)) != getattr(cfg, k)]
     if changed:
         k = changed[0]
         raise WeightsError(f"{file.parent / CONFIG_FILE} says {k} = {getattr(cfg, k)!r}, but the weights were saved "
