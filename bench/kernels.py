@@ -2,6 +2,7 @@
 
     python bench/kernels.py [--T 4096] [--B 8] [--heads 12 32] [--algorithm chunk ...]
     python bench/kernels.py --sweep 16/32/tf32/4 32/32/tf32/8 ... --heads 12
+    python bench/kernels.py --product 8,4096,768,1024,4,32   # one product-key layer vs dense
 
 
 Prints a markdown table (median times of triton.testing.do_bench):
@@ -363,6 +364,64 @@ def bench_elementwise(B=8, T=1024, d=768, N=64, n_param=None):
     return rows
 
 
+def bench_product(B, T, d, m, P, k, dtype=torch.bfloat16):
+    """One token-parameter layer (given its query u [B, T, d]), forward and forward+backward
+    (gradients of u and every weight): product keys (SPEC section 7; select in torch, the
+    gather-weighted-sum by the fused Triton kernels, and by embedding_bag) against the dense
+    layer at n = 4d, bf16 weights as in the model. -> rows of {case, forward_ms, train_ms,
+    peak_mib}."""
+    from backends.cuda.ops.elementwise import naive as ew
+    from backends.cuda.ops.product_keys import fused, naive
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, device=DEV, generator=g) * scale).to(dtype)  # noqa: E731
+    u = torch.randn(B, T, d, device=DEV, generator=g, requires_grad=True)
+    dout = torch.randn(B, T, d, device=DEV, generator=g)
+    n = 4 * d
+    keys, values = rnd(n, d, scale=d ** -0.5).requires_grad_(), rnd(n, d, scale=0.1).requires_grad_()
+    sub_keys = rnd(P, 2, m, d // 2, scale=d ** -0.5).requires_grad_()
+    table = rnd(m * m, d, scale=0.1).requires_grad_()
+
+    def dense():
+        return ew.relu_square(u.to(dtype) @ keys.T, dtype).matmul(values).float()
+
+    def product(pk):
+        score, token = pk.select(u, sub_keys, k)
+        return pk.weighted_rows(table, token, ew.relu_square(score))
+
+    cases = {f"dense, n = {n}": (dense, [u, keys, values]),
+             f"product m = {m} (n = {m * m}), P = {P}, k = {k}: fused kernels": (partial(product, fused),
+                                                                               [u, sub_keys, table]),
+             "the same, plain torch (embedding_bag)": (partial(product, naive), [u, sub_keys, table]),
+             "the same, select alone": (lambda: naive.select(u, sub_keys, k)[0], [u, sub_keys])}
+    print(f"\n| token-parameter layer, B={B} T={T} d={d}, {str(dtype).split('.')[-1]} | forward (ms) | "
+          "fwd+bwd (ms) | peak MiB |\n|---|---|---|---|")
+    rows = []
+    for name, (fn, leaves) in cases.items():
+        empty_cache()
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def train(fn=fn, leaves=leaves):
+            out = fn()
+            torch.autograd.grad(out, leaves, dout if out.shape == dout.shape else torch.ones_like(out))
+
+        try:
+            f, t = ms(forward), ms(train)
+        except Exception as e:  # one failing row must not cost the others their report
+            rows.append({"case": name, "error": repr(e)})
+            print(f"| {name} | failed: {e!r} | | |", flush=True)
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else float("nan")
+        rows.append({"case": name, "forward_ms": f, "train_ms": t, "peak_mib": peak})
+        print(f"| {name} | {f:.3f} | {t:.3f} | {peak:.0f} |", flush=True)
+    return rows
+
+
 def shape_arg(text: str, names: str) -> list[int]:
     """'8,1024' -> [8, 1024] for names 'B,T': positive integers, as many as names."""
     try:
@@ -377,8 +436,16 @@ def shape_arg(text: str, names: str) -> list[int]:
 def check_arguments(p: argparse.ArgumentParser, args) -> None:
     """Every argument checked before the first timing: a mistake must not cost GPU time first."""
     from metastate.bench import size_config
+    from metastate_core.config import ModelConfig
     from metastate_core.errors import MetaStateError
 
+    if args.product:
+        try:
+            B, T, d, m, P, k = shape_arg(args.product, "B,T,D,M,P,K")
+            ModelConfig(vocab_size=1, d_model=d, n_layer=1, head_size=d, param_mode="product", n_sub_keys=m,
+                        param_heads=P, param_topk=k).validate()
+        except (ValueError, MetaStateError) as e:
+            p.error(f"--product: {e}")
     if not args.sweep and (args.model or args.breakdown or args.elementwise):
         p.error("--model, --breakdown and --elementwise go with --sweep")
     if args.T < 1 or args.B < 1 or min(args.heads) < 1:
@@ -424,6 +491,8 @@ def main():
     p.add_argument("--model-shape", metavar="B,T", default="8,1024", help="with --model: batch and sequence length")
     p.add_argument("--elementwise-shape", metavar="B,T,D", default="8,1024,768",
                    help="with --elementwise: batch, sequence length, model width")
+    p.add_argument("--product", metavar="B,T,D,M,P,K", help="time only one product-key layer (m sub-keys, P "
+                   "heads, top k) against the dense layer at n = 4d, forward and forward+backward")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a dry run of this script (TRITON_INTERPRET=1, tiny shapes); times mean nothing")
@@ -435,6 +504,11 @@ def main():
     check_arguments(p, args)
     name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (dry run, TRITON_INTERPRET=1)"
     print(f"device: {name}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.product:
+        rows = bench_product(*shape_arg(args.product, "B,T,D,M,P,K"))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"product": rows}, indent=1))
+        return
     if args.sweep:
         # fla computes what ours does: the chunked kernels' y against chunk_rwkv7's, float32
         agree = check_agreement("chunk", parse_config(args.sweep[0]))

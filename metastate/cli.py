@@ -90,7 +90,12 @@ def cmd_init(args) -> int:
 
     out = Path(args.out)
     _check_out(out, args.force)
-    sizes = {k: getattr(args, k) for k in ("d_model", "n_layer", "head_size", "d_att", "n_param_tokens", "sse_heads")}
+    product = ("n_sub_keys", "param_heads", "param_topk")
+    given = [k for k in product if getattr(args, k) is not None]
+    if (args.param_mode == "product") != bool(given) or 0 < len(given) < 3:
+        raise CLIError("--param-mode product goes with all of --n-sub-keys, --param-heads and --param-topk")
+    sizes = {k: getattr(args, k) for k in ("d_model", "n_layer", "head_size", "d_att", "n_param_tokens", "sse_heads",
+                                           "param_mode", *product)}
     cfg = ModelConfig(vocab_size=args.vocab_size, **{k: v for k, v in sizes.items() if v is not None})
     tensors = init_params(cfg, args.seed, np.float32)
     save_model(out, cfg, tensors, dtype=args.dtype)
@@ -106,7 +111,7 @@ def _param_group(name: str) -> str:
         return "head"
     if ".att." in name:
         return "time_mix"
-    if name.endswith(("meta.param_keys", "meta.param_values")):
+    if name.endswith(("meta.param_keys", "meta.sub_keys", "meta.param_values")):
         return "param_tokens"
     if name.endswith("meta.sse_gate"):
         return "sse_gate"
@@ -126,6 +131,7 @@ def model_summary(path: Path) -> dict:
         dtype = np.dtype(t.dtype).name
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     per_layer = cfg.state_bytes_per_layer(batch=1)
+    values = [tensors[f"blocks.{i}.meta.param_values"].nbytes for i in range(cfg.n_layer)]
     return {
         "path": str(path),
         "config": cfg.to_dict(),
@@ -133,6 +139,10 @@ def model_summary(path: Path) -> dict:
         "parameters": {"total": sum(groups.values()), "groups": groups},
         "state_bytes": {"per_layer": per_layer, "total": per_layer * cfg.n_layer,
                         "floats_per_layer": 2 * cfg.d_model + cfg.n_head * cfg.head_size**2},
+        # per layer: tokens held, tokens each input token reads (P k in product mode), value table bytes
+        "param_tokens": {"mode": cfg.param_mode, "per_layer": cfg.n_param_tokens,
+                         "active_per_token": cfg.param_heads * cfg.param_topk if cfg.product else cfg.n_param_tokens,
+                         "value_bytes": {"per_layer": values[0], "total": sum(values)}},
         "dtypes": dtypes,
         "growth": cfg.growth,
         "tokenizer": cfg.tokenizer,
@@ -144,12 +154,17 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    c, p, s = info["config"], info["parameters"], info["state_bytes"]
+    c, p, s, t = info["config"], info["parameters"], info["state_bytes"], info["param_tokens"]
     print(f"model      {info['path']}")
     print(f"shape      vocab {c['vocab_size']}, d_model {c['d_model']}, {c['n_layer']} layers, "
           f"{info['n_head']} heads x {c['head_size']} (d_att {c['d_att']})")
     print(f"lora       w {c['lora_w']}, a {c['lora_a']}, v {c['lora_v']}, g {c['lora_g']}")
-    print(f"meta       {c['n_param_tokens']} parameter tokens per layer, SSE reads {c['sse_heads']} heads")
+    how = (f"product keys {c['n_sub_keys']}^2, {c['param_heads']} heads x top-{c['param_topk']}"
+           if c["param_mode"] == "product" else "dense")
+    print(f"meta       {c['n_param_tokens']:,} parameter tokens per layer ({how}), {t['active_per_token']:,} active "
+          f"per token, SSE reads {c['sse_heads']} heads")
+    print(f"values     {t['value_bytes']['per_layer']:,} bytes per layer, {t['value_bytes']['total']:,} in total "
+          f"({_human(t['value_bytes']['total'], 'B')})")
     print(f"parameters {p['total']:,} ({_human(p['total'])})")
     for group, n in p["groups"].items():
         print(f"  {group:<22} {n:>14,}")
@@ -285,9 +300,10 @@ def cmd_grow(args) -> int:
     from weights import save_model
 
     steps = {"param_tokens": args.param_tokens, "heads": args.heads, "layers": args.layers,
-             "sse_heads": args.sse_heads}
+             "sse_heads": args.sse_heads, "sub_keys": args.sub_keys}
     if all(v is None for v in steps.values()):
-        raise CLIError("nothing to grow: give at least one of --param-tokens, --heads, --layers, --sse-heads")
+        raise CLIError("nothing to grow: give at least one of --param-tokens, --sub-keys, --heads, --layers, "
+                       "--sse-heads")
     src, out = Path(args.src), Path(args.out)
     if out.resolve() == src.resolve():
         raise CLIError("--out must differ from the source")
@@ -296,13 +312,31 @@ def cmd_grow(args) -> int:
         cfg, tensors, extra = _load_source(src, None, None)
         dtype = _disk_dtype(tensors)
         bar.update()
+        old = cfg, tensors
         cfg, tensors = grow(cfg, tensors, **steps, layer_position=args.layer_position, rng=args.seed)
+        record = next((r for r in cfg.growth[len(old[0].growth):] if r["rule"] == "sub_keys"), None)
+        if record:  # a warm start, not exact (SPEC section 5): measure and record the change
+            record.update(logits_rel_rms=_logits_change(*old, cfg, tensors), sample=SUB_KEYS_SAMPLE)
         bar.update()
         save_model(out, cfg, tensors, dtype=dtype, extra_files=extra or None)
         bar.update()
     print(f"grew {src} -> {out}: d_att {cfg.d_att} ({cfg.n_head} heads), {cfg.n_layer} layers, "
-          f"{cfg.n_param_tokens} parameter tokens, SSE {cfg.sse_heads} heads")
+          f"{cfg.n_param_tokens:,} parameter tokens, SSE {cfg.sse_heads} heads")
+    if record:
+        print(f"note: --sub-keys {record['from']} -> {record['to']} is a warm start, not exact: the logits changed by "
+              f"rel_rms {record['logits_rel_rms']:.3g} on {SUB_KEYS_SAMPLE}")
     return 0
+
+
+SUB_KEYS_SAMPLE = "4 x 64 token ids drawn uniformly with seed 0 (float32 NumPy reference, from the zero state)"
+
+
+def _logits_change(cfg, tensors, new_cfg, new_tensors) -> float:
+    from metastate_core.reference import forward, rel_rms
+
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 64))
+    before = forward(tensors, cfg, tokens, dtype=np.float32, wkv="chunked")[0]
+    return float(rel_rms(forward(new_tensors, new_cfg, tokens, dtype=np.float32, wkv="chunked")[0], before))
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -327,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     for flag in ("--d-model", "--n-layer", "--head-size", "--d-att", "--n-param-tokens", "--sse-heads"):
         p.add_argument(flag, type=int, help="default: SPEC section 1")
+    p.add_argument("--param-mode", choices=("dense", "product"), default="dense",
+                   help="product: product-key parameter tokens (SPEC section 7)")
+    p.add_argument("--n-sub-keys", type=int, metavar="M", help="product: M^2 parameter tokens per layer")
+    p.add_argument("--param-heads", type=int, metavar="P", help="product: heads, each reading its own top-k")
+    p.add_argument("--param-topk", type=int, metavar="K", help="product: tokens each head reads")
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -364,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grow", help="grow a model without changing its logits (SPEC section 5)")
     p.add_argument("src", help="model directory (or anything convert reads)")
     p.add_argument("--out", required=True, help="model directory to create")
-    p.add_argument("--param-tokens", type=int, help="new number of parameter tokens per layer")
+    p.add_argument("--param-tokens", type=int, help="new number of parameter tokens per layer (dense models)")
+    p.add_argument("--sub-keys", type=int, metavar="M", help="product models: new n_sub_keys (a warm start, not "
+                   "exact: prints the measured change of the logits)")
     p.add_argument("--heads", type=int, help="new number of WKV heads")
     p.add_argument("--layers", type=int, help="new number of layers")
     p.add_argument("--sse-heads", type=int, help="new number of heads the SSE reads")

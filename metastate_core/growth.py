@@ -31,6 +31,9 @@ old ones). Checked by finite differences in tests/test_growth.py.
    a freshly initialised RWKV-7 block.
 4. SSE heads: the new `sse_gate` entries (zero) receive gradient at once,
    dL/dgate = dL/du * z with z the (non-zero) SSE readout of the new heads.
+
+Product mode (SPEC section 7): rules 2-4 are exact as they are; rule 1 is refused (n = m*m),
+and `grow_sub_keys` (m -> m') is a warm start, not function-preserving (see its docstring).
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def grow_param_tokens(cfg: ModelConfig, tensors: dict, n_param_tokens: int, *, r
     `meta.param_values` [n, d] (zeros): the new tokens add nothing until their values move.
     """
     _check_tensors(cfg, tensors)
+    if cfg.product:
+        raise GrowthError("a product-mode model has n_sub_keys^2 parameter tokens: grow n_sub_keys "
+                          "(`metastate grow --sub-keys M`) instead of the parameter tokens")
     n, d = cfg.n_param_tokens, cfg.d_model
     if _is_noop("n_param_tokens", n, n_param_tokens):
         return _noop(cfg, tensors)
@@ -109,6 +115,36 @@ def grow_param_tokens(cfg: ModelConfig, tensors: dict, n_param_tokens: int, *, r
         scale = 0.5 / np.sqrt(d)  # init_layer's param_keys scale
         out[b + "param_keys"] = _cat(tensors[b + "param_keys"], rng.uniform(-scale, scale, (extra, d)), 0)
         out[b + "param_values"] = _cat(tensors[b + "param_values"], np.zeros((extra, d)), 0)
+    return new_cfg, out
+
+
+def grow_sub_keys(cfg: ModelConfig, tensors: dict, n_sub_keys: int, *, rng=0):
+    """Product mode (SPEC sections 5, 7): m -> m' sub-keys per half, n = m^2 -> m'^2 tokens.
+
+    Appends m' - m rows to each half of `meta.sub_keys` [P, 2, m, d/2] (random, init_layer's
+    scale) and re-indexes `meta.param_values`: old row i*m + j moves to i*m' + j, new rows are
+    zero. Every old token keeps its key and value, and the old tokens keep their order, but a
+    new (zero-valued) token can push an old one out of a head's top-k: a warm start, not
+    function-preserving in general (`metastate grow --sub-keys` reports the measured change).
+    """
+    _check_tensors(cfg, tensors)
+    if not cfg.product:
+        raise GrowthError("n_sub_keys grows in product mode only: a dense model grows its parameter tokens "
+                          "(--param-tokens)")
+    m, d = cfg.n_sub_keys, cfg.d_model
+    if _is_noop("n_sub_keys", m, n_sub_keys):
+        return _noop(cfg, tensors)
+    rng, new = _generator(rng), int(n_sub_keys)
+    new_cfg = _next_config(cfg, {"rule": "sub_keys", "from": m, "to": new}, n_sub_keys=new, n_param_tokens=new * new)
+    out = dict(tensors)
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}.meta."
+        keys, values = np.asarray(tensors[b + "sub_keys"]), np.asarray(tensors[b + "param_values"])
+        scale = 0.5 / np.sqrt(d)  # init_layer's sub_keys scale
+        out[b + "sub_keys"] = _cat(keys, rng.uniform(-scale, scale, (*keys.shape[:2], new - m, d // 2)), 2)
+        grown = np.zeros((new, new, d), values.dtype)
+        grown[:m, :m] = values.reshape(m, m, d)
+        out[b + "param_values"] = grown.reshape(new * new, d)
     return new_cfg, out
 
 
@@ -220,8 +256,9 @@ def grow_sse_heads(cfg: ModelConfig, tensors: dict, sse_heads: int):
 
 
 def grow(cfg: ModelConfig, tensors: dict, *, param_tokens=None, heads=None, layers=None,
-         sse_heads=None, layer_position: str = "end", rng=0, d_model=None, head_size=None):
-    """Apply the given growth steps in the fixed order param_tokens, heads, sse_heads, layers.
+         sse_heads=None, sub_keys=None, layer_position: str = "end", rng=0, d_model=None, head_size=None):
+    """Apply the given growth steps in the fixed order param_tokens (or sub_keys in product
+    mode), heads, sse_heads, layers.
 
     Heads come before sse_heads (more SSE heads may need the wider d_att); layers come last,
     so new blocks are initialised at the final width, head count and parameter-token count.
@@ -240,6 +277,8 @@ def grow(cfg: ModelConfig, tensors: dict, *, param_tokens=None, heads=None, laye
     out_cfg, out = _noop(cfg, tensors)
     if param_tokens is not None:
         out_cfg, out = grow_param_tokens(out_cfg, out, param_tokens, rng=rng)
+    if sub_keys is not None:
+        out_cfg, out = grow_sub_keys(out_cfg, out, sub_keys, rng=rng)
     if heads is not None:
         out_cfg, out = grow_heads(out_cfg, out, heads, rng=rng)
     if sse_heads is not None:

@@ -3,7 +3,7 @@
     python scripts/compile_check.py [--arch 90 80] [--chunk-size 16] [--num-warps 4] [--json OUT]
 
 Runs the launchers (the chunked WKV kernels forward and backward in both schedules, the
-sequential and decode kernels, the fused elementwise pieces) on small CPU tensors with each
+sequential and decode kernels, the fused elementwise pieces, the product-key gather-sum) on small CPU tensors with each
 Triton launch replaced by a compilation for the target (Triton's own pipeline down to a cubin,
 ptxas included) and prints, per kernel and configuration, registers per thread and bytes of
 register spills (from `ptxas -v`), shared memory, and the programs that fit on one SM at once.
@@ -171,6 +171,12 @@ def launch_everything(chunk_size=16, num_warps=4):
         fused.relu_square(g(B, T, 4 * d).to(low), low).float().sum().backward()
     kk, k_out = fused.k_prep(g(B, T, d), g(B, T, d), g(d), g(d), d // N)
     (kk.sum() + k_out.sum()).backward()
+    from backends.cuda.ops.product_keys import fused as product_keys
+
+    for low in (torch.bfloat16, torch.float32):  # the value table in bf16 (training on a GPU), float32
+        values = torch.zeros(16, d, dtype=low, requires_grad=True)
+        rows = product_keys.weighted_rows(values, torch.zeros(B, T, 4, 32, dtype=torch.long), g(B, T, 4, 32))
+        rows.sum().backward()
 
 
 def check(arch: int, chunk_size=16, num_warps=4) -> list[dict]:

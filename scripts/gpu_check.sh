@@ -2,8 +2,9 @@
 # GPU check of the Triton WKV-7 kernels: bench/kernels.py against flash-linear-attention (fla-core
 # installed, or carried as wheels in bench/build/) with the fused elementwise pieces and the whole
 # model, then the kernel and model tests compiled for CUDA (no interpreter), then a profile of
-# whole-model training steps (bench/profile_model.py). At most 570 s with the default timeouts
-# (BENCH_TIMEOUT, TEST_TIMEOUT, TRAIN_TEST_TIMEOUT, PROFILE_TIMEOUT).
+# whole-model training steps (bench/profile_model.py), and one product-key layer against the
+# dense layer (issue 18). At most 600 s with the default timeouts (BENCH_TIMEOUT, TEST_TIMEOUT,
+# TRAIN_TEST_TIMEOUT, PROFILE_TIMEOUT, PRODUCT_TIMEOUT).
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 # Usage: scripts/gpu_check.sh [bench/kernels.py arguments; default: the docs/benchmarks.md sweep]
 # Before spending GPU time on a changed benchmark, dry-run it on the CPU (tests/test_bench_scripts.py
@@ -30,7 +31,8 @@ fi
 timeout "${BENCH_TIMEOUT:-330}" "$PY" bench/kernels.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=$?
 timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
-    tests/test_triton_wkv7.py tests/test_fused_elementwise.py tests/test_torch_model.py -k "triton or fused" \
+    tests/test_triton_wkv7.py tests/test_fused_elementwise.py tests/test_torch_model.py tests/test_torch_product.py \
+    -k "triton or fused" \
     2>&1 | tee "$OUT/tests.log" | tail -20
 tests=$?
 # The trainer with its GPU defaults (Triton kernels, fused pieces, bf16 autocast, chunked loss):
@@ -45,5 +47,10 @@ timeout "${PROFILE_TIMEOUT:-60}" "$PY" bench/profile_model.py --json "$OUT/profi
     | tee "$OUT/profile.log" | grep -v "^USDT\|^STAGE"
 profile=${PIPESTATUS[0]}
 [ "$profile" -eq 0 ] || echo "WARNING: bench/profile_model.py exited with $profile (log: $OUT/profile.log)"
-echo "exit status: bench $bench, tests $tests, profile $profile"
-exit $(( tests != 0 ? tests : bench != 0 ? bench : profile ))
+# One product-key layer (B 8, T 4096, d 768, m 1024, P 4, k 32; fused kernels and plain torch) against
+# the dense layer at n = 3072, forward and forward+backward (docs/kernels.md).
+timeout "${PRODUCT_TIMEOUT:-30}" "$PY" bench/kernels.py --product 8,4096,768,1024,4,32 --json "$OUT/product.json" \
+    2>&1 | tee "$OUT/product.log"
+product=${PIPESTATUS[0]}
+echo "exit status: bench $bench, tests $tests, profile $profile, product $product"
+exit $(( tests != 0 ? tests : bench != 0 ? bench : profile != 0 ? profile : product ))

@@ -80,6 +80,13 @@ def test_kernel_bench_refuses_bad_arguments_before_timing(tmp_path, args, messag
     assert message in log and "| H |" not in log  # nothing timed first
 
 
+def test_product_bench_dry_run(tmp_path):
+    out = tmp_path / "product.json"
+    run_script(["bench/kernels.py", "--device", "cpu", "--product", "1,8,64,9,2,5", "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["product"]
+    assert len(rows) == 4 and all(r["forward_ms"] > 0 and r["train_ms"] > 0 for r in rows)
+
+
 def test_profile_dry_run_groups_time(tmp_path):
     out = tmp_path / "profile.json"
     run_script(["bench/profile_model.py", "--size", "64,1,64", "--batch", "1", "--seq-len", "8", "--steps", "1",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -99,6 +100,8 @@ def test_init_then_inspect(tmp_path, capsys):
     assert info["state_bytes"]["total"] == 3 * 4 * 576
     assert info["dtypes"] == {"float32": len(shapes)}
     assert info["tokenizer"] is None and info["growth"] == []
+    assert info["param_tokens"] == {"mode": "dense", "per_layer": 48, "active_per_token": 48,
+                                    "value_bytes": {"per_layer": 48 * 32 * 4, "total": 3 * 48 * 32 * 4}}
 
     rc, text, err = run(["inspect", out], capsys)
     assert rc == 0, err
@@ -252,6 +255,100 @@ def test_convert_pth_round_trip_with_tokenizer(tmp_path, capsys):
     rc, _, err = run(["convert", back, "--out", copy, "--dtype", "float16"], capsys)
     assert rc == 0, err
     assert (copy / "rwkv_vocab_v20230424.txt").read_bytes() == (back / "rwkv_vocab_v20230424.txt").read_bytes()
+
+
+# -- product-key models (SPEC section 7) ----------------------------------------------------------
+PRODUCT = ["--param-mode", "product", "--n-sub-keys", 6, "--param-heads", 3, "--param-topk", 5]
+
+
+def test_init_and_inspect_product_model(tmp_path, capsys):
+    out = tmp_path / "pk"
+    rc, _, err = run(["init", "--out", out, "--vocab-size", 50, "--d-model", 32, "--n-layer", 2, "--head-size", 16,
+                      *PRODUCT, "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    cfg, tensors = load_model(out)
+    assert (cfg.param_mode, cfg.n_sub_keys, cfg.param_heads, cfg.param_topk, cfg.n_param_tokens) == (
+        "product", 6, 3, 5, 36)
+    assert tensors["blocks.1.meta.sub_keys"].shape == (3, 2, 6, 16) and "blocks.1.meta.param_keys" not in tensors
+    rc, text, err = run(["inspect", out, "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(text)
+    assert info["param_tokens"] == {"mode": "product", "per_layer": 36, "active_per_token": 15,
+                                    "value_bytes": {"per_layer": 36 * 32 * 2, "total": 2 * 36 * 32 * 2}}
+    assert info["parameters"]["groups"]["param_tokens"] == 2 * (3 * 2 * 6 * 16 + 36 * 32)
+    assert (info["config"]["n_sub_keys"], info["config"]["param_heads"], info["config"]["param_topk"]) == (6, 3, 5)
+    rc, text, err = run(["inspect", out], capsys)
+    assert rc == 0, err
+    assert "36 parameter tokens per layer (product keys 6^2, 3 heads x top-5), 15 active per token" in text
+    assert "values     2,304 bytes per layer, 4,608 in total" in text
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--n-sub-keys", 6], ["--param-mode product goes with all of"]),
+    (["--param-mode", "product", "--n-sub-keys", 6, "--param-heads", 2], ["--param-topk"]),
+    (["--param-mode", "product", "--n-sub-keys", 6, "--param-heads", 0, "--param-topk", 3], ["param_heads"]),
+    (["--param-mode", "product", "--n-sub-keys", 0, "--param-heads", 1, "--param-topk", 1], ["n_sub_keys"]),
+    (["--param-mode", "product", "--n-sub-keys", 6, "--param-heads", 1, "--param-topk", 37], ["param_topk 37 exceeds"]),
+    ([*PRODUCT, "--n-param-tokens", 40], ["n_param_tokens = n_sub_keys^2 = 36, got 40"]),
+    ([*PRODUCT, "--d-model", 33, "--head-size", 11], ["d_model must be even, got 33"]),
+    (["--param-mode", "sparse"], ["--param-mode", "sparse"]),
+])
+def test_init_product_errors(tmp_path, capsys, flags, fragments):
+    rc, _, err = run(["init", "--out", tmp_path / "x", "--vocab-size", 50, *flags], capsys)
+    assert_one_error(rc, err, *fragments)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def product_model(tmp_path_factory):
+    cfg = tiny_config(n_param_tokens=None, param_mode="product", n_sub_keys=5, param_heads=2, param_topk=7)
+    tensors = random_params(cfg, 3, np.float32)
+    path = tmp_path_factory.mktemp("cli") / "product"
+    save_model(path, cfg, tensors)
+    return path, cfg, tensors
+
+
+def test_logits_and_grow_product_model(product_model, model, tmp_path, capsys):
+    path, cfg, tensors = product_model
+    expected = reference_logits(tensors, cfg)
+    assert rel_rms(logits_of(path, tmp_path, capsys), expected) <= 1e-6
+    assert rel_rms(logits_of(path, tmp_path, capsys, "--dtype", "float32"), expected) <= 1e-5
+    # heads, layers, SSE heads: exact (SPEC section 5)
+    rc, _, err = run(["grow", path, "--out", tmp_path / "exact", "--heads", 3, "--layers", 3, "--sse-heads", 2], capsys)
+    assert rc == 0, err
+    assert rel_rms(logits_of(tmp_path / "exact", tmp_path, capsys), expected) <= 1e-6
+    # sub-keys: a warm start, its measured change printed and recorded
+    rc, out, err = run(["grow", path, "--out", tmp_path / "warm", "--sub-keys", 8, "--seed", 2], capsys)
+    assert rc == 0, err
+    gcfg, gtensors = load_model(tmp_path / "warm")
+    assert (gcfg.n_sub_keys, gcfg.n_param_tokens) == (8, 64)
+    record = gcfg.growth[-1]
+    assert record["rule"] == "sub_keys" and (record["from"], record["to"]) == (5, 8)
+    sample = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 64))   # the sample the note names
+    change = rel_rms(forward(gtensors, gcfg, sample)[0], forward(tensors, cfg, sample)[0])
+    assert change > 1e-4 and record["logits_rel_rms"] == pytest.approx(change, rel=1e-3)
+    assert f"rel_rms {record['logits_rel_rms']:.3g} on 4 x 64 token ids drawn uniformly with seed 0" in out
+    assert record["sample"] in out
+    rc, _, err = run(["grow", path, "--out", tmp_path / "bad", "--param-tokens", 36], capsys)
+    assert_one_error(rc, err, "--sub-keys")
+    rc, _, err = run(["grow", model[0], "--out", tmp_path / "bad", "--sub-keys", 9], capsys)
+    assert_one_error(rc, err, "product mode only", "--param-tokens")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_convert_refuses_product_models_where_the_format_cannot_hold_them(product_model, tmp_path, capsys):
+    path, cfg, tensors = product_model
+    for argv in (["--out", tmp_path / "m.pth"], ["--to-pth", tmp_path / "m.pth"]):
+        rc, _, err = run(["convert", path, *argv], capsys)
+        assert_one_error(rc, err, "official RWKV-7 format", "product")
+    rc, _, err = run(["convert", path, "--out", tmp_path / "q", "--quantize", "8"], capsys)
+    assert rc == 0, err  # MLX quantizes the value table of a product model (sub_keys stay float)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["bits"] == 8
+    rc, _, err = run(["convert", path, "--out", tmp_path / "bf", "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    bf = load_model(tmp_path / "bf")[1]
+    assert all(np.array_equal(bf[k], t.astype(ml_dtypes.bfloat16)) for k, t in tensors.items())
+    assert not (tmp_path / "m.pth").exists()
 
 
 # -- errors ---------------------------------------------------------------------------------

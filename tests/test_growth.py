@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from metastate_core.config import ModelConfig
 from metastate_core.growth import (GrowthError, grow, grow_heads, grow_layers, grow_param_tokens,
-                                   grow_sse_heads)
+                                   grow_sse_heads, grow_sub_keys)
 from metastate_core.params import param_shapes, random_params
-from metastate_core.reference import forward
+from metastate_core.reference import forward, product_select
 
 EXACT = 1e-12  # float64 reference: growth must be exact (SPEC 6 says 0; allow BLAS reordering)
 
@@ -306,3 +306,118 @@ def test_equal_target_is_a_noop_without_record():
                  grow_sse_heads(cfg, p, 2), grow(cfg, p, d_model=32, head_size=8)):
         assert c == cfg and c is not cfg and c.growth is not cfg.growth
         assert q is not p and q.keys() == p.keys() and all(q[k] is p[k] for k in p)
+
+
+# -- product mode (SPEC sections 5 and 7) -------------------------------------------------------
+
+@st.composite
+def product_configs(draw):
+    d = draw(st.sampled_from([32, 48]))
+    N = draw(st.sampled_from([8, 16]))
+    H = draw(st.integers(1, d // N + 1))
+    m = draw(st.integers(2, 6))
+    return ModelConfig(vocab_size=draw(st.integers(17, 40)), d_model=d, n_layer=draw(st.integers(1, 3)),
+                       head_size=N, d_att=H * N, sse_heads=draw(st.integers(0, min(d, H * N) // N)),
+                       lora_w=8, lora_a=8, lora_v=8, lora_g=8, param_mode="product", n_sub_keys=m,
+                       param_heads=draw(st.integers(1, 3)), param_topk=draw(st.integers(1, m * m)))
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=product_configs(), seed=st.integers(0, 2**16), dh=st.integers(0, 2), dl=st.integers(0, 2),
+       position=st.sampled_from(["end", "after0"]), more_sse=st.booleans())
+def test_heads_layers_and_sse_growth_are_exact_in_product_mode(cfg, seed, dh, dl, position, more_sse):
+    p = random_params(cfg, seed, sse=True)
+    tok = tokens_for(cfg, seed)
+    logits0, state0 = forward(p, cfg, tok)
+    top = min(cfg.d_model, (cfg.n_head + dh) * cfg.head_size) // cfg.head_size
+    c, q = grow(cfg, p, heads=cfg.n_head + dh, sse_heads=top if more_sse else None, layers=cfg.n_layer + dl,
+                layer_position=position, rng=seed)
+    assert (c.param_mode, c.n_sub_keys, c.param_heads, c.param_topk) == ("product", cfg.n_sub_keys,
+                                                                         cfg.param_heads, cfg.param_topk)
+    assert {k: v.shape for k, v in q.items()} == param_shapes(c)
+    logits1, state1 = forward(q, c, tok)
+    assert rel_rms(logits1, logits0) <= EXACT
+    layer_map = [i if (i == 0 or position == "end") else i + dl for i in range(cfg.n_layer)]
+    assert_state_old_part(state0, state1, layer_map, cfg.n_head)
+    for j in sorted(set(range(c.n_layer)) - set(layer_map)):  # new blocks: values zero, sub-keys random
+        keys = q[f"blocks.{j}.meta.sub_keys"]
+        assert not q[f"blocks.{j}.meta.param_values"].any()
+        assert keys.all() and np.abs(keys).max() <= 0.5 / np.sqrt(cfg.d_model)
+
+
+def product_small(**kw):
+    return small_cfg(n_param_tokens=None, param_mode="product", n_sub_keys=4, param_heads=2, param_topk=5, **kw)
+
+
+def test_new_product_layer_values_get_gradient_at_once():
+    cfg = product_small()
+    c, q = grow_layers(cfg, random_params(cfg, 0), 3, rng=1)
+    loss = Loss(c, q)
+    assert abs(loss.directional("blocks.2.meta.param_values", np.ones(1))) > 1e-3
+    assert loss.directional("blocks.2.meta.sub_keys", np.ones(1)) == 0.0  # behind the zero values
+
+
+def test_param_tokens_growth_is_refused_in_product_mode_and_sub_keys_in_dense_mode():
+    cfg = product_small()
+    p = random_params(cfg, 0)
+    for target in (16, 25):
+        with pytest.raises(GrowthError, match=r"grow n_sub_keys \(`metastate grow --sub-keys M`\)"):
+            grow(cfg, p, param_tokens=target)
+    with pytest.raises(GrowthError, match="n_sub_keys grows in product mode only"):
+        grow_sub_keys(small_cfg(), random_params(small_cfg(), 0), 5)
+    with pytest.raises(GrowthError, match="cannot grow n_sub_keys from 4 to 3"):
+        grow_sub_keys(cfg, p, 3)
+    c, q = grow_sub_keys(cfg, p, 4)
+    assert c == cfg and all(q[k] is p[k] for k in p)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, ml_dtypes.bfloat16])
+def test_sub_keys_growth_reindexes_the_values(dtype):
+    cfg = product_small()
+    p = random_params(cfg, 0, dtype=dtype)
+    before = snapshot(p)
+    c, q = grow(cfg, p, sub_keys=7, layers=3, rng=2)
+    assert (c.n_sub_keys, c.n_param_tokens, c.n_layer) == (7, 49, 3)
+    assert c.growth == [{"rule": "sub_keys", "from": 4, "to": 7}, {"rule": "layers", "from": 2, "to": 3,
+                                                                    "position": "end"}]
+    assert {k: v.shape for k, v in q.items()} == param_shapes(c) and all(t.dtype == dtype for t in q.values())
+    assert_same_tensors(p, before)
+    for layer in range(2):
+        b = f"blocks.{layer}.meta."
+        keys, values = q[b + "sub_keys"], q[b + "param_values"]
+        assert np.array_equal(keys[:, :, :4].view(np.uint8), p[b + "sub_keys"].view(np.uint8))
+        assert keys[:, :, 4:].all() and np.abs(keys[:, :, 4:].astype(np.float64)).max() <= 0.5 / np.sqrt(32)
+        old = np.arange(16)
+        new_row = (old // 4) * 7 + old % 4                        # token i*m + j -> i*m' + j
+        assert np.array_equal(values[new_row].view(np.uint8), p[b + "param_values"].view(np.uint8))
+        assert not np.delete(values, new_row, axis=0).any()      # the 33 new tokens: zero values
+        # every old token keeps its key: concat(K[p,0,i], K[p,1,j]) at its new index
+        for t, t2 in zip(old, new_row):
+            np.testing.assert_array_equal(np.concatenate([keys[:, 0, t2 // 7], keys[:, 1, t2 % 7]], -1),
+                                          np.concatenate([p[b + "sub_keys"][:, 0, t // 4],
+                                                          p[b + "sub_keys"][:, 1, t % 4]], -1))
+    assert grow(cfg, p, sub_keys=7, rng=2)[1]["blocks.0.meta.sub_keys"].tobytes() == \
+        grow(cfg, p, sub_keys=7, rng=2)[1]["blocks.0.meta.sub_keys"].tobytes()  # deterministic in rng
+
+
+def test_sub_keys_growth_keeps_the_order_of_the_old_tokens():
+    """Not function-preserving (SPEC 5): new tokens may enter a head's top-k. But the old tokens
+    a head still selects are the first ones it selected before, in the same order: the old part
+    of the selection is a prefix of the old selection."""
+    cfg = product_small()
+    p = random_params(cfg, 0)
+    c, q = grow_sub_keys(cfg, p, 6, rng=3)
+    u = np.random.default_rng(0).normal(size=(200, cfg.d_model))
+    for k in (1, 5, 16):
+        _, before = product_select(u, p["blocks.0.meta.sub_keys"], k)
+        _, after = product_select(u, q["blocks.0.meta.sub_keys"], k)
+        i, j = after // 6, after % 6
+        is_old = (i < 4) & (j < 4)
+        entered = 0
+        for row_b, row_a, old in zip(before.reshape(-1, k), (i * 4 + j).reshape(-1, k), is_old.reshape(-1, k)):
+            kept = row_a[old]
+            assert np.array_equal(kept, row_b[:len(kept)])
+            entered += k - len(kept)
+        assert entered > 0  # new tokens do enter: hence a warm start, not exact
+    tok = tokens_for(cfg)
+    assert rel_rms(forward(q, c, tok)[0], forward(p, cfg, tok)[0]) > 1e-6

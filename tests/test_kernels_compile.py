@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_prep_kernel", "_state_kernel", "_read_kernel", "_read_bwd_kernel", "_dstate_kernel", "_bwd_kernel",
            "_fwd_kernel", "_replay_kernel", "_step_kernel", "_mix_fwd_kernel", "_mix_bwd_kernel",
            "_gate_fwd_kernel", "_gate_bwd_kernel", "_sse_fwd_kernel", "_sse_bwd_kernel", "_relu_sq_fwd_kernel",
-           "_relu_sq_bwd_kernel", "_kprep_fwd_kernel", "_kprep_bwd_kernel"}
+           "_relu_sq_bwd_kernel", "_kprep_fwd_kernel", "_kprep_bwd_kernel",
+           "_rows_fwd_kernel", "_weight_bwd_kernel", "_values_bwd_kernel"}
 
 
 def test_every_kernel_compiles_for_sm90_sm80_and_sm75(tmp_path):

@@ -151,6 +151,18 @@ def test_export_refuses_active_sse(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_export_refuses_product_models(tmp_path, monkeypatch):
+    """The official format has no product keys (SPEC section 7): refused before torch is needed."""
+    cfg = ModelConfig(vocab_size=12, d_model=32, n_layer=1, head_size=16, param_mode="product", n_sub_keys=4,
+                      param_heads=1, param_topk=16)
+    p = random_params(cfg, 0, np.float32, sse=False)
+    for torch_module in (torch, None):
+        monkeypatch.setitem(sys.modules, "torch", torch_module)
+        with pytest.raises(WeightsError, match="official RWKV-7 format: it has no product-key parameter tokens"):
+            export_official_pth(cfg, p, tmp_path / "m.pth")
+    assert os.listdir(tmp_path) == []
+
+
 def test_import_rejects_unknown_and_missing_tensors(tmp_path):
     sd = official_state_dict(**SIZES)
     sd["blocks.0.ffn.s_emb.weight"] = torch.zeros(3)

@@ -14,7 +14,10 @@ sequence paths (and for decode steps that carry a state they produced). bfloat16
 against the float64 reference on the same bfloat16 weights. A path that cannot run here
 (backend not installed, no g++ for the Metal harness) is skipped with the reason.
 
-Run with -s to print the measured table (also kept in MEASURED). Paths:
+Every path runs two models: dense parameter tokens (SPEC section 2) and product keys (section 7,
+m = 9 sub-keys, P = 3 heads, k = 6: neither a power of two), the second in float32 only (in
+bfloat16 rounding flips near-tied selections, which SPEC 6 leaves out); the table marks it
+"(product)". Run with -s to print the measured table (also kept in MEASURED). Paths:
 
     numpy-f32          reference forward in float32, recurrent WKV
     numpy-f32-chunked  reference forward in float32, chunked WKV for the prefill
@@ -45,6 +48,9 @@ from weights import load_model, save_model
 # d_att != d_model (3 heads of 32), sse_heads 1 below its maximum min(3, 64 // 32) = 2.
 CFG = ModelConfig(vocab_size=100, d_model=64, n_layer=2, head_size=32, d_att=96, sse_heads=1,
                   n_param_tokens=128)
+PRODUCT_CFG = ModelConfig(vocab_size=100, d_model=64, n_layer=2, head_size=32, d_att=96, sse_heads=1,
+                          param_mode="product", n_sub_keys=9, param_heads=3, param_topk=6)
+CFGS = {"dense": CFG, "product": PRODUCT_CFG}
 P, S = 20, 5  # prompt length (one full chunk of 16 and a padded one), decode steps
 TOKENS = np.random.default_rng(7).integers(0, CFG.vocab_size, P + S)
 STATE_NAMES = ("att_x", "meta_x", "wkv")
@@ -69,25 +75,43 @@ def need(module: str, what: str):
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, object]:
-    """dtype name -> model directory: one random Meta-State model, float32 and bfloat16."""
-    root = tmp_path_factory.mktemp("parity")
-    weights = random_params(CFG, 3, np.float64, sse=True)
-    save_model(root / "float32", CFG, weights, dtype="float32")
-    save_model(root / "bfloat16", CFG, weights, dtype="bfloat16")
-    return {"float32": root / "float32", "bfloat16": root / "bfloat16"}
+def all_model_dirs(tmp_path_factory) -> dict[str, dict[str, object]]:
+    """mode -> dtype name -> model directory: one random Meta-State model per mode, float32 and
+    bfloat16."""
+    out = {}
+    for mode, cfg in CFGS.items():
+        root = tmp_path_factory.mktemp(f"parity-{mode}")
+        weights = random_params(cfg, 3, np.float64, sse=True)
+        save_model(root / "float32", cfg, weights, dtype="float32")
+        save_model(root / "bfloat16", cfg, weights, dtype="bfloat16")
+        out[mode] = {"float32": root / "float32", "bfloat16": root / "bfloat16"}
+    return out
 
 
 @pytest.fixture(scope="module")
-def references(model_dirs) -> dict[str, tuple[np.ndarray, dict]]:
-    """dtype name -> (logits [P + S, V], final state) of one float64 pass over the stored weights."""
+def all_references(all_model_dirs) -> dict[str, dict[str, tuple[np.ndarray, dict]]]:
+    """mode -> dtype name -> (logits [P + S, V], final state) of one float64 pass over the stored
+    weights."""
     out = {}
-    for dtype, path in model_dirs.items():
-        cfg, w = load_model(path)
-        assert {np.dtype(t.dtype).name for t in w.values()} == {dtype}
-        logits, st = forward(w, cfg, TOKENS[None], dtype=np.float64, wkv="recurrent")
-        out[dtype] = logits[0], {n: getattr(st, n) for n in STATE_NAMES}
+    for mode, dirs in all_model_dirs.items():
+        out[mode] = {}
+        for dtype, path in dirs.items():
+            cfg, w = load_model(path)
+            assert {np.dtype(t.dtype).name for t in w.values()} == {dtype} and cfg == CFGS[mode]
+            logits, st = forward(w, cfg, TOKENS[None], dtype=np.float64, wkv="recurrent")
+            out[mode][dtype] = logits[0], {n: getattr(st, n) for n in STATE_NAMES}
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dirs(all_model_dirs):
+    """The dense model's directories (dtype name -> directory)."""
+    return all_model_dirs["dense"]
+
+
+@pytest.fixture(scope="module")
+def references(all_references):
+    return all_references["dense"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,6 +181,10 @@ def mlx_path(kernels: str):
                     pytest.skip("no Metal GPU, and the Metal CPU harness needs g++")
                 harness = need("metal_harness", "the Metal CPU harness (tests/metal_harness)")
                 monkeypatch.setattr(metal, "_launch", harness.mlx_launch(metal.KERNEL_SOURCES, metal.KERNEL_IO))
+                from backends.mlx import product_keys
+
+                monkeypatch.setattr(product_keys, "_launch",
+                                    harness.mlx_launch(product_keys.KERNEL_SOURCES, product_keys.KERNEL_IO))
             model.set_kernels(metal_kernels())
         assert model.kernels == kernels
 
@@ -181,10 +209,15 @@ PATHS = [
 ]
 
 
+@pytest.mark.parametrize("mode", list(CFGS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
-def test_path_matches_reference(path, dtype, model_dirs, references, monkeypatch):
-    new = path.load(model_dirs[dtype], monkeypatch)
+def test_path_matches_reference(path, dtype, mode, all_model_dirs, all_references, monkeypatch):
+    if mode == "product" and dtype == "bfloat16":
+        pytest.skip("product mode in bfloat16: rounding flips near-tied selections, which SPEC 6 leaves out of "
+                    "parity (torch: 5-7e-2 at k = 6, 6e-3 where every token is selected); "
+                    "tests/test_torch_product.py checks half precision with k = m*m, where none can flip")
+    new = path.load(all_model_dirs[mode][dtype], monkeypatch)
     feed, state = new()
     prompt = feed(TOKENS[:P])
     decode = np.concatenate([feed(TOKENS[t:t + 1]) for t in range(P, P + S)])
@@ -192,27 +225,31 @@ def test_path_matches_reference(path, dtype, model_dirs, references, monkeypatch
     feed, _ = new()  # the first S tokens one at a time from the empty state
     recurrent = np.concatenate([feed(TOKENS[t:t + 1]) for t in range(S)])
 
-    ref_logits, ref_state = references[dtype]
+    ref_logits, ref_state = all_references[mode][dtype]
     assert prompt.shape == (P, CFG.vocab_size) and decode.shape == recurrent.shape == (S, CFG.vocab_size)
     got = {"prompt": rel_rms(prompt, ref_logits[:P]), "decode": rel_rms(decode, ref_logits[P:]),
            "recurrent": rel_rms(recurrent, ref_logits[:S])}
     for n in STATE_NAMES:
         assert final[n].shape == ref_state[n].shape, n
         got[n] = rel_rms(final[n], ref_state[n])
+    name = path.name if mode == "dense" else f"{path.name} ({mode})"
     for quantity, err in got.items():
-        MEASURED[path.name, dtype, quantity] = err
+        MEASURED[name, dtype, quantity] = err
 
     if dtype == "float32":
         tol = {q: F32_RECURRENT if q == "recurrent" else path.seq_tol for q in got}
     else:
         tol = dict.fromkeys(got, BF16)
     failed = {q: f"{err:.2e} > {tol[q]:.0e}" for q, err in got.items() if not err <= tol[q]}
-    assert not failed, f"{path.name} {dtype}: {failed}"
+    assert not failed, f"{name} {dtype}: {failed}"
     if dtype == "bfloat16" and path.bf16_compute:  # really computed in bfloat16, not upcast
         assert got["prompt"] > 1e-4, f"{path.name} bfloat16 logits are float32-exact: weights were upcast"
     launch = getattr(sys.modules.get("backends.mlx.kernels"), "_launch", None)
     if path.name == "mlx-metal" and hasattr(launch, "calls"):  # the harness ran every kernel
         assert {"wkv7_fwd", "wkv7_read", "wkv7_step", "wkv7_state_read"} <= {c[0] for c in launch.calls}
+        if mode == "product":
+            pk_launch = sys.modules["backends.mlx.product_keys"]._launch
+            assert {"pk_weighted_rows"} <= {c[0] for c in pk_launch.calls}
 
 
 def test_tolerances_can_see_the_sse_and_the_state_carry(model_dirs, references):

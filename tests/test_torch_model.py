@@ -18,6 +18,7 @@ from backends.cuda import Model, ModelError, State  # noqa: E402
 from backends.cuda.model import Kernels  # noqa: E402
 from backends.cuda.ops import wkv7  # noqa: E402
 from backends.cuda.ops.elementwise import naive as naive_elementwise  # noqa: E402
+from backends.cuda.ops.product_keys import naive as naive_product_keys  # noqa: E402
 from backends.cuda.ops.wkv7 import naive_wkv7, torch_chunked_wkv7  # noqa: E402
 from metastate_core.config import ModelConfig  # noqa: E402
 from metastate_core.constants import KernelChoiceError  # noqa: E402
@@ -233,7 +234,8 @@ def naive_kernel(r, w_raw, k, v, kk, a, S0):
     return y, S, lambda q: naive_wkv7(r, w_raw, k, v, kk, a, S0, q=q)[1]
 
 
-NAIVE = Kernels("naive", naive_kernel, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
+NAIVE = Kernels("naive", naive_kernel, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise,
+                naive_product_keys)
 
 
 def test_gradients_match_naive_recurrence(meta):
@@ -389,7 +391,8 @@ def test_triton_prefill_then_decode(meta):
 @pytest.mark.parametrize("kernel", ["triton", "sequential"])
 def test_triton_gradients_match_naive_recurrence(meta, kernel):
     # "triton" trains through the chunked kernels; the sequential kernel is passed as Kernels.
-    sequential = Kernels("sequential", wkv7.triton_wkv7, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
+    sequential = Kernels("sequential", wkv7.triton_wkv7, wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise,
+                         naive_product_keys)
     p, model = meta
     toks = tokens(length=24)
     got = grads_of(on_kernel_device(model, "triton" if kernel == "triton" else sequential), toks)

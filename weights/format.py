@@ -198,8 +198,9 @@ def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> N
                if isinstance(saved, dict) and saved.get(k, defaults.get(k)) != getattr(cfg, k)]
     if changed:
         k = changed[0]
+        was = saved.get(k, defaults.get(k))
         raise WeightsError(f"{file.parent / CONFIG_FILE} says {k} = {getattr(cfg, k)!r}, but the weights were saved "
-                           f"with {k} = {saved.get(k)!r}: the config was edited or damaged (grow a model with "
+                           f"with {k} = {was!r}: the config was edited or damaged (grow a model with "
                            "`metastate grow`)")
 
 

@@ -143,6 +143,9 @@ def official_runtime_caveats(cfg: ModelConfig) -> list[str]:
 
 def to_official(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Canonical tensors -> official state dict (numpy), official shapes and key order."""
+    if cfg.product:
+        raise WeightsError("cannot export to the official RWKV-7 format: it has no product-key parameter tokens "
+                           "(this model has param_mode 'product')")
     validate_tensors(cfg, tensors)
     for i in range(cfg.n_layer):
         if np.any(np.asarray(tensors[f"blocks.{i}.meta.sse_gate"], np.float32) != 0):
@@ -190,8 +193,9 @@ def import_official_pth(path: str | os.PathLike) -> tuple[ModelConfig, dict[str,
 
 def export_official_pth(cfg: ModelConfig, tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write an official RWKV-7 `.pth` (atomically). Only exact RWKV-7 models: every sse_gate zero."""
+    official = to_official(cfg, tensors)  # its refusals before the missing-torch one
     torch = _torch()
-    sd = {name: _from_numpy(torch, t) for name, t in to_official(cfg, tensors).items()}
+    sd = {name: _from_numpy(torch, t) for name, t in official.items()}
     path = Path(os.path.realpath(path))
     try:
         atomic_write(path, lambda tmp: torch.save(sd, tmp))

@@ -8,9 +8,10 @@ float32 / bfloat16 / float16; every matmul runs in the weight dtype, everything 
 stream, norms, gates, SSE) in float32, and the WKV state and decay are float32 always.
 
 Kernels are chosen once, in `Model.set_kernels`: "ops" is plain torch on any device (the
-chunked WKV `torch_chunked_wkv7`, the elementwise pieces of `ops.elementwise.naive`), "triton"
-the Triton kernels (the chunked `chunk_wkv7` for head sizes up to 64, the sequential
-`triton_wkv7` past that, the fused decode step, and by default the fused elementwise pieces of
+chunked WKV `torch_chunked_wkv7`, the elementwise pieces of `ops.elementwise.naive`, product keys
+`ops.product_keys.naive`), "triton" the Triton kernels (the chunked `chunk_wkv7` for head sizes
+up to 64, the sequential `triton_wkv7` past that, the fused decode step, product keys
+`ops.product_keys.fused`, and by default the fused elementwise pieces of
 `ops.elementwise.fused`, same functions as the plain ones).
 """
 
@@ -39,6 +40,9 @@ from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 from .ops import wkv7
 from .ops.cross_entropy import chunked as chunked_cross_entropy
 from .ops.elementwise import naive as naive_elementwise
+from .ops.product_keys import naive as naive_product_keys
+
+F32 = torch.float32
 
 ModelArgs = ModelConfig  # the config dataclass of SPEC section 1
 
@@ -67,6 +71,7 @@ class Kernels:
     step: Callable   # (S, r, w_raw, k, v, kk, a [B, H, N]) -> (y, S after the token)
     read: Callable   # (S, q [B, K, N]) -> S q for the first K heads
     ew: ModuleType   # the elementwise pieces: ops.elementwise.naive or .fused (same functions)
+    pk: ModuleType   # product keys (SPEC section 7): ops.product_keys.naive or .fused (same functions)
 
     def __deepcopy__(self, memo):  # functions and modules: a copy of the model shares them
         return self
@@ -165,19 +170,28 @@ class MetaLayer(nn.Module):
         super().__init__()
         d, n = cfg.d_model, cfg.n_param_tokens
         self.sse_heads, self.head_size, self.eps = cfg.sse_heads, cfg.head_size, cfg.eps_group_norm
+        self.product, self.topk = cfg.product, cfg.param_topk
         self.x_k = _vec(d)
-        self.param_keys, self.param_values = _vec(n, d), _vec(n, d)
+        if self.product:  # SPEC section 7: P heads of two sub-key tables over the halves of u
+            self.sub_keys = _vec(cfg.param_heads, 2, cfg.n_sub_keys, d // 2)
+        else:
+            self.param_keys = _vec(n, d)
+        self.param_values = _vec(n, d)
         self.sse_gate = _vec(d)
 
     def forward(self, xm, prev, read):
         """xm [B, T, d] (ln2 output, float32), prev [B, d], read(q [B, T, K, N]) -> S_t q_t."""
         B, T, _ = xm.shape
-        ew, dt = self.kern.ew, self.param_keys.dtype
+        kern, dt = self.kern, self.param_values.dtype
+        ew = kern.ew
         u = xs = ew.token_shift_mix(xm, prev, self.x_k[None])[0]
         KN = self.sse_heads * self.head_size
         if KN:  # z_t = S_t xs_t: the state after this token as weights
             z = read(xs[..., :KN].reshape(B, T, self.sse_heads, self.head_size))
             u = ew.sse_norm_gate(xs, z, self.sse_gate, self.eps, dt)
+        if self.product:   # SPEC section 7
+            score, token = kern.pk.select(u, self.sub_keys, self.topk)
+            return kern.pk.weighted_rows(self.param_values, token, ew.relu_square(score, F32))
         alpha = ew.relu_square(u.to(dt) @ self.param_keys.T, dt)
         return _mm(alpha, self.param_values)
 
@@ -249,7 +263,7 @@ class Model(nn.Module):
                 if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
                     raise ModelError(f"chunk_size must be an integer in [1, {MAX_CHUNK}], got {chunk_size!r}")
                 kernels = Kernels("ops", partial(wkv7.torch_chunked_wkv7, chunk_size=chunk_size),
-                                  wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise)
+                                  wkv7.naive_wkv7_step, wkv7.state_readout, naive_elementwise, naive_product_keys)
             else:
                 kernels = _triton_kernels(self.cfg, device, low_weights=self.head.weight.dtype != torch.float32)
             if fused if fused is not None else name == "triton":
@@ -323,19 +337,27 @@ class Model(nn.Module):
     # -- canonical tensors ----------------------------------------------------------------
     @classmethod
     def from_tensors(cls, cfg: ModelConfig, tensors: dict, *, device=None, dtype=None, kernels="auto",
-                     freeze_sse_gate: bool = False) -> "Model":
+                     freeze_sse_gate: bool = False, share: bool = False) -> "Model":
         """A model from canonical name -> array (numpy, ml_dtypes.bfloat16 or torch).
 
         dtype: torch dtype or name; None keeps the dtype of emb.weight (float64 becomes float32).
-        kernels: as for `set_kernels`, chosen once the model is on its device.
+        kernels: as for `set_kernels`, chosen once the model is on its device. share: parameters
+        take the arrays' memory where device and dtype match instead of a copy (`load_model`'s
+        freshly read arrays: the weights are in memory once, not twice, while loading).
         """
         problem = shape_mismatch(cfg, tensors)
         if problem:
             raise ModelError(f"tensors do not match the config: {problem}")
         torch_tensors = {name: _to_torch(t) for name, t in tensors.items()}
         dtype = _resolve_dtype(dtype, torch_tensors["emb.weight"].dtype)
-        model = cls(cfg, "ops", freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
-        model.load_state_dict(torch_tensors, strict=True)
+        if share:  # parameters allocated nowhere, then assigned the tensors themselves
+            with torch.device("meta"):
+                model = cls(cfg, "ops", freeze_sse_gate=freeze_sse_gate)
+            model.load_state_dict({name: t.to(device=device, dtype=dtype) for name, t in torch_tensors.items()},
+                                  strict=True, assign=True)
+        else:
+            model = cls(cfg, "ops", freeze_sse_gate=freeze_sse_gate).to(device=device, dtype=dtype)
+            model.load_state_dict(torch_tensors, strict=True)
         model._apply_freeze()
         model.set_kernels(kernels)
         return model
@@ -409,8 +431,10 @@ def _triton_kernels(cfg: ModelConfig, device: torch.device, low_weights: bool) -
     try:  # triton is imported only for these kernels
         seq = (wkv7.triton_wkv7 if cfg.head_size > wkv7.MAX_HEAD_SIZE  # the chunked kernels' tiles outgrow the GPU
                else partial(_chunk_wkv7, wkv7.chunk_wkv7, low_weights))  # 5x the sequential kernel's training speed
+        from .ops.product_keys import fused as fused_product_keys
+
         return Kernels("triton", seq, partial(_step_on_copy, wkv7.triton_wkv7_step), wkv7.triton_state_read,
-                       naive_elementwise)
+                       naive_elementwise, fused_product_keys)
     except ImportError as e:
         raise ModelError(f"the Triton WKV kernels are not available: {e}") from e
 

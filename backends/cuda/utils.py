@@ -14,4 +14,4 @@ def load_model(path, device="cpu", dtype=None, *, kernels="auto", freeze_sse_gat
 
     cfg, tensors = load_weights(Path(path))
     return Model.from_tensors(cfg, tensors, device=device, dtype=dtype, kernels=kernels,
-                              freeze_sse_gate=freeze_sse_gate)
+                              freeze_sse_gate=freeze_sse_gate, share=True)  # the arrays are ours alone

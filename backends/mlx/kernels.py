@@ -331,23 +331,28 @@ KERNEL_IO: dict[str, tuple[list[str], list[str]]] = {
 # Dispatch.
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str):
+def _kernel(name: str, header: str, source: str, inputs: tuple, outputs: tuple):
     """Build a kernel object once; MLX compiles one library per template instance."""
-    header, source = KERNEL_SOURCES[name]
-    inputs, outputs = KERNEL_IO[name]
-    return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs,
+    return mx.fast.metal_kernel(name=name, input_names=list(inputs), output_names=list(outputs),
                                 source=source, header=header)
 
 
-def _launch(name, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes,
-            init_value=None):
-    """Run kernel `name` (the arguments of an mx.fast.metal_kernel call). Tests swap this
-    function for the CPU harness; everything else in this module runs unchanged."""
-    if not mx.metal.is_available():
-        raise MetalKernelError("the Metal kernels need Apple silicon: mx.metal.is_available() is False")
-    return _kernel(name)(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                         output_shapes=output_shapes, output_dtypes=output_dtypes,
-                         init_value=init_value)
+def launcher(sources: dict, io: dict):
+    """The `_launch` of a module whose Metal kernels are `sources` (name -> (header, source))
+    and `io` (name -> (input names, output names)); twin of tests/metal_harness's mlx_launch."""
+    def launch(name, inputs, *, template, grid, threadgroup, output_shapes, output_dtypes,
+               init_value=None):
+        if not mx.metal.is_available():
+            raise MetalKernelError("the Metal kernels need Apple silicon: mx.metal.is_available() is False")
+        kernel = _kernel(name, *sources[name], *map(tuple, io[name]))
+        return kernel(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                      output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
+    return launch
+
+
+# Run kernel `name` (the arguments of an mx.fast.metal_kernel call). Tests swap this function
+# for the CPU harness; everything else in this module runs unchanged.
+_launch = launcher(KERNEL_SOURCES, KERNEL_IO)
 
 
 def _check_vectors(names, arrays, shape):

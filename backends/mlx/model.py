@@ -30,7 +30,7 @@ from metastate_core.constants import LN_EPS, KernelChoiceError, check_kernels
 from metastate_core.errors import ModelError
 from metastate_core.params import ATT_VECTORS_D, param_shapes, shape_mismatch
 
-from . import elementwise
+from . import elementwise, product_keys
 from .wkv import metal_problem, state_read_ops, wkv7_ops, wkv7_step_ops
 
 ModelArgs = ModelConfig  # the config dataclass of SPEC section 1
@@ -61,16 +61,18 @@ class Kernels:
     step: Callable   # (S, r, w_raw, k, v, kk, a [B, H, N]) -> (y, S after the token)
     read: Callable   # (S, q [B, K, N]) -> S q for the first K heads
     ew: ModuleType   # the elementwise pieces (elementwise.py)
+    pk: ModuleType   # product keys (SPEC section 7): product_keys.py, or its Metal
 
 
-OPS = Kernels("ops", wkv7_ops, wkv7_step_ops, state_read_ops, elementwise)
+OPS = Kernels("ops", wkv7_ops, wkv7_step_ops, state_read_ops, elementwise, product_keys)
 
 
 def metal_kernels() -> Kernels:
     """The Metal kernels of backends.mlx.kernels (imported here: they need a Metal-capable MLX)."""
     from . import kernels as metal
 
-    return Kernels("metal", metal.metal_wkv7, metal.metal_wkv7_step, metal.metal_state_read, elementwise)
+    return Kernels("metal", metal.metal_wkv7, metal.metal_wkv7_step, metal.metal_state_read, elementwise,
+                   product_keys.Metal)
 
 
 def wkv(kern: Kernels, r, w_raw, k, v, kk, a, S0):
@@ -179,20 +181,30 @@ class MetaLayer(nn.Module):
         super().__init__()
         d, n = cfg.d_model, cfg.n_param_tokens
         self.sse_heads, self.head_size, self.eps = cfg.sse_heads, cfg.head_size, cfg.eps_group_norm
+        self.product, self.topk = cfg.product, cfg.param_topk
         self.x_k = _vec(d)
-        self.param_keys, self.param_values = _vec(n, d), _vec(n, d)
+        if self.product:  # SPEC section 7: P heads of two sub-key tables over the halves of u
+            self.sub_keys = _vec(cfg.param_heads, 2, cfg.n_sub_keys, d // 2)
+        else:
+            self.param_keys = _vec(n, d)
+        self.param_values = _vec(n, d)
         self.sse_gate = _vec(d)
         self.group_size = self.bits = None
 
     def __call__(self, xm, prev, read):
         """xm [B, T, d] (ln2 output, float32), prev [B, d], read(q [B, T, K, N]) -> S_t q_t."""
         B, T, _ = xm.shape
-        ew, dt = self.kern.ew, F32
+        kern, dt = self.kern, F32
+        ew = kern.ew
         u = xs = ew.token_shift_mix(xm, prev, self.x_k[None])[0]
         KN = self.sse_heads * self.head_size
         if KN:  # z_t = S_t xs_t: the state after this token as weights
             z = read(xs[..., :KN].reshape(B, T, self.sse_heads, self.head_size))
             u = ew.sse_norm_gate(xs, z, self.sse_gate, self.eps, dt)
+        if self.product:   # SPEC section 7
+            score, token = kern.pk.select(u, self.sub_keys, self.topk)
+            return kern.pk.weighted_rows(self.param_values, token, ew.relu_square(score, F32),
+                                         **self.quantized("param_values"))
         alpha = ew.relu_square(self.matmul(u, "param_keys", transpose=True), dt)
         return self.matmul(alpha, "param_values", transpose=False)
 
@@ -207,11 +219,18 @@ class MetaLayer(nn.Module):
             y = x.astype(w.dtype) @ (w.T if transpose else w)
         return y.astype(F32)
 
+    def quantized(self, name: str) -> dict:
+        """product_keys.weighted_rows' keywords for a quantized self.<name>; {} when not quantized."""
+        if name + "_scales" not in self:
+            return {}
+        return dict(scales=self[name + "_scales"], biases=self[name + "_biases"], group_size=self.group_size,
+                    bits=self.bits)
+
     def to_quantized(self, group_size: int, bits: int, mode: str = "affine", **_):
         """nn.quantize's hook (utils.quantize): both matrices, packed, with their scales and biases."""
         if mode != "affine":
             raise ModelError(f"quantization mode {mode!r} is not supported (affine only)")
-        for name in ("param_keys", "param_values"):
+        for name in ("param_values",) if self.product else ("param_keys", "param_values"):
             q, s, b = mx.quantize(self[name], group_size=group_size, bits=bits)
             self[name], self[name + "_scales"], self[name + "_biases"] = q, s, b
         self.group_size, self.bits = group_size, bits
@@ -261,7 +280,7 @@ class Model(nn.Module):
                 raise KernelChoiceError("kernels='metal' needs a Metal GPU (mx.metal.is_available() is False); "
                                         "use kernels='ops'")
             if name != "ops" and mx.metal.is_available():
-                kernels = _metal_or_ops(name == "metal", self.cfg.head_size)
+                kernels = _metal_or_ops(name == "metal", self.cfg.head_size, self.cfg.product)
         for block in self.blocks:
             block.att.kern = block.meta.kern = kernels
         self.kernels = kernels.name
@@ -347,7 +366,7 @@ def _check_state(cfg: ModelConfig, state: State, batch: int) -> None:
 
 # -- kernels ---------------------------------------------------------------------------------
 
-def _metal_or_ops(required: bool, head_size: int) -> Kernels:
+def _metal_or_ops(required: bool, head_size: int, product: bool = False) -> Kernels:
     """The Metal kernels if they import and pass their check here; else an error (required) or
     the plain ops (a warning if the check failed)."""
     try:
@@ -356,7 +375,7 @@ def _metal_or_ops(required: bool, head_size: int) -> Kernels:
         if not required:
             return OPS
         raise KernelChoiceError(f"the Metal kernels cannot be imported: {e}") from e
-    problem = metal_problem(kernels, head_size)
+    problem = metal_problem(kernels, head_size) or (product_keys.metal_problem(kernels.pk) if product else None)
     if problem is None:
         return kernels
     if required:

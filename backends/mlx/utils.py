@@ -26,9 +26,9 @@ def _quantizable(group_size: int, weights: dict | None = None):
     (or, when loading, exactly those stored with scales)."""
     def predicate(path: str, module) -> bool:
         if weights is not None:
-            return f"{path}.scales" in weights or f"{path}.param_keys_scales" in weights
+            return f"{path}.scales" in weights or f"{path}.param_values_scales" in weights
         if isinstance(module, MetaLayer):
-            return module.param_keys.shape[-1] % group_size == 0
+            return module.param_values.shape[-1] % group_size == 0
         return isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % group_size == 0
     return predicate
 

@@ -1,5 +1,5 @@
-"""Kernels of the torch backend: the WKV scan (wkv7/) and the elementwise pieces around it
-(elementwise/), each with a plain-torch twin."""
+"""Kernels of the torch backend: the WKV scan (wkv7/), the elementwise pieces around it
+(elementwise/) and the product-key parameter tokens (product_keys/), each with a plain-torch twin."""
 
 import functools
 
