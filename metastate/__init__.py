@@ -7,11 +7,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["load", "generate", "stream_generate", "__version__"]
+__all__ = ["load", "generate", "stream_generate", "batch_generate", "__version__"]
 
 
 def __getattr__(name):  # the Python API, imported on first use so `import metastate` stays light
-    if name in ("load", "generate", "stream_generate"):
+    if name in ("load", "generate", "stream_generate", "batch_generate"):
         from metastate import api
 
         return getattr(api, name)

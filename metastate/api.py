@@ -10,7 +10,10 @@ MLX/Metal): `prefill` (a prompt, in pieces of `PREFILL_STEP` tokens through the 
 so memory stays flat in the prompt length), `step` (one token) and `logits` (every position of
 one sequence in one pass: `compute_logits`, what `metastate logits` writes). States are opaque,
 backend-native and never modified in place, so a caller can keep any earlier one. Sampling,
-stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend.
+stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend;
+`batch_generate` decodes several prompts together (`step_batch` on stacked states). With
+backend or threads "auto", `load` takes the fastest here, measured once per machine and model
+shape (`choose_by_measurement`) and cached.
 The backends are imported only when one is loaded (`_LOADERS`): adding one is an Engine
 subclass and a loader.
 """
@@ -18,12 +21,17 @@ subclass and a loader.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import math
 import numbers
+import os
 import platform
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +101,8 @@ class Engine:
     description = ""
     path: Path | None = None
     fingerprint = ""
+    threadable = False  # whether set_threads means anything (torch on the CPU; numpy with threadpoolctl)
+    threads: int | None = None
     State: type  # the backend's State class, set by each engine
 
     def __init__(self, cfg: ModelConfig):
@@ -109,19 +119,45 @@ class Engine:
             raise GenerationError(f"the prefill step must be a positive number of tokens, got {step!r}")
         state = self.zero_state() if state is None else state
         for start in range(0, len(ids), step):
-            logits, state = self._forward(ids[start:start + step], state)
-        return logits, state
+            logits, state = self._forward(ids[None, start:start + step], state)
+        return logits[0], state
 
     def step(self, token: int, state):
         """One token -> (logits [V] float32, state after it)."""
-        return self._forward(self.check_ids([token]), self.zero_state() if state is None else state)
+        logits, state = self._forward(self.check_ids([token])[None], self.zero_state() if state is None else state)
+        return logits[0], state
+
+    def step_batch(self, tokens: Sequence[int], state):
+        """One token for each sequence of a batched state (`stack_states`): tokens [B] ->
+        (logits [B, V] float32, state after them)."""
+        return self._forward(self.check_ids(tokens)[:, None], state)
+
+    def stack_states(self, states: Sequence):
+        """One batched state [L, B, ...] holding the sequences of `states`, in order."""
+        return self.State(**{k: self._cat([getattr(s, k) for s in states]) for k in state_shapes(self.cfg)})
+
+    def select_state(self, state, index: Sequence[int]):
+        """The sequences at batch positions `index` of a batched state, in that order (a copy)."""
+        return self.State(**{k: self._cat([getattr(state, k)[:, i:i + 1] for i in index])
+                             for k in state_shapes(self.cfg)})
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] float32 at every position of ids [T], from the zero state, in one pass."""
-        return self._forward(self.check_ids(ids), self.zero_state(), every=True)[0]
+        return self._forward(self.check_ids(ids)[None], self.zero_state(), every=True)[0][0]
 
     def check_ids(self, ids) -> np.ndarray:
         return check_tokens(ids, self.cfg.vocab_size)
+
+    def set_threads(self, n: int | None) -> None:
+        """Compute with n CPU threads (None: as they are), process-wide: torch's threads, or the
+        BLAS's under numpy. Nothing where the backend has no such setting."""
+        if n is not None and self.threadable:
+            self._set_threads(n)
+            self.threads = n
+            self.description = f"{self.description.split(', threads ')[0].rstrip(')')}, threads {n})"
+
+    def _set_threads(self, n: int) -> None:
+        raise NotImplementedError
 
     def state_to_arrays(self, state) -> dict[str, np.ndarray]:
         """Backend-independent float32 copy: att_x [L, d], meta_x [L, d], wkv [L, H, N, N] of a
@@ -144,9 +180,13 @@ class Engine:
 
     # -- backend specific -----------------------------------------------------------------
     def _forward(self, ids: np.ndarray, state, every: bool = False):
-        """ids [T] through the sequence path (T == 1 may use the recurrent one) -> (logits
-        float32, state): of the last token [V], or of every token [T, V] with `every`."""
+        """ids [B, T] through the sequence path (T == 1 may use the recurrent one) -> (logits
+        float32, state): of the last token [B, V], or of every token [B, T, V] with `every`."""
         raise NotImplementedError
+
+    def _cat(self, arrays):
+        """The backend's arrays joined along axis 1 (the batch axis of a state)."""
+        return np.concatenate(arrays, 1)
 
     def _tensor(self, a: np.ndarray):
         """A float32 NumPy array as the backend's array (a copy)."""
@@ -167,11 +207,17 @@ class NumpyEngine(Engine):
         self.dtype = np.dtype(dtype)
         self.weights = {k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()}
         self.description = f"numpy (cpu, {self.dtype.name})"
+        self.threadable = importlib.util.find_spec("threadpoolctl") is not None
+
+    def _set_threads(self, n):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n, user_api="blas")
 
     def _forward(self, ids, state, every=False):
-        form = "recurrent" if len(ids) == 1 else "chunked"
-        logits, state = reference.forward(self.weights, self.cfg, ids[None], state, dtype=self.dtype, wkv=form)
-        return (logits[0] if every else logits[0, -1]).astype(np.float32), state
+        form = "recurrent" if ids.shape[1] == 1 else "chunked"
+        logits, state = reference.forward(self.weights, self.cfg, ids, state, dtype=self.dtype, wkv=form)
+        return (logits if every else logits[:, -1]).astype(np.float32), state
 
     def logits(self, ids):
         """The reference in its defining form: the recurrence, one token at a time."""
@@ -193,6 +239,7 @@ class TorchEngine(Engine):
         super().__init__(model.cfg)
         self.model, self.device, self.State = model.eval(), device, State
         self.description = f"torch ({device}, kernels={model.kernels}{', CUDA graphs' if cuda_graphs else ''})"
+        self.threadable = device.type == "cpu"
         self.decode_graph = None
         if cuda_graphs:  # single-token steps replayed from one graph (captured at the first)
             from backends.cuda.decode_graph import DecodeGraph
@@ -203,13 +250,17 @@ class TorchEngine(Engine):
         import torch
 
         with torch.no_grad():
-            tokens = torch.as_tensor(ids, device=self.device)[None]
-            if self.decode_graph is not None and len(ids) == 1:
+            tokens = torch.as_tensor(ids, device=self.device)
+            if self.decode_graph is not None and ids.shape == (1, 1):
                 logits, state = self.decode_graph(tokens, state)
             else:
                 logits, state = self.model(tokens, state, last_only=not every)
-            logits = logits[0] if every else logits[0, -1]
-            return logits.float().cpu().numpy(), state
+            return (logits if every else logits[:, -1]).float().cpu().numpy(), state
+
+    def _set_threads(self, n):
+        import torch
+
+        torch.set_num_threads(n)
 
     def _tensor(self, a):
         import torch
@@ -218,6 +269,11 @@ class TorchEngine(Engine):
 
     def _array(self, t):
         return t.float().cpu().numpy()
+
+    def _cat(self, arrays):
+        import torch
+
+        return torch.cat(arrays, 1)
 
 
 class MLXEngine(Engine):
@@ -237,8 +293,8 @@ class MLXEngine(Engine):
     def _forward(self, ids, state, every=False):
         import mlx.core as mx
 
-        logits, state = self.model(mx.array(ids.astype(np.int32))[None], state, last_only=not every)
-        logits = logits[0] if every else logits[0, -1]
+        logits, state = self.model(mx.array(ids.astype(np.int32)), state, last_only=not every)
+        logits = logits if every else logits[:, -1]
         mx.eval(logits, vars(state))  # computed now: each prefill piece's graph is freed
         return np.array(logits.astype(mx.float32)), state
 
@@ -247,32 +303,28 @@ class MLXEngine(Engine):
 
         return mx.array(a)
 
+    def _cat(self, arrays):
+        import mlx.core as mx
+
+        return mx.concatenate(arrays, 1)
+
 
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
 
-def select_backend() -> str:
-    """The backend for this machine: MLX on Apple silicon with Metal, else torch (which picks
-    Triton on an NVIDIA GPU, plain ops on the CPU: kernels "auto"); NumPy without torch."""
-    import importlib.util
-
-    if platform.system() == "Darwin" and platform.machine() == "arm64" and importlib.util.find_spec("mlx"):
-        import mlx.core as mx
-
-        if mx.metal.is_available():
-            return "mlx"
-    return "torch" if importlib.util.find_spec("torch") else "numpy"
-
-
 def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str | None = None,
-         device: str | None = None, cuda_graphs: bool = False) -> tuple[Engine, Tokenizer | None]:
+         device: str | None = None, cuda_graphs: bool = False, threads: int | str = "auto",
+         ) -> tuple[Engine, Tokenizer | None]:
     """(model, tokenizer) from a model directory; `path` None is the shipped weights/default/.
 
-    backend: "auto" (see `select_backend`), "numpy", "torch" or "mlx". kernels: "auto" or the
-    backend's own ("ops", "triton", "metal"). dtype: None keeps the stored weights (numpy:
-    float32 compute), or "float32" / "bfloat16" / "float16". tokenizer is None for a model
-    without one. cuda_graphs: (torch on CUDA) replay each decoded token from a CUDA graph.
+    backend: "auto", "numpy", "torch" or "mlx". "auto" is the fastest backend for this model
+    on this machine, measured (`choose_by_measurement`) and cached; device or cuda_graphs imply
+    torch. kernels: "auto" or the backend's own ("ops", "triton", "metal"). dtype: None keeps
+    the stored weights (numpy: float32 compute), or "float32" / "bfloat16" / "float16".
+    threads: CPU threads (torch's; numpy's BLAS's where threadpoolctl is installed; mlx has
+    no such setting): "auto" (measured with the backend) or a number. tokenizer is None for a
+    model without one. cuda_graphs: (torch on CUDA) replay each decoded token from a CUDA graph.
     """
     from metastate_core.tokenizers import load_tokenizer
     from weights import load_config
@@ -283,17 +335,164 @@ def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str 
             raise GenerationError(f"no model given and the default model {path} is missing; pass a model directory")
     path = Path(path)
     cfg = load_config(path)  # fails fast, with a clear message, on a missing or broken directory
-    if backend == "auto":
-        backend = select_backend()
-    if backend not in BACKENDS:
+    if threads != "auto" and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+        raise BackendError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+    if backend == "auto" and (device is not None or cuda_graphs):
+        backend = "torch"
+    if backend != "auto" and backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
-    check_kernels(backend, kernels)
+    if backend != "auto":
+        check_kernels(backend, kernels)
     if cuda_graphs and backend != "torch":
         raise BackendError(f"CUDA graphs are a torch backend option, and the backend is {backend}")
-    engine = _LOADERS[backend](path, kernels, dtype, device, cuda_graphs)
+    args = (path, kernels, dtype, device, cuda_graphs)
+    if backend == "auto" or threads == "auto":
+        engine = choose_by_measurement(cfg, args, [backend] if backend != "auto" else None, threads)
+    else:
+        engine = _LOADERS[backend](*args)
+        engine.set_threads(threads)
     engine.path = path.resolve()
     engine.fingerprint = model_fingerprint(path, engine.cfg)
     return engine, load_tokenizer(path, cfg.tokenizer)
+
+
+# ------------------------------------------------------------------------------------------
+# Backend and threads chosen by measurement, cached per machine and model shape
+# ------------------------------------------------------------------------------------------
+
+def policy_cache_file() -> Path:
+    """$XDG_CACHE_HOME/metastate/policy.json (XDG_CACHE_HOME defaults to ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metastate" / "policy.json"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_options() -> list[int]:
+    """Thread counts worth measuring: 1, 2, 4, ... up to the CPUs that other processes leave
+    free (the 1-minute load average less this process). Threads that need a CPU another
+    process holds wait for it at every operation: on a 2-core machine beside one busy process,
+    2 threads decoded 5-7x slower than 1, though 1.35x faster while it was quiet."""
+    busy = round(max(0.0, os.getloadavg()[0] - 1)) if hasattr(os, "getloadavg") else 0
+    n = max(1, cpu_count() - busy)
+    return sorted({n, *(2**i for i in range(n.bit_length()) if 2**i < n)})
+
+
+def race(candidates: dict, timer=time.perf_counter, rounds: int = 3, margin: float = 1.5,
+         bound: float = math.inf) -> dict:
+    """Median time {name: seconds} of each candidate {name: (prepare, run)}. Each round runs
+    every candidate still in the race: prepare(), run() untimed (warm-up, threads switched),
+    run() timed. A warm-up over 3 x margin x the fastest median so far (or `bound`, another
+    race's) ends a candidate at once (a clear loser costs one run); from the second round on,
+    so does a median over margin x the fastest. The median, not the best time: threads that
+    wait on a busy core are slow often, not always."""
+    times: dict = {name: [] for name in candidates}
+    alive = list(candidates)
+
+    def fastest():
+        return min([bound, *(statistics.median(t) for t in times.values() if t)])
+
+    for r in range(rounds):
+        for name in list(alive):
+            prepare, run = candidates[name]
+            prepare()
+            t0 = timer()
+            run()
+            t1 = timer()
+            if t1 - t0 > 3 * margin * fastest():
+                times[name].append(t1 - t0)
+                alive.remove(name)
+                continue
+            run()
+            times[name].append(timer() - t1)
+        if r:
+            best = fastest()
+            alive = [n for n in alive if statistics.median(times[n]) <= margin * best]
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _policy_key(cfg: ModelConfig, args, backends, threads) -> str:
+    """The cache key of a choice: machine, installed versions, model shape, the request."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    shape = {k: v for k, v in cfg.to_dict().items() if k not in ("tokenizer", "growth") and k not in cfg.extra}
+    return json.dumps([platform.node(), platform.machine(), platform.processor(), cpu_count(),
+                       {p: installed(p) for p in ("metastate", "numpy", "torch", "mlx")}, shape,
+                       cfg.extra.get("quantization"), [str(a) for a in args[1:]], backends, threads], sort_keys=True)
+
+
+def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = None, threads="auto",
+                          timer=time.perf_counter, cache: Path | None = None) -> Engine:
+    """The engine (backend and CPU threads) that runs this model fastest here.
+
+    args: the loaders' (path, kernels, dtype, device, cuda_graphs); backends: those to consider
+    (None: every installed one that offers `kernels`); threads: "auto" (every `thread_options`
+    count) or one count. A cached choice for this machine, model shape and request is loaded
+    at once. Otherwise each backend is loaded in turn and its thread counts `race`d on a
+    short turn (a 16-token prompt and one decoded token: the sequence path and the step),
+    holding at most two engines at once, and the choice is cached. A backend that cannot load
+    this model is passed over; an unwritable or corrupt cache is ignored.
+    """
+    kernels = args[1]
+    backends = backends or [b for b in ("torch", "numpy", "mlx") if kernels in ("auto", *constants.KERNELS[b])
+                            and (b == "numpy" or importlib.util.find_spec(b))]
+    if not backends:
+        raise BackendError(f"no installed backend offers kernels {kernels!r}")
+    counts = thread_options() if threads == "auto" else [threads]
+    cache = cache or policy_cache_file()
+    key = _policy_key(cfg, args, backends, threads)
+    try:
+        entries = json.loads(cache.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    hit = entries.get(key)
+    if isinstance(hit, dict) and hit.get("backend") in backends and (hit.get("threads") in (None, *counts)):
+        engine = _LOADERS[hit["backend"]](*args)
+        engine.set_threads(hit["threads"])
+        return engine
+    best, winner, seconds, errors = math.inf, None, {}, []
+    for backend in backends:
+        try:
+            engine = _LOADERS[backend](*args)
+        except MetaStateError as e:  # not installed, or not for this model (dtype, quantization)
+            errors.append(e)
+            continue
+        options = counts if engine.threadable else [None]
+        if len(backends) == len(options) == 1:
+            engine.set_threads(options[0])
+            return engine  # nothing to choose between
+
+        def turn(engine=engine):  # a short prompt and a decoded token: the sequence path and the step
+            engine.step(0, engine.prefill(np.arange(16) % cfg.vocab_size)[1])
+
+        times = race({n: (partial(engine.set_threads, n), turn) for n in options}, timer, bound=best)
+        seconds.update({f"{backend}:{n}" if n else backend: t for n, t in times.items()})
+        n = min(times, key=times.__getitem__)
+        if times[n] < best:
+            best, winner = times[n], (engine, n)
+        del engine, turn  # a loser's weights go now: two engines in memory at most
+    if winner is None:
+        raise errors[0]
+    engine, n = winner
+    engine.set_threads(n)
+    entries = {**dict(list(entries.items())[-63:]), key: {"backend": engine.backend, "threads": n, "seconds": seconds}}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return engine
 
 
 def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
@@ -463,6 +662,88 @@ def _sampler(sampler: Sampler | SamplingParams | None, params: dict) -> Sampler:
     return Sampler(SamplingParams(**params))
 
 
+def _prompt_ids(model: Engine, tokenizer: Tokenizer | None, prompt, state) -> np.ndarray:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise GenerationError("this model has no tokenizer: pass the prompt as token ids")
+        if not prompt:
+            raise GenerationError("the prompt is empty: give some text")
+        # text after a state continues that text: no SentencePiece space in front of it
+        prompt = tokenizer.encode(prompt) if state is None else encode_continuation(tokenizer, prompt)
+    return model.check_ids(prompt)
+
+
+class _Sequence:
+    """One sequence after its prompt: sampling, stop ids and strings, streaming text, counters.
+    `sample` draws the next token (None: the sequence ends there), `advance` takes in the
+    model's output for it and returns the pieces to show."""
+
+    def __init__(self, model: Engine, tokenizer, ids, logits, state, sampler: Sampler, stop, stop_ids,
+                 max_tokens: int, prompt_s: float):
+        self.decoder = StreamDecoder(tokenizer, context=ids.tolist()) if tokenizer is not None else None
+        self.matcher = _StopMatcher(stop)
+        self.counts = np.zeros(model.cfg.vocab_size, np.int64)
+        self.sampler, self.stop_ids, self.max_tokens = sampler, stop_ids, max_tokens
+        self.logits, self.state, self.ids, self.texts, self.reason = logits, state, [], [], None
+        self.n_prompt, self.prompt_tps, self.t1 = len(ids), len(ids) / max(prompt_s, 1e-9), time.perf_counter()
+
+    def sample(self) -> int | None:
+        if len(self.ids) >= self.max_tokens:
+            self.reason = "length"
+            return None
+        token = self.sampler(self.logits, self.counts)
+        if token in self.stop_ids:
+            self.reason = "eos"
+            return None
+        self.counts[token] += 1
+        return token
+
+    def advance(self, token: int, logits, state) -> list[Response]:
+        self.logits, self.state = logits, state
+        self.ids.append(token)
+        text, hit = self.matcher.push(self.decoder.push(token)) if self.decoder else ("", False)
+        if hit:
+            self.reason = "stop"
+            return [self.piece(text, token), self.piece("", None)]
+        return [self.piece(text, token)]
+
+    def finish(self) -> Response:
+        """The last piece of a sequence that ended at `sample` (length or end of text)."""
+        return self.piece(self.matcher.push(self.decoder.flush())[0] + self.matcher.flush() if self.decoder else "",
+                          None)
+
+    def piece(self, text: str, token: int | None) -> Response:
+        self.texts.append(text)
+        n = len(self.ids)
+        return Response(text, token, None if token is not None else self.reason, self.n_prompt, self.prompt_tps, n,
+                        n / max(time.perf_counter() - self.t1, 1e-9), self.state, self.logits)
+
+
+def _sequences(model: Engine, tokenizer, prompts, states, max_tokens, sampler, sampling, stop, stop_ids,
+               prefill_step) -> list[_Sequence]:
+    """Check the request, then prefill each prompt from its state: one `_Sequence` each."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+        raise GenerationError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    params = _sampler(sampler, sampling).params
+    if isinstance(stop, str):  # one stop string, not its characters
+        stop = (stop,)
+    all_ids = [_prompt_ids(model, tokenizer, p, s) for p, s in zip(prompts, states)]
+    if stop and tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer")
+    if stop_ids is None:
+        eos = getattr(tokenizer, "eos_id", None)
+        stop_ids = () if eos is None else (eos,)
+    stop_ids = {int(i) for i in stop_ids}
+    seqs = []
+    for ids, state in zip(all_ids, states):
+        t0 = time.perf_counter()
+        logits, state = model.prefill(ids, state, prefill_step)
+        one = sampler if isinstance(sampler, Sampler) and len(prompts) == 1 else Sampler(params)
+        seqs.append(_Sequence(model, tokenizer, ids, logits, state, one, stop, stop_ids, max_tokens,
+                              time.perf_counter() - t0))
+    return seqs
+
+
 def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
                     max_tokens: int = 256, *, sampler: Sampler | SamplingParams | None = None,
                     stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None, state=None,
@@ -476,55 +757,64 @@ def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Se
     to continue from (e.g. `Response.state` of an earlier call), None for a fresh start.
     Penalties count the generated tokens. The prompt is prefilled in pieces of prefill_step.
     """
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
-        raise GenerationError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    sampler = _sampler(sampler, sampling)
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise GenerationError("this model has no tokenizer: pass the prompt as token ids")
-        if not prompt:
-            raise GenerationError("the prompt is empty: give some text")
-        # text after a state continues that text: no SentencePiece space in front of it
-        prompt = tokenizer.encode(prompt) if state is None else encode_continuation(tokenizer, prompt)
-    if isinstance(stop, str):  # one stop string, not its characters
-        stop = (stop,)
-    ids = model.check_ids(prompt)
-    if stop and tokenizer is None:
-        raise GenerationError("stop strings need a tokenizer")
-    if stop_ids is None:
-        eos = getattr(tokenizer, "eos_id", None)
-        stop_ids = () if eos is None else (eos,)
-    stop_ids = {int(i) for i in stop_ids}
-
-    t0 = time.perf_counter()
-    logits, state = model.prefill(ids, state, prefill_step)
-    t1 = time.perf_counter()
-    prompt_tps = len(ids) / max(t1 - t0, 1e-9)
-    decoder = StreamDecoder(tokenizer, context=ids.tolist()) if tokenizer is not None else None
-    matcher = _StopMatcher(stop)
-    counts = np.zeros(model.cfg.vocab_size, np.int64)
-    n, reason = 0, "length"
-
-    def piece(text, token, finish):
-        tps = n / max(time.perf_counter() - t1, 1e-9)
-        return Response(text, token, finish, len(ids), prompt_tps, n, tps, state, logits)
-
-    while n < max_tokens:
-        token = sampler(logits, counts)
-        if token in stop_ids:
-            reason = "eos"
-            break
-        counts[token] += 1
-        logits, state = model.step(token, state)
-        n += 1
-        text, hit = matcher.push(decoder.push(token)) if decoder else ("", False)
-        if hit:
-            yield piece(text, token, None)
-            yield piece("", None, "stop")
+    seq, = _sequences(model, tokenizer, [prompt], [state], max_tokens, sampler, sampling, stop, stop_ids,
+                      prefill_step)
+    while (token := seq.sample()) is not None:
+        yield from seq.advance(token, *model.step(token, seq.state))
+        if seq.reason:  # a stop string
             return
-        yield piece(text, token, None)
-    rest = matcher.push(decoder.flush())[0] + matcher.flush() if decoder else ""
-    yield piece(rest, None, reason)
+    yield seq.finish()
+
+
+@dataclass
+class Completion:
+    """One sequence of `batch_generate`: its whole text (without a stop string), token ids, why
+    it ended ("length", "stop" or "eos"), and the state and next-token logits [V] after it."""
+
+    text: str
+    ids: list[int]
+    finish_reason: str
+    state: object
+    logits: np.ndarray
+
+
+def batch_generate(model: Engine, tokenizer: Tokenizer | None, prompts: Sequence[str | Sequence[int]],
+                   max_tokens: int = 256, *, sampler: Sampler | SamplingParams | None = None,
+                   stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
+                   states: Sequence | None = None, prefill_step: int = PREFILL_STEP, **sampling) -> list[Completion]:
+    """The continuations of several prompts, decoded together: one model call per token for
+    the whole batch. Arguments as for `stream_generate`; states: one state (or None) per prompt.
+
+    Each prompt is prefilled alone from its own state (no padding, so nothing crosses between
+    sequences), then the states are stacked [L, B, ...]. A sequence that ends leaves the batch;
+    the others go on unchanged. Each sequence samples with its own `Sampler` of the same
+    parameters (a given seed restarts for each), so sequence i is what `stream_generate` gives
+    for prompt i alone, up to the rounding of batched arithmetic.
+    """
+    if isinstance(prompts, str):
+        raise GenerationError("batch_generate takes a list of prompts (stream_generate takes one)")
+    states = [None] * len(prompts) if states is None else list(states)
+    if len(states) != len(prompts):
+        raise GenerationError(f"{len(prompts)} prompts and {len(states)} states: give one state per prompt")
+    seqs = _sequences(model, tokenizer, prompts, states, max_tokens, sampler, sampling, stop, stop_ids, prefill_step)
+    active = list(range(len(seqs)))
+    state = model.stack_states([s.state for s in seqs]) if seqs else None
+    while active:
+        tokens = [None if seqs[i].reason else seqs[i].sample() for i in active]
+        if None in tokens:  # the sequences that ended leave the batch, with their own state
+            for j in (j for j, t in enumerate(tokens) if t is None):
+                seqs[active[j]].state = model.select_state(state, [j])
+                if seqs[active[j]].reason != "stop":
+                    seqs[active[j]].finish()
+            keep = [j for j, t in enumerate(tokens) if t is not None]
+            active, tokens = [active[j] for j in keep], [tokens[j] for j in keep]
+            if not active:
+                break
+            state = model.select_state(state, keep)
+        logits, state = model.step_batch(tokens, state)
+        for j, i in enumerate(active):
+            seqs[i].advance(tokens[j], logits[j], None)
+    return [Completion("".join(s.texts), s.ids, s.reason, s.state, s.logits) for s in seqs]
 
 
 def generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Sequence[int],

@@ -1,6 +1,6 @@
 """`metastate bench`: prefill / decode speed of any backend, and training speed of torch.
 
-    metastate bench --model DIR --backend torch --prompt-len 512 --decode 64
+    metastate bench --model DIR --backend torch --prompt-len 512 --decode 64 --decode-batch 4 16
     metastate bench --size 768,12,65536 --backend torch --train --batch 8 --seq-len 1024
 
 Every figure is a median over repeats, taken after a warm-up. Speed claims in docs/ come
@@ -21,7 +21,8 @@ import numpy as np
 from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError
 
-from .api import BACKENDS, KERNELS, default_model_path
+from .api import KERNELS, default_model_path
+from .chat import backend_args
 
 
 class BenchError(MetaStateError):
@@ -34,11 +35,13 @@ def add_parsers(sub) -> None:
     src.add_argument("--model", help="model directory (default: the shipped model)")
     src.add_argument("--size", metavar="D,L,V", help="a freshly initialised model of d_model D, L layers, "
                      "vocab V (head size 64) instead of a directory")
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
+    backend_args(p)
     p.add_argument("--kernels", default="auto", choices=KERNELS)
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default: as stored")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length (generation mode)")
     p.add_argument("--decode", type=int, default=32, help="decode steps (generation mode)")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[], metavar="B",
+                   help="generation: also decode B sequences together (tok/s of all of them)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="generation, torch on an NVIDIA GPU: decode from a CUDA graph")
     p.add_argument("--train", action="store_true", help="measure forward+backward+AdamW (torch)")
@@ -84,38 +87,49 @@ def _peak_memory_mib(backend: str) -> float | None:
     return None
 
 
-def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats, cuda_graphs=False) -> dict:
-    from metastate.api import load
+def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats, cuda_graphs=False,
+                     threads="auto", batches=()) -> dict:
+    """Prefill and decode tok/s; first_token_ms: from a 16-token prompt to the first token's
+    text (`stream_generate`: prefill, sampling, one step); decode_tok_s_bB: B sequences at once."""
+    from metastate.api import load, stream_generate
 
-    engine, _ = load(path, backend, kernels=kernels, dtype=dtype, cuda_graphs=cuda_graphs)
+    t0 = time.perf_counter()
+    engine, _ = load(path, backend, kernels=kernels, dtype=dtype, cuda_graphs=cuda_graphs, threads=threads)
+    load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, engine.cfg.vocab_size, prompt_len)
+    V = engine.cfg.vocab_size
+    prompt = rng.integers(0, V, prompt_len)
     prefill_s = _median_time(lambda: engine.prefill(prompt), repeats)
+    first_s = _median_time(lambda: next(stream_generate(engine, None, prompt[:16], 1, temperature=0)), repeats)
     _, state = engine.prefill(prompt)
+    result = {"mode": "generation", "engine": engine.description, "load_s": load_s, "prompt_len": prompt_len,
+              "prefill_tok_s": prompt_len / prefill_s, "first_token_ms": 1e3 * first_s}
+    for B in (1, *batches):
+        states = engine.stack_states([state] * B)
 
-    def decode_loop():
-        st = state
-        for tok in rng.integers(0, engine.cfg.vocab_size, decode):
-            _, st = engine.step(int(tok), st)
+        def decode_loop():
+            st = state if B == 1 else states
+            for tok in rng.integers(0, V, (decode, B)):
+                st = engine.step(int(tok[0]), st)[1] if B == 1 else engine.step_batch(tok, st)[1]
 
-    decode_s = _median_time(decode_loop, repeats)
-    return {"mode": "generation", "engine": engine.description, "prompt_len": prompt_len,
-            "prefill_tok_s": prompt_len / prefill_s, "decode_tok_s": decode / decode_s,
-            "peak_memory_mib": _peak_memory_mib(engine.backend)}
+        result["decode_tok_s" if B == 1 else f"decode_tok_s_b{B}"] = B * decode / _median_time(decode_loop, repeats)
+    return {**result, "peak_memory_mib": _peak_memory_mib(engine.backend)}
 
 
 def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoint=False, fused=None,
-                   plain_loss=False, autocast=False) -> dict:
+                   plain_loss=False, autocast=False, threads="auto") -> dict:
     """fused: the model's elementwise pieces as fused kernels (None: the model's default).
     plain_loss: the loss from the whole [B, T, V] logits instead of the model's chunked loss.
     autocast: run forward and loss under bfloat16 autocast (`metastate train` on a GPU does, with
-    float32 weights)."""
+    float32 weights). threads: torch's CPU threads ("auto": torch's default)."""
     try:
         import torch
 
         from backends.cuda import load_model
     except ImportError as e:
         raise BenchError(f"training benchmarks need the torch backend ({e}): pip install 'metastate[torch]'") from None
+    if threads != "auto":
+        torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # this measurement's peak, not an earlier one's in the same process
         torch.cuda.empty_cache()
@@ -182,6 +196,8 @@ def cmd_bench(args) -> int:
     for name in ("prompt_len", "decode", "batch", "seq_len", "repeats"):
         if getattr(args, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+    if any(b < 1 for b in args.decode_batch):
+        raise BenchError("--decode-batch sizes must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         path = sized_model(args.size, Path(tmp)) if args.size else args.model or default_model_path()
         if args.train:
@@ -189,10 +205,10 @@ def cmd_bench(args) -> int:
                 raise BenchError("--train measures the torch backend only")
             result = bench_training(path, args.kernels, args.dtype, args.batch, args.seq_len, args.repeats,
                                     args.grad_checkpoint, fused=None if args.fused_elementwise else False,
-                                    plain_loss=args.plain_loss, autocast=args.autocast)
+                                    plain_loss=args.plain_loss, autocast=args.autocast, threads=args.threads)
         else:
             result = bench_generation(path, args.backend, args.kernels, args.dtype, args.prompt_len,
-                                      args.decode, args.repeats, args.cuda_graphs)
+                                      args.decode, args.repeats, args.cuda_graphs, args.threads, args.decode_batch)
     if args.json:
         print(json.dumps(result))
     else:

@@ -189,7 +189,7 @@ def _sampling(args) -> SamplingParams:
 def _load(args) -> tuple[Engine, object, SamplingParams]:
     sampling = _sampling(args)  # bad sampling values fail before the model loads
     model, tokenizer = load(args.model, args.backend, kernels=args.kernels, dtype=args.dtype,
-                            cuda_graphs=args.cuda_graphs)
+                            cuda_graphs=args.cuda_graphs, threads=args.threads)
     print(f"backend: {model.description}", file=sys.stderr, flush=True)
     return model, tokenizer, sampling
 
@@ -333,10 +333,31 @@ def _command(session: ChatSession, line: str) -> bool:
     return False
 
 
+def threads_arg(text: str) -> int | str:
+    """argparse type of --threads: "auto" or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return n
+
+
+def backend_args(p: argparse.ArgumentParser) -> None:
+    """--backend and --threads (chat, generate, bench)."""
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="default auto: the fastest for this model here, measured once per machine and model "
+                        "shape (a few decode steps each) and cached in $XDG_CACHE_HOME/metastate")
+    p.add_argument("--threads", type=threads_arg, default="auto",
+                   help="CPU threads of torch, or of numpy's BLAS (default auto: measured with the backend)")
+
+
 def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_tokens: int) -> None:
     p.add_argument("--model", help="model directory (default: the shipped weights/default/)")
-    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                   help="default auto: mlx on Apple silicon, torch (Triton) on NVIDIA, else torch on the CPU")
+    backend_args(p)
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="the backend's WKV kernels")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (default: as stored)")
     p.add_argument("--cuda-graphs", action="store_true",

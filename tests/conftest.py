@@ -5,6 +5,11 @@ triton is first imported, so it is set here, ahead of every test module.
 """
 
 import os
+import tempfile
+
+# load(backend="auto") times the backends once and caches the choice under XDG_CACHE_HOME: the
+# tests keep theirs in a fresh folder, never in the user's cache
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="metastate-test-cache-"))
 
 try:
     import torch

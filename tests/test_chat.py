@@ -67,7 +67,7 @@ def raw(tok, ids):
 def record(engine):
     """Make `engine` log every token it reads into the returned list."""
     fed, forward_ = [], engine._forward
-    engine._forward = lambda ids, state: (fed.extend(ids.tolist()), forward_(ids, state))[1]
+    engine._forward = lambda ids, state: (fed.extend(ids.ravel().tolist()), forward_(ids, state))[1]
     return fed
 
 
@@ -251,11 +251,11 @@ def test_a_stop_inside_a_token_leaves_the_state_at_the_stop():
         def zero_state(self):
             return ()
 
-        def _forward(self, ids, state, every=False):
-            logits = np.zeros(65536, np.float32)
-            logits[self.answer[min(self.calls, len(self.answer) - 1)]] = 10.0
+        def _forward(self, ids, state, every=False):  # one sequence: ids [1, T]
+            logits = np.zeros((1, 65536), np.float32)
+            logits[0, self.answer[min(self.calls, len(self.answer) - 1)]] = 10.0
             self.calls += 1
-            return logits, state + tuple(int(i) for i in ids)
+            return logits, state + tuple(int(i) for i in ids[0])
 
     engine = Recorder(tok.encode(" Hello.") + [3329] + tok.encode("more"))
     session = ChatSession(engine, tok, make_template("world"), GREEDY, max_tokens=10)
@@ -317,7 +317,7 @@ def say(proc, line):
 def test_cli_two_turns_save_reset_load(model, tmp_path):
     path, _, _ = model
     proc = spawn(path, "--max-tokens", 8)
-    assert "backend: numpy (cpu, float32)" in proc.before
+    assert "backend: numpy (cpu, float32" in proc.before
     first = say(proc, "the king is here")
     assert first.strip()
     assert "unknown command" in say(proc, "/nonsense")

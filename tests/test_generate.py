@@ -120,17 +120,12 @@ def test_seed_and_top_k(model):
 
 
 def test_auto_backend_and_default_model(model, monkeypatch, tmp_path):
-    import torch
-
     path, _, _ = model
-    if sys.platform != "darwin" and not torch.cuda.is_available():
-        assert api.select_backend() == "torch"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the measured choice is cached there
     monkeypatch.setattr(api, "default_model_path", lambda: path)
     engine, tok = load()
     assert engine.path == path.resolve() and tok is not None
-    assert engine.backend == api.select_backend()
-    if not torch.cuda.is_available():
-        assert engine.description == "torch (cpu, kernels=ops)"
+    assert engine.backend in api.BACKENDS and (tmp_path / "cache" / "metastate" / "policy.json").is_file()
     monkeypatch.setattr(api, "default_model_path", lambda: tmp_path / "absent")
     with pytest.raises(api.GenerationError, match="default model"):
         load()
@@ -164,11 +159,11 @@ class Scripted(Engine):
     def zero_state(self):
         return 0
 
-    def _forward(self, ids, state, every=False):
+    def _forward(self, ids, state, every=False):  # one sequence: ids [1, T]
         state = 0 if state is None else state
-        pos = state + len(ids)
-        logits = np.zeros(257, np.float32)
-        logits[self.script[pos] if pos < len(self.script) else 256] = 10.0
+        pos = state + ids.shape[1]
+        logits = np.zeros((1, 257), np.float32)
+        logits[0, self.script[pos] if pos < len(self.script) else 256] = 10.0
         return logits, pos
 
 
@@ -273,7 +268,7 @@ def test_cli_generate_streams_and_reports_speed(model, capsys):
     rc, out, err = run(["generate", "--model", path, "--prompt", "the king", "--max-tokens", 12,
                         "--temperature", 0, "--backend", "numpy", "--verbose"], capsys)
     assert rc == 0, err
-    assert err.splitlines() == ["backend: numpy (cpu, float32)"]
+    assert re.fullmatch(r"backend: numpy \(cpu, float32(, threads \d+)?\)", err.strip()), err
     lines = out.splitlines()
     assert re.fullmatch(r"prefill: \d+\.\d tok/s, decode: \d+\.\d tok/s", lines[-1]), lines[-1]
     assert out[: out.rindex("\nprefill:")] == expected.rstrip("\n")
