@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import LN_X_EPS
 from .errors import MetaStateError
 
 FORMAT_NAME = "metastate"
@@ -28,7 +29,7 @@ SIZES = ("vocab_size", "d_model", "n_layer", "head_size", "d_att", *LORA_FACTORS
 PARAM_MODES = ("dense", "product")
 PRODUCT_FIELDS = ("n_sub_keys", "param_heads", "param_topk")  # product mode only (SPEC section 7)
 # What defines the computation; the rest of a config (tokenizer, chat_template, ...) may be edited.
-ARCHITECTURE = (*SIZES, "sse_heads", "param_mode", *PRODUCT_FIELDS)
+ARCHITECTURE = (*SIZES, "sse_heads", "ln_x_eps", "param_mode", *PRODUCT_FIELDS)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ModelConfig:
     lora_g: int | None = None
     n_param_tokens: int | None = None
     sse_heads: int | None = None
+    ln_x_eps: float = LN_X_EPS          # GroupNorm epsilon; a config.json without it means head_size * 1e-5
     param_mode: str = "dense"           # "dense" (SPEC section 2) or "product" (product keys, section 7)
     n_sub_keys: int | None = None       # product: m sub-keys per half, n_param_tokens = m * m
     param_heads: int | None = None      # product: P heads, each reading its own top-k
@@ -88,8 +90,8 @@ class ModelConfig:
         return self.param_mode == "product"
 
     @property
-    def eps_group_norm(self) -> float:
-        """ln_x (GroupNorm) and SSE epsilon: N * 1e-5."""
+    def eps_sse(self) -> float:
+        """The SSE readout's RMS-norm epsilon: N * 1e-5."""
         return self.head_size * 1e-5
 
     def state_bytes_per_layer(self, batch: int = 1) -> int:
@@ -101,6 +103,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_pos_int(value):
                 raise ConfigError(f"config field {name!r} must be a positive integer below 2^31, got {value!r}")
+        if isinstance(self.ln_x_eps, bool) or not isinstance(self.ln_x_eps, (int, float)) or \
+                not 0 < self.ln_x_eps < math.inf:
+            raise ConfigError(f"config field 'ln_x_eps' must be a positive number, got {self.ln_x_eps!r}")
         if not isinstance(self.sse_heads, int) or isinstance(self.sse_heads, bool) or self.sse_heads < 0:
             raise ConfigError(f"config field 'sse_heads' must be a non-negative integer, got {self.sse_heads!r}")
         if self.d_att % self.head_size:
@@ -176,10 +181,18 @@ class ModelConfig:
         extra = {k: data.pop(k) for k in list(data) if k not in known}
         if "vocab_size" not in data:
             raise ConfigError("config is missing required field 'vocab_size'")
+        if "ln_x_eps" not in data:  # written before the field existed: the epsilon it was made with
+            data["ln_x_eps"] = legacy_ln_x_eps(data)
         return cls(**data, extra=extra)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def legacy_ln_x_eps(data: dict):
+    """The GroupNorm epsilon of a config written before `ln_x_eps` existed: head_size * 1e-5."""
+    head_size = data.get("head_size", 64)
+    return head_size * 1e-5 if _is_pos_int(head_size) else None  # a bad head size is reported by itself
 
 
 def is_plain_file_name(name) -> bool:

@@ -10,6 +10,7 @@ from .errors import MetaStateError
 
 DECAY_SCALE = -0.6065306597126334  # -exp(-0.5): w = exp(DECAY_SCALE * sigmoid(w_raw)) lies in (0.545, 1)
 LN_EPS = 1e-5                      # LayerNorm (ln0, ln1, ln2, ln_out)
+LN_X_EPS = 64e-5                   # GroupNorm (ln_x) default: the official runtime's at every head size
 L2_EPS = 1e-12                     # kk = x / max(|x|, L2_EPS) (F.normalize's default)
 MAX_CHUNK = 64                     # longest WKV chunk: 1 / prod(w) < exp(0.6065 * 64) ~ 7e16 stays finite in float32
 PREFILL_STEP = 512                 # prompt tokens per model call: prefill memory flat in the prompt length

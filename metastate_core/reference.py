@@ -166,7 +166,7 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
         else:
             raise ValueError(f"unknown wkv form {wkv!r}: expected 'recurrent' or 'chunked'")
         st.wkv[l] = scan.final_state
-        y = group_norm(scan.read(r), p(b + "att.ln_x.weight"), p(b + "att.ln_x.bias"), cfg.eps_group_norm)
+        y = group_norm(scan.read(r), p(b + "att.ln_x.weight"), p(b + "att.ln_x.bias"), cfg.ln_x_eps)
         bonus = (r * k * p(b + "att.r_k")).sum(-1, keepdims=True) * v        # modified k
         y = y + bonus.reshape(B, T, -1)
         x = x + (y * g) @ p(b + "att.output.weight").T
@@ -178,7 +178,7 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
         K = cfg.sse_heads
         if K:  # Self-State Encoder: the state after this token, read with xs as the query
             z = scan.read(xs[..., : K * N].reshape(B, T, K, N))
-            z = z / np.sqrt((z * z).mean(-1, keepdims=True) + cfg.eps_group_norm)
+            z = z / np.sqrt((z * z).mean(-1, keepdims=True) + cfg.eps_sse)
             u = xs.copy()
             u[..., : K * N] += p(b + "meta.sse_gate")[: K * N] * z.reshape(B, T, K * N)
         if cfg.product:  # SPEC section 7: each head reads its exact top-k of m*m tokens

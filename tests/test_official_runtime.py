@@ -98,9 +98,10 @@ def test_reference_matches_official_runtime(shape, official_rwkv, tmp_path):
         assert rel_rms(st.wkv[layer, 0], state[layer * 3 + 1].numpy()) <= 1e-5
 
 
-def test_head_size_32_differs_only_by_the_group_norm_epsilon(official_rwkv, tmp_path, monkeypatch):
-    # SPEC's ln_x epsilon is head_size * 1e-5; the runtime's is 64e-5 for every head size. This
-    # pins down the one difference `convert` notes for head sizes other than 64.
+def test_head_size_32_matches_and_an_older_epsilon_is_noted(official_rwkv, tmp_path):
+    # The runtime's ln_x epsilon is 64e-5 for every head size, and so is an imported model's
+    # (ln_x_eps, SPEC section 1). A model written before the field existed keeps head_size * 1e-5:
+    # its logits differ from the runtime's at head size 32, and `convert` says why.
     from weights import official_runtime_caveats
 
     cfg = ModelConfig(vocab_size=300, d_model=64, n_layer=2, head_size=32)
@@ -111,14 +112,14 @@ def test_head_size_32_differs_only_by_the_group_norm_epsilon(official_rwkv, tmp_
     with torch.no_grad():
         expected = official_rwkv(str(path)[:-4], "cpu fp32").forward(tokens, None, full_output=True)[0].numpy()
     imported_cfg, tensors = import_official_pth(path)
-    spec_eps = forward(tensors, imported_cfg, np.array([tokens]))[0][0]
-    assert rel_rms(spec_eps, expected) > 1e-4
-    monkeypatch.setattr(ModelConfig, "eps_group_norm", property(lambda self: 64e-5))
+    assert imported_cfg.ln_x_eps == 64e-5 and official_runtime_caveats(imported_cfg) == []
     assert rel_rms(forward(tensors, imported_cfg, np.array([tokens]))[0][0], expected) <= 1e-5
-    monkeypatch.undo()
 
-    notes = official_runtime_caveats(imported_cfg)
-    assert len(notes) == 1 and "head size 32" in notes[0] and "0.00032" in notes[0]
-    assert official_runtime_caveats(ModelConfig(vocab_size=300, d_model=64, n_layer=2)) == []
+    older = {k: v for k, v in imported_cfg.to_dict().items() if k != "ln_x_eps"}  # a config.json from before
+    older_cfg = ModelConfig.from_dict(older)
+    assert older_cfg.ln_x_eps == 32e-5
+    assert rel_rms(forward(tensors, older_cfg, np.array([tokens]))[0][0], expected) > 1e-4
+    notes = official_runtime_caveats(older_cfg)
+    assert len(notes) == 1 and "ln_x_eps 0.00032" in notes[0]
     grown = ModelConfig(vocab_size=300, d_model=64, n_layer=2, d_att=128)
     assert "d_att 128 != d_model 64" in official_runtime_caveats(grown)[0]

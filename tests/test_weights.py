@@ -19,9 +19,9 @@ import pytest
 
 import weights
 import weights.safetensors_io as st
-from metastate_core.config import ModelConfig
+from metastate_core.config import ConfigError, ModelConfig
 from metastate_core.errors import MetaStateError
-from metastate_core.params import param_shapes, random_params
+from metastate_core.params import init_params, param_shapes, random_params
 from weights import (SUPPORTED_DTYPES, WeightsError, convert_dtype, load_config, load_model, save_model,
                      validate_tensors)
 
@@ -662,3 +662,20 @@ def test_sigkill_during_save_keeps_old_model(tmp_path, cfg, params):
     cfg2, loaded = load_model(d)
     assert cfg2 == cfg
     assert_same(loaded, params)
+
+
+def test_ln_x_eps_defaults_to_the_official_value_and_older_configs_keep_theirs(tmp_path):
+    # SPEC section 1: new models (and imports) use 64e-5; a config.json written before the field
+    # existed means head_size * 1e-5, so the shipped model (head size 32) keeps its logits
+    assert ModelConfig(vocab_size=10, d_model=64, head_size=32).ln_x_eps == 64e-5
+    shipped = load_config(Path(__file__).resolve().parent.parent / "weights" / "default")
+    assert "ln_x_eps" not in json.loads((Path(__file__).resolve().parent.parent / "weights" / "default" /
+                                        "config.json").read_text())
+    assert shipped.head_size == 32 and shipped.ln_x_eps == 32e-5
+    cfg = ModelConfig(vocab_size=10, d_model=32, n_layer=1, head_size=16, ln_x_eps=1e-3)
+    save_model(tmp_path / "m", cfg, init_params(cfg))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["ln_x_eps"] == 1e-3
+    assert load_config(tmp_path / "m").ln_x_eps == 1e-3
+    for bad in (0, -1e-5, float("nan"), float("inf"), True, "1e-5"):
+        with pytest.raises(ConfigError, match="ln_x_eps"):
+            ModelConfig(vocab_size=10, d_model=32, head_size=16, ln_x_eps=bad)

@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from metastate_core.config import ARCHITECTURE, FORMAT_NAME, ModelConfig, is_plain_file_name
+from metastate_core.config import ARCHITECTURE, FORMAT_NAME, ModelConfig, is_plain_file_name, legacy_ln_x_eps
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes, shape_mismatch
 
@@ -193,7 +193,8 @@ def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> N
         saved = json.loads(meta["config"])
     except ValueError:
         raise WeightsError(f"{file}: malformed config in the header") from None
-    defaults = {"param_mode": "dense"}  # files written before product mode existed are dense
+    # fields a file may predate: dense parameter tokens, and the GroupNorm epsilon it was made with
+    defaults = {"param_mode": "dense", "ln_x_eps": legacy_ln_x_eps(saved) if isinstance(saved, dict) else None}
     changed = [k for k in ARCHITECTURE
                if isinstance(saved, dict) and saved.get(k, defaults.get(k)) != getattr(cfg, k)]
     if changed:

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from metastate_core.config import ModelConfig, official_lora_size, LORA_FACTORS
+from metastate_core.constants import LN_X_EPS
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
 
@@ -134,10 +135,9 @@ def official_runtime_caveats(cfg: ModelConfig) -> list[str]:
         notes.append(f"d_att {cfg.d_att} != d_model {cfg.d_model} (grown heads): the `rwkv` pip runtime sizes its "
                      "state as d_model // head_size heads and cannot run this file (RWKV-LM's trainer, with "
                      "dim_att, can)")
-    if cfg.head_size != 64:
-        notes.append(f"head size {cfg.head_size}: the official runtime's GroupNorm epsilon is 64e-5 whatever the "
-                     f"head size, SPEC's is head_size * 1e-5 = {cfg.eps_group_norm:g}, so its logits differ "
-                     "slightly from ours (every official RWKV-7 checkpoint has head size 64)")
+    if cfg.ln_x_eps != LN_X_EPS:
+        notes.append(f"ln_x_eps {cfg.ln_x_eps:g}: the official runtime's GroupNorm epsilon is {LN_X_EPS:g}, so its "
+                     "logits differ slightly from ours (the model predates the ln_x_eps field: head_size * 1e-5)")
     return notes
 
 

@@ -112,7 +112,7 @@ class GroupNorm(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.eps = cfg.eps_group_norm
+        self.eps = cfg.ln_x_eps
         self.weight, self.bias = _vec(cfg.d_att), _vec(cfg.d_att)
 
 
@@ -169,7 +169,7 @@ class MetaLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, n = cfg.d_model, cfg.n_param_tokens
-        self.sse_heads, self.head_size, self.eps = cfg.sse_heads, cfg.head_size, cfg.eps_group_norm
+        self.sse_heads, self.head_size, self.eps = cfg.sse_heads, cfg.head_size, cfg.eps_sse
         self.product, self.topk = cfg.product, cfg.param_topk
         self.x_k = _vec(d)
         if self.product:  # SPEC section 7: P heads of two sub-key tables over the halves of u
