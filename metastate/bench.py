@@ -136,7 +136,9 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         torch.cuda.reset_peak_memory_stats()
     model = load_model(path, device=device, dtype=dtype)
     kernels = model.set_kernels(kernels, fused=fused)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as the trainer
+    from metastate.train.loop import optimizers  # as the trainer: fused AdamW, RowAdam for product value tables
+
+    opts = optimizers(model, 1e-4, (0.9, 0.99), 1e-8, 0.0)
     V = model.cfg.vocab_size
     tokens = torch.randint(0, V, (batch, seq_len + 1), device=device)
 
@@ -153,8 +155,9 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
         with amp():
             loss = training_loss()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def forward_only():
         with torch.no_grad(), amp():

@@ -4,7 +4,8 @@ function of the directory (and of the arrays it reads or writes) alone.
     out/metrics.jsonl loss.png train_config.json
     out/checkpoints/step-000200/   a model directory (config.json, model.safetensors, tokenizer.model) and
         trainer_state.json         step, data position and fingerprint, RNG, config, skip counts, fp16 loss scale
-        optimizer.npz              AdamW moments, RNG arrays, float32 weights if save_dtype is narrower
+        optimizer.npz              AdamW moments (RowAdam's row state for product value tables), RNG arrays,
+                                   float32 weights if save_dtype is narrower
     out/superseded/after-step-000100/   the checkpoints of another continuation, set aside on resume
 
 A checkpoint is written by one `weights.save_model` call (temp directory, fsync, rename), so a
@@ -204,9 +205,11 @@ def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def changed_settings(cfg: TrainConfig, state: dict, precision: str, data_id: str) -> list[str]:
     """The settings that define the loss curve and differ from a checkpoint's. The data is
-    compared by content (data_fingerprint), the precision by the dtype the run computed in."""
-    changed = [k for k, v in cfg.to_dict().items()
-               if k not in cfg.RESUME_FREE and k not in ("data", "precision") and state["config"].get(k) != v]
+    compared by content (data_fingerprint), the precision by the dtype the run computed in. A
+    setting newer than the checkpoint (absent from it) had its default."""
+    default = TrainConfig(data="").to_dict()
+    changed = [k for k, v in cfg.to_dict().items() if k not in cfg.RESUME_FREE and k not in ("data", "precision")
+               and state["config"].get(k, default[k]) != v]
     if state["amp"] != precision:
         changed.append("precision")
     if state["data_fingerprint"] != data_id:
@@ -227,18 +230,23 @@ def master_weights(ckpt: Path, tensors: dict[str, np.ndarray], arrays: dict[str,
     return {name: masters[name] for name in tensors}
 
 
-def optimizer_state(arrays: dict[str, np.ndarray], shapes: dict[str, tuple]) -> dict[str, dict]:
-    """{parameter name: {moment: tensor}} of a checkpoint's 'opt.<name>.<moment>' arrays, checked
-    against the trainable parameters' shapes (the fused AdamW kernel reads moments unchecked)."""
+def optimizer_state(arrays: dict[str, np.ndarray], expect: dict[str, dict]) -> dict[str, dict]:
+    """{parameter name: {key: tensor}} of a checkpoint's 'opt.<name>.<key>' arrays, checked against
+    expect, {name: {key: (shape, torch dtype)}} of the trainable parameters (AdamW's moments, or a
+    value table's RowAdam state): the fused AdamW kernel reads moments unchecked."""
     state: dict[str, dict] = {}
     for key, value in arrays.items():
         if key.startswith("opt."):
             name, k = key[4:].rsplit(".", 1)
-            want = () if k == "step" else shapes.get(name)
-            if want is None or tuple(value.shape) != want or value.dtype != np.float32:
+            shape, dtype = expect.get(name, {}).get(k, (None, None))
+            want = None if dtype is None else np.dtype(str(dtype).removeprefix("torch."))
+            if want is None or tuple(value.shape) != shape or value.dtype != want:
                 raise TrainError(f"corrupt optimizer state {key}: {value.dtype} {list(value.shape)}, expected "
-                                 + (f"float32 {list(want)}" if want is not None else "no such parameter"))
+                                 + (f"{want} {list(shape)}" if want is not None else "no such parameter"))
             state.setdefault(name, {})[k] = torch.from_numpy(value.copy())
+    for name, keys in state.items():
+        if set(keys) != set(expect[name]):
+            raise TrainError(f"corrupt optimizer state of {name}: has {sorted(keys)}, expected {sorted(expect[name])}")
     return state
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from metastate_core.config import ConfigError, ModelConfig
 from metastate_core.errors import MetaStateError
 from weights import SUPPORTED_DTYPES
 
@@ -34,6 +35,10 @@ class TrainConfig:
     d_att: int | None = None
     n_param_tokens: int | None = None
     sse_heads: int | None = None
+    param_mode: str = "dense"           # "product": product-key parameter tokens (SPEC section 7), with
+    n_sub_keys: int | None = None       # m sub-keys per half (m*m tokens a layer),
+    param_heads: int | None = None      # P heads,
+    param_topk: int | None = None       # each reading its top k
     freeze_sse_gate: bool = False       # the ablation baseline: every sse_gate held at 0 (exact RWKV-7)
     # data and batch
     seq_len: int = 128
@@ -110,6 +115,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The config of a new model of these settings."""
+        return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_layer=self.n_layer, head_size=self.head_size,
+                           d_att=self.d_att, n_param_tokens=self.n_param_tokens, sse_heads=self.sse_heads,
+                           param_mode=self.param_mode, n_sub_keys=self.n_sub_keys, param_heads=self.param_heads,
+                           param_topk=self.param_topk)
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):  # TOML and JSON can hold any type: check each
             _check_type(f.name, str(f.type), getattr(self, f.name))
@@ -147,6 +159,11 @@ class TrainConfig:
             raise TrainError("init_from starts a new run and resume continues one: give only one")
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.init_from:  # the model settings (ignored with init_from), as the model checks them
+            try:
+                self.model_config(vocab_size=1)
+            except ConfigError as e:
+                raise TrainError(str(e)) from None
         if self.kernels not in ("auto", "ops", "triton"):
             raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
 

@@ -62,12 +62,15 @@ class Dist:
             dist.barrier()
 
 
-def wrap(model: torch.nn.Module, world: int, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """The model as the ranks train it: itself alone, DDP, or FSDP2-sharded (in place)."""
+def wrap(model: torch.nn.Module, world: int, device: torch.device, fsdp: bool, ignore=()) -> torch.nn.Module:
+    """The model as the ranks train it: itself alone, DDP, or FSDP2-sharded (in place). DDP leaves
+    the parameters named in `ignore` out of its buckets (sparse gradients: the caller averages them;
+    they start equal on every rank, as every rank initialises or loads the same weights)."""
     if world == 1:
         return model
     if not fsdp:
         ids = [device.index] if device.type == "cuda" else None
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 

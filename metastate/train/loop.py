@@ -1,4 +1,5 @@
-"""The Meta-State trainer (PyTorch): AdamW, warmup + cosine, DDP / FSDP2, exact resume.
+"""The Meta-State trainer (PyTorch): AdamW (RowAdam for product-mode value tables), warmup +
+cosine, DDP / FSDP2, exact resume.
 
     cfg = TrainConfig(data="data/shakespeare", out="runs/small", d_model=128, n_layer=4)
     summary = train(cfg)              # also under torchrun: one process per GPU (or CPU, gloo)
@@ -36,6 +37,7 @@ from .config import TrainConfig, TrainError, amp_dtype, resolve_precision
 from .data import TOKENIZER_FILE, TokenData, data_fingerprint, read_meta
 from .dist import Dist, StopRequest, TrainInterrupted, pick_device, wrap
 from .plot import plot_metrics
+from .sparse import RowAdam, clip_norm, reduce_rows
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -50,13 +52,34 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def decays(name: str, p: torch.Tensor) -> bool:
     """RWKV-7 rule: weight decay on the weight matrices (embedding, projections, head,
     parameter tokens); none on vectors, norms, r_k and the LoRA factors (w1, w2, a1, ...)."""
-    return p.dim() >= 2 and (name.endswith(".weight") or name.endswith(("meta.param_keys", "meta.param_values")))
+    return p.dim() >= 2 and (name.endswith(".weight") or
+                             name.endswith(("meta.param_keys", "meta.sub_keys", "meta.param_values")))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # frozen: out
+def row_tables(model: Model) -> list[str]:
+    """The parameters whose gradient is row-sparse: a product model's value tables (SPEC 7)."""
+    return [f"blocks.{i}.meta.param_values" for i in range(model.cfg.n_layer)] if model.cfg.product else []
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude=()) -> list[dict]:
+    """AdamW's groups of the trainable parameters, but those named in exclude."""
+    params = [(name, p) for name, p in model.named_parameters()
+              if p.requires_grad and name not in exclude]  # frozen: out
     return [{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay, "name": "decay"},
             {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def optimizers(model: Model, lr: float, betas: tuple[float, float], eps: float,
+               weight_decay: float) -> list[torch.optim.Optimizer]:
+    """[fused AdamW over the trainable parameters (param_groups), and for a product model RowAdam
+    over its value tables (sparse.py; decoupled weight decay: the tables are matrices)]."""
+    tables = row_tables(model)
+    # fused: one kernel for every parameter's update instead of a few per tensor list
+    opts = [torch.optim.AdamW(param_groups(model, weight_decay, tables), lr=lr, betas=betas, eps=eps, fused=True)]
+    rows = [p for n, p in model.named_parameters() if n in tables and p.requires_grad]
+    if rows:
+        opts.append(RowAdam(rows, lr=lr, beta2=betas[1], eps=eps, weight_decay=weight_decay))
+    return opts
 
 
 def _numpy(t) -> np.ndarray:
@@ -115,10 +138,11 @@ class Trainer:
             mcfg, tensors = load_model(cfg.init_from, dtype="float32")
             ckpt.check_tokenizer(Path(cfg.init_from), mcfg, self.tokenizer_file, cfg.data)
         else:
-            mcfg = ModelConfig(vocab_size=meta["vocab_size"], d_model=cfg.d_model, n_layer=cfg.n_layer,
-                               head_size=cfg.head_size, d_att=cfg.d_att, n_param_tokens=cfg.n_param_tokens,
-                               sse_heads=cfg.sse_heads)
+            mcfg = cfg.model_config(meta["vocab_size"])
             tensors = init_params(mcfg, cfg.seed, np.float32)
+        if mcfg.product and self.sharded:
+            raise TrainError("--fsdp cannot shard a product-mode model (FSDP2 has no sparse gradients, which its "
+                             "value tables have): train it with DDP (no --fsdp)")
         if mcfg.vocab_size < meta["vocab_size"]:
             raise TrainError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the data's ({meta['vocab_size']})")
         # train_ctx_len: the longest context this model has been trained on (chat warns past it)
@@ -126,11 +150,13 @@ class Trainer:
         self.model_cfg = mcfg.replace(tokenizer={"type": "sentencepiece", "file": TOKENIZER_FILE},
                                       extra={**mcfg.extra, "train_ctx_len": ctx})
         self.raw = self._build_model(mcfg, tensors)
-        self.model = wrap(self.raw, W, self.device, cfg.fsdp)
+        self.tables = tables = set(row_tables(self.raw))
+        # DDP leaves the value tables alone: their rows are averaged by reduce_rows
+        self.model = wrap(self.raw, W, self.device, cfg.fsdp, ignore=tables)
         self.names = {p: n for n, p in self.raw.named_parameters()}
-        # fused: one kernel for every parameter's update instead of a few per tensor list
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True)
+        self.opts = optimizers(self.raw, cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
+        self.opt = self.opts[0]  # AdamW
+        self.rows = [p for n, p in self.raw.named_parameters() if n in tables and p.requires_grad]
         if self.resumed_from:
             self._load_optimizer(arrays)
             ckpt.set_rng_state(state["rng"], arrays)
@@ -169,7 +195,7 @@ class Trainer:
         """
         cfg, W = self.cfg, self.dist.world
         first = cfg.data_start + self.step * cfg.batch_size + self.dist.rank * (cfg.batch_size // W)
-        for group in self.opt.param_groups:
+        for group in (g for opt in self.opts for g in opt.param_groups):
             group["lr"] = lr_at(cfg, self.step)
         total = 0.0
         for m in range(self.accum):
@@ -179,19 +205,23 @@ class Trainer:
                 loss = self.loss(batch) / self.accum
                 self.scaler.scale(loss).backward()
             total += float(loss.detach())
-        self.scaler.unscale_(self.opt)  # clip the true gradient
+        reduce_rows(self.rows, W)  # the tables' sparse gradients: coalesced, averaged over the ranks
+        for opt in self.opts:
+            self.scaler.unscale_(opt)  # clip the true gradient
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # 0: measured, not clipped
+        norm = clip_norm(params, cfg.grad_clip or math.inf)  # 0: measured, not clipped; the rows count
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         loss = self.dist.all_sum([total], self.device)[0] / W
         if math.isfinite(loss) and math.isfinite(norm):
-            self.scaler.step(self.opt)
+            for opt in self.opts:
+                self.scaler.step(opt)
             self.bad_steps = 0
         else:
             self.bad_steps += 1
             self.skipped += 1
         self.scaler.update()  # fp16: an overflow halves the scale, a run of good steps doubles it
-        self.opt.zero_grad(set_to_none=True)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
         self.step += 1
         return loss, norm
 
@@ -333,12 +363,15 @@ class Trainer:
             opt = get_optimizer_state_dict(self.model, self.opt, options=opts).get("state", {})
         else:
             tensors = self.raw.to_tensors()
-            opt = {self.names[p]: s for p, s in self.opt.state.items()}
+            opt = {self.names[p]: s for o in self.opts for p, s in o.state.items()}
         return tensors, {f"opt.{n}.{k}": _numpy(v) for n, s in opt.items() for k, v in s.items()}
 
     def _load_optimizer(self, arrays: dict[str, np.ndarray]) -> None:
-        state = ckpt.optimizer_state(arrays, {n: tuple(p.shape) for n, p in self.raw.named_parameters()
-                                              if p.requires_grad})
+        expect = {n: {k: (tuple(v.shape), v.dtype) for k, v in RowAdam.new_state(p).items()} if n in self.tables else
+                  {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32),
+                   "step": ((), torch.float32)}
+                  for n, p in self.raw.named_parameters() if p.requires_grad}
+        state = ckpt.optimizer_state(arrays, expect)
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                                  set_optimizer_state_dict)
@@ -349,7 +382,8 @@ class Trainer:
             return
         for p, name in self.names.items():
             if name in state:
-                self.opt.state[p] = {k: v.to(self.device) for k, v in state[name].items()}  # fused: step too
+                opt = self.opts[-1] if name in self.tables else self.opt
+                opt.state[p] = {k: v.to(self.device) for k, v in state[name].items()}  # fused: step too
 
 
 def train(cfg: TrainConfig) -> dict:
