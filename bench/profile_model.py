@@ -2,14 +2,17 @@
 
     python bench/profile_model.py [--size 768,12,65536] [--batch 8] [--seq-len 1024]
                                   [--kernels auto] [--dtype bfloat16] [--top 25] [--json OUT]
-    python bench/profile_model.py --decode-ops [MODEL_DIR]     # operators per decoded token
+    python bench/profile_model.py --decode-ops [MODEL_DIR] [--decode-batch 1] [--dtype float32]
+                                                               # operators per decoded token
 
 Prints the top operators by self time (GPU time on CUDA, CPU time otherwise) and the share of
 each group: the WKV kernels, matmuls, elementwise arithmetic (token shift, gates, norms,
 activations: the candidates for fused kernels), reductions/norms, memory copies, the optimizer.
 A fused kernel pays when its group is a large share: this decides it before anything is written.
---decode-ops counts the aten operators one decoded token runs (batch 1, no grad, after a
-64-token prefill): on a GPU each non-view operator is a kernel launch, which bounds decode.
+--decode-ops counts the aten operators one decoded token runs (no grad, after a 64-token
+prefill) and the top ones by self CPU time: on a GPU each non-view operator is a kernel launch,
+which bounds decode; on a CPU the counts show the per-token overhead beside the matmuls. Counts
+do not depend on how busy the machine is; the times do.
 """
 
 from __future__ import annotations
@@ -60,16 +63,18 @@ VIEW_OPS = {"view", "reshape", "as_strided", "expand", "expand_as", "select", "s
             "unbind", "split", "narrow", "contiguous", "to", "_to_copy", "flatten", "unflatten"}
 
 
-def decode_ops(model_dir: str | None, kernels: str) -> None:
+def decode_ops(model_dir: str | None, kernels: str, batch: int = 1, dtype: str | None = None,
+               top: int = 0) -> dict:
     """Print the aten operators per decoded token: all of them, the top-level non-view ones, and
-    (plain elementwise pieces) those of each piece the fused kernels replace with one launch."""
+    (plain elementwise pieces) those of each piece the fused kernels replace with one launch;
+    with `top`, also the top operators by self CPU time. Returns the figures."""
     from backends.cuda.ops.elementwise import naive
     from metastate.api import default_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir or default_model_path(), device=device)
+    model = load_model(model_dir or default_model_path(), device=device, dtype=dtype)
     kernels = model.set_kernels(kernels)
-    token = torch.tensor([[1]], device=device)
+    token = torch.ones(batch, 1, dtype=torch.long, device=device)
     steps = 10
     pieces = ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
     real = {name: getattr(naive, name) for name in pieces}
@@ -84,7 +89,7 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
         for name in pieces:  # the profile can then tell each piece's operators apart
             setattr(naive, name, labelled(name))
         with torch.no_grad():
-            _, state = model(torch.randint(0, model.cfg.vocab_size, (1, 64), device=device))
+            _, state = model(torch.randint(0, model.cfg.vocab_size, (batch, 64), device=device))
             model(token, state)  # warm-up
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
@@ -93,10 +98,13 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
         for name in pieces:
             setattr(naive, name, real[name])
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    launching = [e for e in top if e.name[len("aten::"):] not in VIEW_OPS]
-    print(f"{model_dir or 'shipped model'}, kernels={kernels}, {device}: per decoded token "
-          f"{len(aten) / steps:.0f} aten operators, {len(launching) / steps:.0f} top-level non-view")
+    toplevel = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    launching = [e for e in toplevel if e.name[len("aten::"):] not in VIEW_OPS]
+    dt = str(model.head.weight.dtype).replace("torch.", "")
+    print(f"{model_dir or 'shipped model'}, kernels={kernels}, {device}, {dt}, batch {batch}, "
+          f"{torch.get_num_threads()} threads: per decoded token {len(aten) / steps:.0f} aten operators, "
+          f"{len(launching) / steps:.0f} top-level non-view")
+    result = {"aten_ops": len(aten) / steps, "top_level_non_view": len(launching) / steps}
     calls = {name: sum(e.name == f"piece::{name}" for e in prof.events()) / steps for name in pieces}
     if any(calls.values()):  # the plain pieces ran: count their operators
         per_piece = {name: sum(e.cpu_parent is not None and e.cpu_parent.name == f"piece::{name}" for e in launching)
@@ -105,6 +113,16 @@ def decode_ops(model_dir: str | None, kernels: str) -> None:
         print("plain elementwise pieces per decoded token (calls, top-level non-view operators): "
               + ", ".join(f"{n} {calls[n]:.0f} / {per_piece[n]:.0f}" for n in pieces)
               + f"; {total:.0f} operators where the fused kernels launch {sum(calls.values()):.0f} kernels")
+    if top:  # where the CPU time goes (self time: an operator's own, without the operators it calls)
+        rows = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in rows)
+        print(f"aten self CPU time {total / steps / 1e3:.2f} ms per token (under the profiler)\n"
+              "| op | calls / token | ms / token | share |\n|---|---|---|---|")
+        for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"| {e.key} | {e.count / steps:.0f} | {e.self_cpu_time_total / steps / 1e3:.3f} | "
+                  f"{e.self_cpu_time_total / total:.1%} |")
+        result["self_ms"] = total / steps / 1e3
+    return result
 
 
 def self_time_us(event, cuda: bool) -> float:
@@ -119,19 +137,28 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--kernels", default="auto", choices=("auto", "ops", "triton"))
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 (training), as stored (decode)")
     p.add_argument("--plain-elementwise", action="store_true",
                    help="with the Triton kernels: the elementwise pieces as plain torch ops, not fused")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up step)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", help="also write the table here")
     p.add_argument("--decode-ops", nargs="?", const="", metavar="MODEL_DIR",
-                   help="count the operators per decoded token instead (default: the shipped model)")
+                   help="count the operators per decoded token instead (default: the shipped model; "
+                        "--dtype as stored unless given, --top rows of self time)")
+    p.add_argument("--decode-batch", type=int, default=1, help="with --decode-ops: sequences decoded together")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.decode_ops is not None:
-        return decode_ops(args.decode_ops or None, args.kernels)
+        result = decode_ops(args.decode_ops or None, args.kernels, args.decode_batch, args.dtype, args.top)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
+    args.dtype = args.dtype or "bfloat16"
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(sized_model(args.size, Path(tmp)), device=device, dtype=args.dtype)
     kernels = model.set_kernels(args.kernels, fused=False if args.plain_elementwise else None)

@@ -72,20 +72,20 @@ class RecurrentWKV:
     """
 
     def __init__(self, S0, w, k, v, kk, a):
-        B, T, H, N = k.shape
-        self.states = np.empty((B, T, H, N, N), dtype=S0.dtype)
+        T = k.shape[1]
+        self.states = []                                                   # S_t [B, H, N, N], t < T
         S = S0
         for t in range(T):
             sa = np.einsum("bhij,bhj->bhi", S, -kk[:, t])                  # uses S before decay
             S = (S * w[:, t, :, None, :] + sa[..., :, None] * (kk[:, t] * a[:, t])[..., None, :]
                  + v[:, t, :, :, None] * k[:, t, :, None, :])
-            self.states[:, t] = S
+            self.states.append(S)
         self.final_state = S
 
     def read(self, q):
         """S_t q_t for q [B, T, H', N], H' <= H (the first H' heads): [B, T, H', N]."""
         heads = q.shape[2]
-        return np.einsum("bthij,bthj->bthi", self.states[:, :, :heads], q)
+        return np.stack([np.einsum("bhij,bhj->bhi", S[:, :heads], q[:, t]) for t, S in enumerate(self.states)], 1)
 
 
 def top(scores, k: int):
@@ -113,17 +113,24 @@ def product_select(u, sub_keys, k: int):
     return np.take_along_axis(cand, best, -1), np.take_along_axis(token, best, -1)
 
 
+def mm(x, w):
+    """x @ w for x [..., n], w [n, m]: one 2-D product over all rows (numpy's matmul runs one
+    product per leading index, so a batch of decoded tokens would read w once per sequence)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _lerp_prev(x, prev):
     """Token shift: the previous token's value for each position ([B, T, d], prev [B, d])."""
     return np.concatenate([prev[:, None], x[:, :-1]], axis=1)
 
 
 def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None, *,
-            dtype=np.float64, wkv: str = "recurrent", chunk_size: int = 16):
+            dtype=np.float64, wkv: str = "recurrent", chunk_size: int = 16, last_only: bool = False):
     """Logits [B, T, V] and the state after the last token.
 
     weights: canonical names of SPEC section 4 -> arrays; tokens: int [B, T] (or [T]).
-    The input state is not modified.
+    The input state is not modified. last_only: the logits of the last position only, [B, 1, V]
+    (a prefill needs no others: the head's product for one token instead of T).
     """
     from .chunked import ChunkedWKV  # sibling module; imported here to keep this file standalone to read
 
@@ -146,18 +153,18 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
         dx = _lerp_prev(xa, st.att_x[l]) - xa
         st.att_x[l] = xa[:, -1]
         x_r, x_w, x_k, x_v, x_a, x_g = (xa + dx * p(b + f"att.x_{c}") for c in "rwkvag")
-        r = x_r @ p(b + "att.receptance.weight").T
-        k = x_k @ p(b + "att.key.weight").T
-        v = x_v @ p(b + "att.value.weight").T
-        w = np.exp(DECAY_SCALE * sigmoid(p(b + "att.w0") + np.tanh(x_w @ p(b + "att.w1")) @ p(b + "att.w2")))
-        a = sigmoid(p(b + "att.a0") + (x_a @ p(b + "att.a1")) @ p(b + "att.a2"))
-        g = sigmoid(x_g @ p(b + "att.g1")) @ p(b + "att.g2")
+        r = mm(x_r, p(b + "att.receptance.weight").T)                      # x_r @ W^T
+        k = mm(x_k, p(b + "att.key.weight").T)
+        v = mm(x_v, p(b + "att.value.weight").T)
+        w = np.exp(DECAY_SCALE * sigmoid(p(b + "att.w0") + mm(np.tanh(mm(x_w, p(b + "att.w1"))), p(b + "att.w2"))))
+        a = sigmoid(p(b + "att.a0") + mm(mm(x_a, p(b + "att.a1")), p(b + "att.a2")))
+        g = mm(sigmoid(mm(x_g, p(b + "att.g1"))), p(b + "att.g2"))
         kk = l2_normalize((k * p(b + "att.k_k")).reshape(B, T, H, N))
         k = k * (1 + (a - 1) * p(b + "att.k_a"))
         if l == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * sigmoid(p(b + "att.v0") + (x_v @ p(b + "att.v1")) @ p(b + "att.v2"))
+            v = v + (v_first - v) * sigmoid(p(b + "att.v0") + mm(mm(x_v, p(b + "att.v1")), p(b + "att.v2")))
         r, w, k, v, a = (t.reshape(B, T, H, N) for t in (r, w, k, v, a))
         if wkv == "recurrent":
             scan = RecurrentWKV(st.wkv[l], w, k, v, kk, a)
@@ -169,7 +176,7 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
         y = group_norm(scan.read(r), p(b + "att.ln_x.weight"), p(b + "att.ln_x.bias"), cfg.ln_x_eps)
         bonus = (r * k * p(b + "att.r_k")).sum(-1, keepdims=True) * v        # modified k
         y = y + bonus.reshape(B, T, -1)
-        x = x + (y * g) @ p(b + "att.output.weight").T
+        x = x + mm(y * g, p(b + "att.output.weight").T)
         # --- Meta-State layer: replaces RWKV-7's channel mix ---
         xm = layer_norm(x, p(b + "ln2.weight"), p(b + "ln2.bias"))
         xs = xm + (_lerp_prev(xm, st.meta_x[l]) - xm) * p(b + "meta.x_k")
@@ -186,7 +193,21 @@ def forward(weights: dict, cfg: ModelConfig, tokens, state: State | None = None,
             alpha = np.maximum(score, 0) ** 2                                # [B, T, P, k]
             x = x + np.einsum("btpk,btpkd->btd", alpha, p(b + "meta.param_values")[token])
         else:
-            alpha = np.maximum(u @ p(b + "meta.param_keys").T, 0) ** 2      # [B, T, n]
-            x = x + alpha @ p(b + "meta.param_values")
-    logits = layer_norm(x, p("ln_out.weight"), p("ln_out.bias")) @ p("head.weight").T
+            alpha = np.maximum(mm(u, p(b + "meta.param_keys").T), 0) ** 2  # [B, T, n]
+            x = x + mm(alpha, p(b + "meta.param_values"))
+    x = x[:, -1:] if last_only else x
+    logits = mm(layer_norm(x, p("ln_out.weight"), p("ln_out.bias")), p("head.weight").T)
     return logits, st
+
+
+# Matrices a token multiplies as x @ W^T (the rest: x @ W, or rows gathered).
+TRANSPOSED_PRODUCTS = (".receptance.weight", ".key.weight", ".value.weight", ".output.weight", ".param_keys",
+                       "head.weight")
+
+
+def decode_layout(weights: dict) -> dict:
+    """The same arrays (values unchanged), with each matrix `forward` multiplies as x @ W^T
+    stored column-major, so that W^T is a row-major operand: one row times it then runs the
+    BLAS's fast kernel (OpenBLAS and MKL read a row-major operand about 1.4x faster than the
+    transpose of one; docs/benchmarks.md). For the NumPy engine's float32/float64 weights."""
+    return {name: np.asfortranarray(a) if name.endswith(TRANSPOSED_PRODUCTS) else a for name, a in weights.items()}

@@ -95,3 +95,21 @@ def test_profile_dry_run_groups_time(tmp_path):
     groups = profile["groups_ms"]
     assert {"matmul", "optimizer"} <= set(groups) and all(v >= 0 for v in groups.values())
     assert sum(groups.values()) == pytest.approx(profile["ms_per_step"], rel=1e-6)
+
+
+def test_gpu_model_dry_run_and_summary(tmp_path):
+    """bench/gpu_model.py (scripts/gpu_check.sh part 2): every decode and training row runs or
+    reports its error (CUDA graphs need CUDA), and --summary turns the JSON into the docs block."""
+    out = tmp_path / "model.json"
+    run_script(["bench/gpu_model.py", "--device", "cpu", "--kernels", "triton", "--size", "64,1,64", "--batch", "1",
+                "--seq-len", "4", "--decode-batch", "1", "--decode-tokens", "1", "--repeats", "1", "--json", str(out)],
+               tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    decode = {(r["part"], r["dtype"], r["cuda_graphs"]): r for r in rows if r["part"] in ("decode", "engine")}
+    assert len(decode) == 6 and decode[("decode", "float32", False)]["tok_s"] > 0
+    assert "CUDA" in decode[("decode", "bfloat16", True)]["error"] and "CUDA" in decode[("engine", "bfloat16", True)]["error"]
+    train = [r for r in rows if r["part"] == "train"]
+    assert [r["case"] for r in train][:2] == ["the trainer: every piece fused", "every piece plain torch"]
+    assert len(train) == 8 and all(r["train_tok_s"] > 0 and r["forward_tok_s"] > 0 for r in train)
+    block = run_script(["bench/gpu_model.py", "--summary", str(tmp_path)], tmp_path)
+    assert "| model call | float32 | 1 | no |" in block and "| k_prep plain |" in block and "Issue 19 goals" in block

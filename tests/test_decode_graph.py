@@ -126,3 +126,24 @@ def test_cuda_graph_engine_generates_the_same_tokens(tmp_path):
         runs.append(tokens)
     assert "CUDA graphs" in engine.description
     assert runs[1] == runs[0]
+
+
+@needs_cuda
+def test_cuda_graph_captures_again_after_a_change_of_kernels():
+    from backends.cuda.decode_graph import DecodeGraph
+
+    model = _model("cuda")
+    tok = torch.tensor([[5]], device="cuda")
+    with torch.no_grad():
+        _, state = model(torch.arange(9, device="cuda")[None])
+        graph = DecodeGraph(model)
+        graph(tok, state)
+        first = graph.graph
+        model.set_kernels("triton", fused=False)  # the plain elementwise pieces: other kernels
+        got, _ = graph(tok, state)
+        second = graph.graph
+        assert second is not first
+        want, _ = model(tok, state)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        graph(tok, state)
+        assert graph.graph is second  # captured again once, not at every call

@@ -151,6 +151,49 @@ def test_bfloat16_weights():
     assert 1e-4 < err <= 3e-2  # really bfloat16, within the spec's bound
 
 
+def column_major(w) -> bool:
+    a = np.asarray(w.view(mx.uint16) if w.dtype == mx.bfloat16 else w)  # numpy has no bfloat16 buffers
+    return a.flags["F_CONTIGUOUS"] and not a.flags["C_CONTIGUOUS"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_layout_keeps_names_values_and_logits(dtype):
+    """set_layout changes strides only (the torch twin's test): each product's operand row-major
+    in float32 (linear maps column-major), column-major in bfloat16 (LoRA factors, param_values)."""
+    from mlx.utils import tree_flatten
+
+    weights = {k: v.astype(np.float32) for k, v in random_params(META, 0).items()}
+    model = from_tensors(META, weights)
+    if dtype == "bfloat16":
+        model.set_dtype(mx.bfloat16)
+    toks = tokens(1, 9)
+    before = run(model, toks)[0]
+    values = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    assert model.layout == "canonical" and model.set_layout("auto") == "decode" == model.layout  # CPU
+    low = dtype == "bfloat16"
+    att, meta = model.blocks[1].att, model.blocks[0].meta
+    assert column_major(att.key.weight) != low and column_major(model.head.weight) != low
+    assert column_major(meta.param_keys) != low
+    assert column_major(att.w1) == low and column_major(meta.param_values) == low
+    after = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    assert list(after) == list(values) and all(np.array_equal(after[k], v) for k, v in values.items())
+    np.testing.assert_allclose(run(model, toks)[0], before, rtol=1e-5, atol=1e-5)
+    assert model.set_layout("canonical") == "canonical"
+    assert not any(column_major(v) for _, v in tree_flatten(model.parameters()))
+    with pytest.raises(ModelError, match="layout must be"):
+        model.set_layout("fast")
+
+
+def test_load_sets_the_decode_layout_on_the_cpu(tmp_path):
+    from weights import save_model
+
+    weights = random_params(META, 0)
+    save_model(tmp_path / "m", META, {k: v.astype(np.float32) for k, v in weights.items()})
+    model, _ = load(tmp_path / "m", kernels="ops")
+    assert model.layout == "decode" and column_major(model.head.weight)
+    assert load(tmp_path / "m", kernels="ops", layout="canonical")[0].layout == "canonical"
+
+
 @pytest.mark.parametrize("bits, bound", [(8, 2e-2), (4, 0.25)])
 def test_quantized_logit_error(bits, bound):
     weights = random_params(META, 0)

@@ -60,8 +60,8 @@ def test_chunked_saves_the_state_at_each_chunk_start():
     rec = RecurrentWKV(S0, w, k, v, kk, a)
     chk = ChunkedWKV(S0, w, k, v, kk, a, 16)
     np.testing.assert_allclose(chk.states[:, :, 0], S0)
-    np.testing.assert_allclose(chk.states[:, :, 1], rec.states[:, 15], rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(chk.states[:, :, 2], rec.states[:, 31], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(chk.states[:, :, 1], rec.states[15], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(chk.states[:, :, 2], rec.states[31], rtol=1e-10, atol=1e-10)
 
 
 def test_chunk_size_is_bounded():
@@ -189,3 +189,50 @@ def test_rel_rms_is_the_spec_metric():
     assert rel_rms([1.0, -2.0], [1.0, -2.0]) == 0.0
     assert rel_rms([2.0, 0.0], [1.0, 1.0]) == pytest.approx(1.0)  # rms([1, -1]) / rms([1, 1])
     assert rel_rms(torch.tensor([3.0]), np.array([2.0])) == pytest.approx(0.5)
+
+
+def test_decode_layout_changes_memory_order_only():
+    """The NumPy engine's layout: each x @ W^T matrix column-major (W^T a row-major operand),
+    the same values, the same logits; nothing else touched."""
+    from metastate_core.reference import TRANSPOSED_PRODUCTS, decode_layout
+
+    cfg = small_config()
+    w = {k: v.astype(np.float32) for k, v in random_params(cfg, 0).items()}
+    laid = decode_layout(w)
+    assert list(laid) == list(w) and all(np.array_equal(laid[k], w[k]) for k in w)
+    moved = {k for k in w if k.endswith(TRANSPOSED_PRODUCTS)}
+    assert "head.weight" in moved and "blocks.1.att.key.weight" in moved and "blocks.0.meta.param_keys" in moved
+    assert all(laid[k].T.flags["C_CONTIGUOUS"] for k in moved)
+    assert all(laid[k] is w[k] for k in w if k not in moved)  # no copy of the rest (param_values, LoRAs: x @ W)
+    toks = np.random.default_rng(2).integers(0, cfg.vocab_size, (3, 5))
+    a, sa = forward(w, cfg, toks, dtype=np.float32)
+    b, sb = forward(laid, cfg, toks, dtype=np.float32)
+    assert rel_rms(b, a) <= 1e-6 and rel_rms(sb.wkv, sa.wkv) <= 1e-6
+
+
+def test_products_are_one_2d_product_over_all_rows():
+    from metastate_core.reference import mm
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((5, 7))
+    np.testing.assert_allclose(mm(x, w), x @ w, rtol=1e-13, atol=1e-13)
+    assert mm(x[:, :1], w).shape == (3, 1, 7)
+
+
+def test_recurrent_wkv_keeps_one_state_per_token_without_copies():
+    rng = np.random.default_rng(4)
+    S0, w, k, v, kk, a, q = random_wkv_inputs(rng, 2, 1, 3, 8)
+    scan = RecurrentWKV(S0, w, k, v, kk, a)
+    assert len(scan.states) == 1 and scan.states[0] is scan.final_state  # a decoded token: S_1 only
+    np.testing.assert_allclose(scan.read(q)[:, 0], np.einsum("bhij,bhj->bhi", scan.final_state, q[:, 0]))
+
+
+def test_last_only_logits_are_the_last_row():
+    cfg = small_config()
+    w = random_params(cfg, 0)
+    toks = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 7))
+    full, st = forward(w, cfg, toks, wkv="chunked")
+    last, st_last = forward(w, cfg, toks, wkv="chunked", last_only=True)
+    assert last.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_array_equal(last, full[:, -1:])
+    np.testing.assert_array_equal(st_last.wkv, st.wkv)

@@ -338,6 +338,83 @@ def test_load_model_and_compute_logits(meta, tmp_path):
         compute_logits(tmp_path, toks, "torch", dtype="float64")
 
 
+# -- the decode layout and in-place state writes ------------------------------------------------
+
+def column_major(t):
+    return t.dim() == 2 and t.stride() == (1, t.shape[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_layout_keeps_names_values_and_logits(meta, dtype):
+    """set_layout changes strides only: each product's operand is row-major in float32 (the
+    linear maps stored column-major), column-major in bfloat16 (the LoRA factors and
+    param_values); canonical puts everything back."""
+    p, _ = meta
+    model = Model.from_tensors(CFG, p, dtype=dtype)
+    toks = tokens(length=9)
+    before, st_before = run(model, toks)
+    params = dict(model.named_parameters())
+    assert model.layout == "canonical" and model.set_layout("auto") == "decode" == model.layout  # CPU
+    assert dict(model.named_parameters()) == params  # the same Parameter objects (an optimizer keeps them)
+    att = model.blocks[1].att
+    low = dtype != "float32"
+    assert column_major(att.key.weight) != low and column_major(model.head.weight) != low
+    assert column_major(model.blocks[0].meta.param_keys) != low
+    assert column_major(att.w1) == low and column_major(model.blocks[0].meta.param_values) == low
+    assert model.emb.weight.is_contiguous()  # rows gathered, never multiplied
+    state = model.state_dict()
+    assert list(state) == list(param_shapes(CFG)) and all(torch.equal(state[n], t) for n, t in params.items())
+    assert all(a.flags["C_CONTIGUOUS"] for a in model.to_tensors().values())
+    after, st_after = run(model, toks)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st_after.wkv, st_before.wkv, rtol=1e-5, atol=1e-5)
+    assert model.set_layout("canonical") == "canonical"
+    assert all(t.is_contiguous() for t in model.parameters())
+    with pytest.raises(ModelError, match="layout must be"):
+        model.set_layout("fast")
+
+
+def test_load_model_sets_the_decode_layout_on_the_cpu(meta, tmp_path):
+    from backends.cuda import load_model
+    from weights import save_model
+
+    p, _ = meta
+    save_model(tmp_path, CFG, {n: t.astype(np.float32) for n, t in p.items()})
+    assert load_model(tmp_path).layout == "decode" and column_major(load_model(tmp_path).head.weight)
+    model = load_model(tmp_path, layout="canonical")  # to train it
+    assert model.layout == "canonical" and all(t.is_contiguous() for t in model.parameters())
+
+
+def test_decode_writes_one_new_state_and_leaves_the_old_one(meta):
+    """Without autograd each layer writes its S_T into the new state (no per-layer tensors
+    stacked); the state given stays as it was, and the new one equals the reference's."""
+    p, model = meta
+    toks = tokens(length=12)
+    _, st = run(model, toks[:, :11])
+    kept = State(*(getattr(st, name).clone() for name in STATE_FIELDS))
+    _, new = run(model, toks[:, 11:], st)
+    assert all(torch.equal(getattr(st, n), getattr(kept, n)) for n in STATE_FIELDS)
+    assert new.wkv.is_contiguous() and new.wkv.data_ptr() != st.wkv.data_ptr()
+    _, ref_st = forward(p, CFG, toks)
+    assert_state_close(new, ref_st, 1e-4)
+
+
+def test_naive_step_writes_into_out_and_matches_the_spec_update():
+    (r, w_raw, k, v, kk, a), S0, _ = wkv_inputs(2, 1, 3, 8, seed=4)
+    args = [t[:, 0].double() for t in (r, w_raw, k, v, kk, a)]
+    S0 = S0.double()
+    w = torch.exp(wkv7.decay_log(args[1]))
+    sa = torch.einsum("bhij,bhj->bhi", S0, -args[4])  # SPEC section 2, term by term
+    want = (S0 * w[:, :, None, :] + sa[..., None] * (args[4] * args[5])[:, :, None, :]
+            + args[3][..., None] * args[2][:, :, None, :])
+    y, S = wkv7.naive_wkv7_step(S0, *args)
+    torch.testing.assert_close(S, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, torch.einsum("bhij,bhj->bhi", want, args[0]), rtol=1e-12, atol=1e-12)
+    out = torch.empty_like(S0)
+    y2, S2 = wkv7.naive_wkv7_step(S0, *args, out=out)
+    assert S2 is out and torch.equal(S2, S) and torch.equal(y2, y)
+
+
 def test_import_without_torch_names_the_extra():
     code = ("import sys; sys.modules['torch'] = None\n"
             "from metastate_core.errors import MetaStateError\n"

@@ -14,6 +14,12 @@ import torch
 
 from .model import Model, ModelError, State, _check_state, _check_tokens
 
+# Whether a torch engine on a CUDA device decodes from a graph when its caller does not say
+# (`metastate.api.load(cuda_graphs=None)`, once the API reads this). Off until a GPU has run
+# tests/test_decode_graph.py and bench/gpu_model.py (scripts/gpu_check.sh parts 1 and 2): where
+# graphs pass and decode faster, making them the default is this one line.
+DEFAULT_ON_CUDA = False
+
 
 class DecodeGraph:
     """`Model.forward` for one token per sequence at a fixed batch, captured on first call.
@@ -23,7 +29,8 @@ class DecodeGraph:
     the graph replays, and the outputs are cloned out of its memory pool. The graph reads the
     model's parameters where they are: update them in place (as optimizers and
     `load_state_dict` do), not by replacing tensors. It runs the model's kernels (`model.kernels`,
-    "triton" where there is a GPU) as they are at the first call.
+    "triton" where there is a GPU) and layout as they are at its capture; after `set_kernels` or
+    `set_layout` the next call captures again.
     """
 
     def __init__(self, model: Model, batch: int = 1, warmup: int = 2):
@@ -32,7 +39,7 @@ class DecodeGraph:
             raise ModelError(f"CUDA graphs need the model on a CUDA device, and it is on {device}")
         if batch < 1 or warmup < 1:  # warm-up compiles the kernels: nothing may compile under capture
             raise ModelError(f"batch and warmup must be at least 1, got {batch} and {warmup}")
-        self.model, self.warmup = model, warmup
+        self.model, self.warmup, self.captured_with = model, warmup, None
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.state = State.zeros(model.cfg, batch, device)
         self.graph = None
@@ -49,7 +56,11 @@ class DecodeGraph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 self.logits, self.next_state = self.model(self.tokens, self.state)
-        self.graph = graph
+        self.graph, self.captured_with = graph, self._setup()
+
+    def _setup(self):
+        """What a capture depends on beyond parameter values: the kernels and the layout."""
+        return self.model.blocks[0].att.kern, self.model.layout
 
     def __call__(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         B = self.tokens.shape[0]
@@ -61,7 +72,7 @@ class DecodeGraph:
         _check_tokens(tokens, self.model.cfg.vocab_size)
         _check_state(self.model.cfg, state, B, self.tokens.device)
         with torch.cuda.device(self.tokens.device):  # streams and capture on the model's GPU
-            if self.graph is None:
+            if self.graph is None or self._setup() != self.captured_with:
                 self._capture()
             self.tokens.copy_(tokens.reshape(B, 1))
             for f in fields(State):

@@ -77,22 +77,29 @@ class Kernels:
         return self
 
 
-def wkv(kern: Kernels, r, w_raw, k, v, kk, a, S0):
-    """The WKV of a sequence; one token without autograd is one recurrent step (no chunks)."""
+def wkv(kern: Kernels, r, w_raw, k, v, kk, a, S0, S_out=None):
+    """The WKV of a sequence; one token without autograd is one recurrent step (no chunks).
+    S_out: where to write S_T (the model's new state, no autograd), or None."""
     if r.shape[1] > 1 or torch.is_grad_enabled():
-        return kern.seq(r, w_raw, k, v, kk, a, S0)
-    y, S = kern.step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)))
+        y, S, read = kern.seq(r, w_raw, k, v, kk, a, S0)
+        return y, S if S_out is None else S_out.copy_(S), read
+    y, S = kern.step(S0, *(t[:, 0] for t in (r, w_raw, k, v, kk, a)), out=S_out)
     return y[:, None], S, lambda q: kern.read(S, q[:, 0])[:, None]
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype (no operator when it already is: a decoded token makes hundreds of these calls)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """x @ W^T in the weight dtype, result float32."""
-    return F.linear(x.to(layer.weight.dtype), layer.weight).float()
+    return _as(F.linear(_as(x, layer.weight.dtype), layer.weight), F32)
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w (a LoRA factor stored [in, out]) in the weight dtype, result float32."""
-    return (x.to(w.dtype) @ w).float()
+    return _as(_as(x, w.dtype) @ w, F32)
 
 
 def _vec(*shape) -> nn.Parameter:
@@ -103,7 +110,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the parameter dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), LN_EPS)
+        return F.layer_norm(_as(x, F32), self.normalized_shape, _as(self.weight, F32), _as(self.bias, F32), LN_EPS)
 
 
 class GroupNorm(nn.Module):
@@ -135,8 +142,9 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, d, bias=False)
         self.ln_x = GroupNorm(cfg)
 
-    def forward(self, xa, prev, S0, v_first):
-        """xa [B, T, d] (ln1 output, float32), prev [B, d], S0 [B, H, N, N].
+    def forward(self, xa, prev, S0, v_first, S_out=None):
+        """xa [B, T, d] (ln1 output, float32), prev [B, d], S0 [B, H, N, N]; S_out: where to
+        write S_T (no autograd), or None.
 
         Returns the residual update [B, T, d], v_first [B, T, d_att], S_T and read(q).
         """
@@ -148,16 +156,16 @@ class TimeMix(nn.Module):
         mix = torch.stack([getattr(self, name) for name in ATT_VECTORS_D])
         x_r, x_w, x_k, x_v, x_a, x_g = ew.token_shift_mix(xa, prev, mix, dt)
         r, k, v = _linear(x_r, self.receptance), _linear(x_k, self.key), _linear(x_v, self.value)
-        w_raw = self.w0.float() + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
-        a = torch.sigmoid(self.a0.float() + _mm(_mm(x_a, self.a1), self.a2))
+        w_raw = _as(self.w0, F32) + _mm(torch.tanh(_mm(x_w, self.w1)), self.w2)
+        a = torch.sigmoid(_as(self.a0, F32) + _mm(_mm(x_a, self.a1), self.a2))
         g = _mm(torch.sigmoid(_mm(x_g, self.g1)), self.g2)
         kk, k = ew.k_prep(k, a, self.k_k, self.k_a, H)
         if self.layer == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0.float() + _mm(_mm(x_v, self.v1), self.v2))
+            v = v + (v_first - v) * torch.sigmoid(_as(self.v0, F32) + _mm(_mm(x_v, self.v1), self.v2))
         r, w_raw, k, v, a = (t.reshape(B, T, H, N) for t in (r, w_raw, k, v, a))
-        y, S, read = wkv(self.kern, r, w_raw, k, v, kk, a, S0)
+        y, S, read = wkv(self.kern, r, w_raw, k, v, kk, a, S0, S_out)
         ln = self.ln_x
         y = ew.group_norm_bonus_gate(y, r, k, v, g, self.r_k, ln.weight, ln.bias, ln.eps, dt)
         return _linear(y, self.output), v_first, S, read
@@ -205,10 +213,11 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer)
         self.meta = MetaLayer(cfg)
 
-    def forward(self, x, att_prev, meta_prev, S0, v_first):
-        """x [B, T, d] float32 -> (x, v_first, S_T, ln1 and ln2 outputs at the last token)."""
+    def forward(self, x, att_prev, meta_prev, S0, v_first, S_out=None):
+        """x [B, T, d] float32 -> (x, v_first, S_T, ln1 and ln2 outputs at the last token).
+        S_out: where to write S_T (no autograd), or None."""
         xa = self.ln1(x)
-        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first)
+        dx, v_first, S, read = self.att(xa, att_prev, S0, v_first, S_out)
         x = x + dx
         xm = self.ln2(x)
         x = x + self.meta(xm, meta_prev, read)
@@ -226,7 +235,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kernels: str | Kernels = "auto", *, freeze_sse_gate: bool = False):
         super().__init__()
-        self.cfg, self.freeze_sse_gate = cfg, freeze_sse_gate
+        self.cfg, self.freeze_sse_gate, self.layout = cfg, freeze_sse_gate, "canonical"
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = LayerNorm(cfg.d_model)
@@ -273,6 +282,47 @@ class Model(nn.Module):
         self.kernels = kernels.name
         return self.kernels
 
+    def set_layout(self, layout: str = "auto") -> str:
+        """How the weight matrices lie in memory; their names, shapes and values never change.
+
+        "canonical": row-major, as SPEC section 4 stores them (training: what the trainer and
+        its optimizer expect). "decode": each matrix a token's products read (the linear maps,
+        LoRA factors, head, dense parameter keys and values) stored so that one row times it
+        runs the CPU BLAS's fast kernel for the dtype: the operand of x @ W row-major in
+        float32 (MKL and OpenBLAS read it about 1.4x faster than its transpose, measured on
+        AVX2), column-major in bfloat16/float16 (the other way round is 15x slower in torch's
+        CPU kernels); docs/benchmarks.md. "auto": decode on a CPU, canonical elsewhere. Set
+        again after a change of device or weight dtype (as `set_kernels`); `load_model` sets
+        "auto". A parameter keeps its identity (its data is replaced), so an optimizer holding
+        it still does. Returns the name, also `model.layout`."""
+        if layout not in ("auto", "canonical", "decode"):
+            raise ModelError(f"layout must be 'auto', 'canonical' or 'decode', got {layout!r}")
+        if layout == "auto":
+            layout = "decode" if self.head.weight.device.type == "cpu" else "canonical"
+        low = self.head.weight.dtype != torch.float32
+        with torch.no_grad():
+            for p, transposed in self._product_weights():
+                column = layout == "decode" and transposed != low  # the matmul's operand is p.T when transposed
+                if p.dim() == 2 and p.is_contiguous() == column:
+                    p.data = p.data.t().contiguous().t() if column else p.data.contiguous()
+        self.layout = layout
+        return layout
+
+    def _product_weights(self):
+        """(matrix, used transposed) for each matrix a token multiplies: x @ W^T (linear maps,
+        head, dense param_keys) or x @ W (LoRA factors, dense param_values)."""
+        for block in self.blocks:
+            att, meta = block.att, block.meta
+            for layer in (att.receptance, att.key, att.value, att.output):
+                yield layer.weight, True
+            for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
+                if hasattr(att, name):
+                    yield getattr(att, name), False
+            if not meta.product:  # product mode gathers rows of param_values: row-major always
+                yield meta.param_keys, True
+                yield meta.param_values, False
+        yield self.head.weight, True
+
     def forward(self, tokens: torch.Tensor, state: State | None = None, *, last_only: bool = False,
                 targets: torch.Tensor | None = None, grad_checkpoint: bool = False):
         """tokens [B, T] (or [T]) -> (logits [B, T, V] float32, State after the last token).
@@ -310,9 +360,13 @@ class Model(nn.Module):
         x = self.blocks[0].ln0(self.emb(tokens))
         v_first, att_x, meta_x, wkv_out = None, [], [], []
         recompute = grad_checkpoint and torch.is_grad_enabled()
+        # Without autograd each layer writes its S_T straight into the new state (no stack copy).
+        wkv_new = None if torch.is_grad_enabled() else torch.empty_like(state.wkv, memory_format=torch.contiguous_format)
         for l, block in enumerate(self.blocks):
             args = (x, state.att_x[l], state.meta_x[l], state.wkv[l], v_first)
-            if recompute:
+            if wkv_new is not None:
+                x, v_first, S, xa_last, xm_last = block(*args, wkv_new[l])
+            elif recompute:
                 x, v_first, S, xa_last, xm_last = checkpoint(block, *args, use_reentrant=False,
                                                              preserve_rng_state=False)  # no randomness
             else:
@@ -320,7 +374,7 @@ class Model(nn.Module):
             att_x.append(xa_last)
             meta_x.append(xm_last)
             wkv_out.append(S)
-        state_out = State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out))
+        state_out = State(torch.stack(att_x), torch.stack(meta_x), torch.stack(wkv_out) if wkv_new is None else wkv_new)
         if targets is not None:
             return self._loss(self.ln_out(x), targets), state_out
         return _linear(self.ln_out(x[:, -1:] if last_only else x), self.head), state_out
@@ -373,9 +427,9 @@ def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
     # check waits for the GPU, so it is skipped while a CUDA graph is captured (no waiting there).
     if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if tokens.numel() and bool(((tokens < 0) | (tokens >= vocab_size)).any()):
-        raise ModelError(f"token ids must be in [0, {vocab_size}), got ids from {int(tokens.min())} to "
-                         f"{int(tokens.max())}")
+    lo, hi = torch.aminmax(tokens) if tokens.numel() else (0, 0)
+    if int(lo) < 0 or int(hi) >= vocab_size:
+        raise ModelError(f"token ids must be in [0, {vocab_size}), got ids from {int(lo)} to {int(hi)}")
 
 
 def _check_state(cfg: ModelConfig, state: State, batch: int, device: torch.device) -> None:
@@ -447,9 +501,10 @@ def _chunk_wkv7(chunk_wkv7, low_weights: bool, *args):
     return chunk_wkv7(*args, precision="tf32" if low else None)
 
 
-def _step_on_copy(step, S0, *args):
-    """A decode kernel that updates S in place, run on a copy: (y, S after the token)."""
-    S = S0.clone(memory_format=torch.contiguous_format)
+def _step_on_copy(step, S0, *args, out=None):
+    """A decode kernel that updates S in place, run on a copy (into `out` if given): (y, S after
+    the token)."""
+    S = S0.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(S0)
     return step(S, *args), S
 
 

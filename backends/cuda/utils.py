@@ -7,11 +7,15 @@ from pathlib import Path
 from .model import Model
 
 
-def load_model(path, device="cpu", dtype=None, *, kernels="auto", freeze_sse_gate: bool = False) -> Model:
+def load_model(path, device="cpu", dtype=None, *, kernels="auto", freeze_sse_gate: bool = False,
+               layout: str = "auto") -> Model:
     """A model directory (SPEC section 4) -> Model on `device`; dtype None keeps the file's.
-    kernels: as for `Model.set_kernels`."""
+    kernels: as for `Model.set_kernels`. layout: as for `Model.set_layout` ("auto": the decode
+    layout on a CPU; "canonical" to train the model)."""
     from weights import load_model as load_weights
 
     cfg, tensors = load_weights(Path(path))
-    return Model.from_tensors(cfg, tensors, device=device, dtype=dtype, kernels=kernels,
-                              freeze_sse_gate=freeze_sse_gate, share=True)  # the arrays are ours alone
+    model = Model.from_tensors(cfg, tensors, device=device, dtype=dtype, kernels=kernels,
+                               freeze_sse_gate=freeze_sse_gate, share=True)  # the arrays are ours alone
+    model.set_layout(layout)
+    return model

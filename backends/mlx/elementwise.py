@@ -2,6 +2,9 @@
 `ops.elementwise.naive` (same names and signatures), so the two models read alike.
 
 Computed in float32, returned as `out_dtype` (the dtype of the matmul that reads the result).
+As in the twins, each piece is written in as few operations as the formula allows (one fast
+normalisation each, no concatenation for a single token's shift): every operation is a node
+MLX builds and schedules per decoded token.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def token_shift_mix(x, prev, mix, out_dtype=F32):
 
     x [B, T, D], prev [B, D] (the token before x[:, 0]), mix [M, D] -> [M, B, T, D].
     """
-    shifted = mx.concatenate([prev[:, None], x[:, :-1]], axis=1)
+    shifted = prev[:, None] if x.shape[1] == 1 else mx.concatenate([prev[:, None], x[:, :-1]], axis=1)
     return (x + (shifted - x) * mix.astype(F32)[:, None, None]).astype(out_dtype)
 
 
@@ -28,9 +31,7 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
 
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
-    mu = y.mean(-1, keepdims=True)
-    y = (y - mu) * mx.rsqrt(mx.square(y - mu).mean(-1, keepdims=True) + eps)
-    y = y.reshape(*y.shape[:-2], -1) * weight.astype(F32) + bias.astype(F32)
+    y = mx.fast.layer_norm(y, None, None, eps).reshape(*y.shape[:-2], -1) * weight.astype(F32) + bias.astype(F32)
     bonus = (r * k * r_k.astype(F32)).sum(-1, keepdims=True) * v
     return ((y + bonus.reshape(y.shape)) * g).astype(out_dtype)
 
@@ -41,7 +42,9 @@ def sse_norm_gate(xs, z, gate, eps: float, out_dtype=F32):
     xs [B, T, D], z [B, T, K, N] (the state readout), gate [D] -> [B, T, D].
     """
     KN = z.shape[-2] * z.shape[-1]
-    z = (z * mx.rsqrt(mx.square(z).mean(-1, keepdims=True) + eps)).reshape(*z.shape[:-2], KN)
+    z = mx.fast.rms_norm(z, None, eps).reshape(*z.shape[:-2], KN)  # z / sqrt(mean(z^2) + eps), per head
+    if KN == xs.shape[-1]:
+        return (xs + gate.astype(F32) * z).astype(out_dtype)
     return mx.concatenate([xs[..., :KN] + gate[:KN].astype(F32) * z, xs[..., KN:]], axis=-1).astype(out_dtype)
 
 

@@ -261,7 +261,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg: ModelConfig, kernels: str | Kernels = "auto"):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layout = cfg, "canonical"
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = [Block(cfg, i) for i in range(cfg.n_layer)]
         self.ln_out = LayerNorm(cfg.d_model)
@@ -285,6 +285,52 @@ class Model(nn.Module):
             block.att.kern = block.meta.kern = kernels
         self.kernels = kernels.name
         return self.kernels
+
+    def set_layout(self, layout: str = "auto") -> str:
+        """How the weight matrices lie in memory; their names, shapes and values never change.
+
+        "canonical": row-major, as SPEC section 4 stores them. "decode": each matrix a token's
+        products read (the linear maps, LoRA factors, head, dense parameter keys and values)
+        stored so that one row times it runs the CPU's fast kernel for the dtype: the operand
+        of x @ W row-major in float32 (MLX's CPU matmul reads it 2.3x faster than its
+        transpose, measured), column-major in bfloat16/float16; docs/benchmarks.md. Quantized
+        matrices stay as packed. "auto": decode on the CPU, canonical on a GPU. Set again
+        after a change of dtype (as `set_kernels`); `utils.load` sets "auto". Returns the
+        name, also `model.layout`."""
+        if layout not in ("auto", "canonical", "decode"):
+            raise ModelError(f"layout must be 'auto', 'canonical' or 'decode', got {layout!r}")
+        if layout == "auto":
+            layout = "decode" if mx.default_device() == mx.cpu else "canonical"
+        low = self.head["weight"].dtype != F32
+        for module, name, transposed in self._product_weights():
+            column = layout == "decode" and transposed != low  # the matmul's operand is W.T when transposed
+            w = module[name]
+            module[name] = mx.contiguous(w.T).T if column else mx.contiguous(w)
+        mx.eval(self.parameters())
+        self.layout = layout
+        return layout
+
+    def _product_weights(self):
+        """(module, name, used transposed) for each unquantized matrix a token multiplies:
+        x @ W^T (linear maps, head, dense param_keys) or x @ W (LoRA factors, dense
+        param_values)."""
+        def plain(module, name):
+            return name in module and f"{name}_scales" not in module and "scales" not in module
+
+        for block in self.blocks:
+            att, meta = block.att, block.meta
+            for layer in (att.receptance, att.key, att.value, att.output):
+                if plain(layer, "weight"):
+                    yield layer, "weight", True
+            for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
+                if name in att:
+                    yield att, name, False
+            if not meta.product:  # product mode gathers rows of param_values: row-major always
+                for name, transposed in (("param_keys", True), ("param_values", False)):
+                    if plain(meta, name):
+                        yield meta, name, transposed
+        if plain(self.head, "weight"):
+            yield self.head, "weight", True
 
     def __call__(self, tokens, state: State | None = None, *, last_only: bool = False):
         """tokens [B, T] (or [T]; mx.array or array-like) -> (logits [B, T, V] float32, State

@@ -56,12 +56,12 @@ def _safetensors_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"]
 
 
-def load(path, kernels: str = "auto", dtype: str | None = None):
+def load(path, kernels: str = "auto", dtype: str | None = None, layout: str = "auto"):
     """(model, tokenizer) from a model directory (config.json + safetensors), mlx-lm style.
 
     dtype: None keeps the stored dtype, or "float32" / "bfloat16" / "float16". A quantized
     directory ("quantization" in config.json) loads its packed weights as stored. tokenizer
-    is None when config.json has `"tokenizer": null`.
+    is None when config.json has `"tokenizer": null`. layout: as for `Model.set_layout`.
     """
     from metastate_core.tokenizers import load_tokenizer
     from weights import load_config, load_model
@@ -92,6 +92,7 @@ def load(path, kernels: str = "auto", dtype: str | None = None):
             raise ModelError(f"quantized weights do not fit the config: {e}") from e
         mx.eval(model.parameters())
         model.eval()
+    model.set_layout(layout)
     return model, load_tokenizer(path, cfg.tokenizer)
 
 

@@ -3,7 +3,10 @@ twins the fused Triton kernels (fused.py) are tested against.
 
 Same signatures as the fused kernels: the result is computed in float32 (float64 inputs stay
 float64: the tests' reference) and returned as `out_dtype`, the dtype of the matmul that reads
-it (k_prep's outputs feed the scan: float32, or float64 for float64 inputs).
+it (k_prep's outputs feed the scan: float32, or float64 for float64 inputs). On the CPU each
+operator costs a few microseconds whatever its size, so a decoded token pays for the count:
+each piece is written in as few operators as the formula allows (addcmul for a + b * c, one
+normalisation operator), and a single token's shift is the state itself (no concatenation).
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ import torch.nn.functional as F
 
 from metastate_core.constants import L2_EPS
 
-from .. import at_least_f32 as f32
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 kept (`ops.at_least_f32`, without a call for a float32 tensor)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def token_shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor,
@@ -23,8 +34,8 @@ def token_shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor,
     x [B, T, D], prev [B, D] (the token before x[:, 0]), mix [M, D] -> [M, B, T, D].
     """
     x = f32(x)
-    shifted = torch.cat([f32(prev[:, None]), x[:, :-1]], dim=1)
-    return (x + (shifted - x) * f32(mix)[:, None, None]).to(out_dtype)
+    shifted = f32(prev[:, None]) if x.shape[1] == 1 else torch.cat([f32(prev[:, None]), x[:, :-1]], dim=1)
+    return _as(torch.addcmul(x, shifted - x, f32(mix)[:, None, None]), out_dtype)
 
 
 def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtype=torch.float32) -> torch.Tensor:
@@ -32,9 +43,10 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
 
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
-    y = F.layer_norm(f32(y), y.shape[-1:], eps=eps).flatten(-2) * f32(weight) + f32(bias)
-    bonus = (f32(r) * f32(k) * f32(r_k)).sum(-1, keepdim=True) * f32(v)
-    return ((y + bonus.flatten(-2)) * f32(g)).to(out_dtype)
+    B, T, H, N = y.shape
+    y = F.group_norm(f32(y).reshape(B * T, H * N), H, f32(weight), f32(bias), eps).view(B, T, H, N)
+    y = torch.addcmul(y, (f32(r) * f32(k) * f32(r_k)).sum(-1, keepdim=True), f32(v))  # + the bonus
+    return _as(y.flatten(-2) * f32(g), out_dtype)
 
 
 def sse_norm_gate(xs: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, eps: float,
@@ -43,16 +55,16 @@ def sse_norm_gate(xs: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, eps: fl
 
     xs [B, T, D], z [B, T, K, N] (the state readout), gate [D] -> [B, T, D].
     """
-    z = f32(z)
-    KN = z.shape[-2] * z.shape[-1]
-    z = (z * torch.rsqrt((z * z).mean(-1, keepdim=True) + eps)).flatten(-2)
-    xs = f32(xs)
-    return torch.cat([xs[..., :KN] + f32(gate[:KN]) * z, xs[..., KN:]], dim=-1).to(out_dtype)
+    z = F.rms_norm(f32(z), z.shape[-1:], eps=eps).flatten(-2)  # z / sqrt(mean(z^2) + eps), per head
+    KN, xs = z.shape[-1], f32(xs)
+    if KN == xs.shape[-1]:
+        return _as(torch.addcmul(xs, f32(gate), z), out_dtype)
+    return _as(torch.cat([torch.addcmul(xs[..., :KN], f32(gate[:KN]), z), xs[..., KN:]], dim=-1), out_dtype)
 
 
 def relu_square(h: torch.Tensor, out_dtype=torch.float32) -> torch.Tensor:
     """relu(h)^2, the token-parameter attention weights. Any shape."""
-    return (torch.relu(f32(h)) ** 2).to(out_dtype)
+    return _as(torch.relu(f32(h)).square(), out_dtype)
 
 
 def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tensor, n_head: int):
@@ -63,4 +75,4 @@ def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tenso
     """
     k, a = f32(k), f32(a)
     kk = F.normalize((k * f32(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=L2_EPS)
-    return kk, k * (1 + (a - 1) * f32(k_a))
+    return kk, torch.addcmul(k, k * (a - 1), f32(k_a))

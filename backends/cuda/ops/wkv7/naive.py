@@ -13,6 +13,10 @@ from metastate_core.constants import DECAY_SCALE
 from .. import at_least_f32
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:  # at_least_f32 without a call for a float32 tensor
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def decay_log(w_raw: torch.Tensor) -> torch.Tensor:
     """log w from the decay pre-activation, in float32 (float64 for float64 input)."""
     return DECAY_SCALE * torch.sigmoid(at_least_f32(w_raw))
@@ -44,16 +48,23 @@ def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
     return y, z, S
 
 
-def naive_wkv7_step(S, r, w_raw, k, v, kk, a):
+def naive_wkv7_step(S, r, w_raw, k, v, kk, a, out=None):
     """One token: S [B, H, N, N] float32, inputs [B, H, N] -> (y [B, H, N] float32, new S)
-    (float64 throughout for float64 inputs)."""
-    w = torch.exp(decay_log(w_raw))
-    r, k, v, kk, a = (at_least_f32(t) for t in (r, k, v, kk, a))
-    sa = torch.einsum("bhij,bhj->bhi", S, -kk)
-    S = S * w[:, :, None, :] + sa[..., :, None] * (kk * a)[:, :, None, :] + v[..., :, None] * k[:, :, None, :]
-    return torch.einsum("bhij,bhj->bhi", S, r), S
+    (float64 throughout for float64 inputs). out: a [B, H, N, N] tensor to write the new S
+    into, returned as it (decode without autograd: no new state tensor per token).
+
+    SPEC section 2's update, S' = S diag(w) + (S (-kk)) (kk a)^T + v k^T, as a scaled copy of
+    S and two outer products added into it, and each S x as a product and a sum: batched
+    matrix products of this size (N x N by N x 1 or N x 2, per head) cost the CPU BLAS 3x as
+    much per call (docs/benchmarks.md)."""
+    w = torch.exp(decay_log(w_raw))[:, :, None, :]                      # [B, H, 1, N]: scales S's columns
+    r, k, v, kk, a = (_f32(t) for t in (r, k, v, kk, a))
+    sa = (S * kk[:, :, None, :]).sum(-1, keepdim=True)                  # S kk [B, H, N, 1], S before this token
+    S_new = S * w if out is None else torch.mul(S, w, out=out)
+    S_new.addcmul_(sa, (kk * a)[:, :, None, :], value=-1).addcmul_(v[..., None], k[:, :, None, :])
+    return state_readout(S_new, r), S_new
 
 
 def state_readout(S, q):
     """z = S q over the first K heads: S [B, H, N, N], q [B, K, N] -> [B, K, N] float32."""
-    return torch.einsum("bhij,bhj->bhi", S[:, :q.shape[1]], at_least_f32(q))
+    return (S[:, :q.shape[1]] * _f32(q)[:, :, None, :]).sum(-1)
