@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import platform
+import stat
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -583,8 +584,10 @@ def compute_logits(model_dir, tokens, backend: str = "numpy", kernels: str = "au
 
 
 def model_fingerprint(path, cfg: ModelConfig) -> str:
-    """sha256 over the model's shape config and the checksums (or sizes) of its weight files."""
+    """sha256 over the model's shape config and the checksums of its weight files; a file
+    without one (another writer's, MLX-quantized weights) is hashed whole."""
     from weights import WeightsError
+    from weights.files import open_regular
     from weights.safetensors_io import read_header
 
     shape = {k: v for k, v in cfg.to_dict().items() if k not in cfg.extra}
@@ -596,7 +599,13 @@ def model_fingerprint(path, cfg: ModelConfig) -> str:
             checksum = read_header(f)[1].get("checksum")
         except WeightsError:  # e.g. MLX-quantized weights (uint32), which only MLX reads
             checksum = None
-        h.update(f"{f.name}:{checksum or f.stat().st_size}".encode())
+        if not checksum:
+            digest = hashlib.sha256()
+            with open_regular(f, "weight file") as data:
+                for block in iter(lambda: data.read(1 << 20), b""):
+                    digest.update(block)
+            checksum = f"sha256:{digest.hexdigest()}"
+        h.update(f"{f.name}:{checksum}".encode())
     return h.hexdigest()
 
 
@@ -900,30 +909,44 @@ def save_state(path, model: Engine, state, logits: np.ndarray | None = None, *,
 
 def load_state(path, model: Engine) -> tuple[object, np.ndarray | None, dict[str, str]]:
     """(state, logits or None, metadata) from a file of `save_state`; it must belong to `model`."""
+    from weights.files import kind_of
     from weights.safetensors_io import read_file
 
-    if not Path(path).is_file():
-        raise StateFileError(f"state file {path} does not exist")
     try:
-        tensors, meta = read_file(path)
-    except MetaStateError as e:
-        raise StateFileError(f"cannot load state: {e}") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise StateFileError(f"{path} is not a metastate state file")
-    if meta.get("format_version") != str(STATE_FORMAT_VERSION):
-        raise StateFileError(f"{path} has state format version {meta.get('format_version')!r}, "
-                             f"this version reads {STATE_FORMAT_VERSION}")
-    if model.fingerprint and meta.get("model_fingerprint") != model.fingerprint:
-        raise StateFileError(f"{path} was saved with another model ({meta.get('model') or 'unknown'}); "
-                             "load it with that model")
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise StateFileError(f"state file {path} does not exist" if isinstance(e, FileNotFoundError) else
+                             f"cannot read state file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise StateFileError(f"{path} is {kind_of(mode)}, not a state file")
     cfg = model.cfg
     shapes = state_shapes(cfg)
-    for name, shape in shapes.items():
-        if name not in tensors or tensors[name].shape != shape:
-            got = tensors[name].shape if name in tensors else "missing"
-            raise StateFileError(f"{path}: state tensor {name!r} is {got}, this model needs {shape}")
+
+    def check(entries, meta):  # the metadata and the shapes, before any data is read
+        if meta.get("format") != STATE_FORMAT:
+            raise StateFileError(f"{path} is not a metastate state file")
+        if meta.get("format_version") != str(STATE_FORMAT_VERSION):
+            raise StateFileError(f"{path} has state format version {meta.get('format_version')!r}, "
+                                 f"this version reads {STATE_FORMAT_VERSION}")
+        if model.fingerprint and meta.get("model_fingerprint") != model.fingerprint:
+            raise StateFileError(f"{path} was saved with another model ({meta.get('model') or 'unknown'}); "
+                                 "load it with that model")
+        allowed = shapes | {"logits": (cfg.vocab_size,)}
+        for name in [*shapes, *entries]:
+            got = tuple(entries[name]["shape"]) if name in entries else "missing"
+            if got != allowed.get(name):
+                raise StateFileError(f"{path}: state tensor {name!r} is {got}, this model needs "
+                                     f"{allowed.get(name, 'no such tensor')}")
+
+    try:
+        tensors, meta = read_file(path, check)
+    except StateFileError:
+        raise
+    except MetaStateError as e:
+        raise StateFileError(f"cannot load state: {e}") from None
+    bad = next((name for name, t in tensors.items() if not np.isfinite(t).all()), None)
+    if bad:  # the next message would end the chat
+        raise StateFileError(f"{path}: state tensor {bad!r} holds NaN or infinity")
     logits = tensors.get("logits")
-    if logits is not None and logits.shape != (cfg.vocab_size,):
-        raise StateFileError(f"{path}: logits have shape {logits.shape}, expected ({cfg.vocab_size},)")
     state = model.state_from_arrays({k: tensors[k] for k in shapes})
     return state, None if logits is None else np.array(logits, np.float32), meta

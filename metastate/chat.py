@@ -9,6 +9,7 @@ sub-commands with `add_parsers(subparsers)`.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from contextlib import contextmanager
@@ -164,9 +165,15 @@ def _no_surrogates(text: str, what: str) -> str:
     return text
 
 
+def _stdin_open(what: str) -> None:
+    if sys.stdin is None:  # started with it closed (`0<&-`)
+        raise GenerationError(f"standard input is closed: {what} reads it")
+
+
 def _read_prompt(arg: str) -> str:
     if arg != "-":
         return _no_surrogates(arg, "the prompt")
+    _stdin_open("--prompt -")
     data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8")
@@ -236,6 +243,7 @@ def _template(args, model: Engine, tokenizer) -> ChatTemplate:
 def cmd_chat(args) -> int:
     if args.max_tokens < 1:
         raise GenerationError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    _stdin_open("chat")
     model, tokenizer, sampling = _load(args)
     if tokenizer is None:
         raise ChatError(f"{args.model or 'the model'} has no tokenizer, so it cannot chat")
@@ -346,6 +354,22 @@ def threads_arg(text: str) -> int | str:
     return n
 
 
+MAX_PENALTY = 100.0
+
+
+def penalty_arg(text: str) -> float:
+    """argparse type of a penalty: |penalty| <= MAX_PENALTY. Logits are O(10): a penalty of 100
+    already takes a repeated token's probability to e^-100, and beyond it lie only overflow
+    and NaN (1e308 * count is infinite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not abs(value) <= MAX_PENALTY:
+        raise argparse.ArgumentTypeError(f"expected a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {text!r}")
+    return value
+
+
 def backend_args(p: argparse.ArgumentParser) -> None:
     """--backend and --threads (chat, generate, bench)."""
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
@@ -367,8 +391,8 @@ def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_to
     p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus mass (default {top_p})")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability")
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=penalty_arg, default=0.0, help="in [-100, 100] (default 0)")
+    p.add_argument("--frequency-penalty", type=penalty_arg, default=0.0, help="in [-100, 100] (default 0)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run)")
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -97,6 +99,7 @@ def cmd_init(args) -> int:
     sizes = {k: getattr(args, k) for k in ("d_model", "n_layer", "head_size", "d_att", "n_param_tokens", "sse_heads",
                                            "param_mode", *product)}
     cfg = ModelConfig(vocab_size=args.vocab_size, **{k: v for k, v in sizes.items() if v is not None})
+    _check_memory(cfg, 8, "initialising this model")  # float32, and a copy in --dtype
     tensors = init_params(cfg, args.seed, np.float32)
     save_model(out, cfg, tensors, dtype=args.dtype)
     n = sum(t.size for t in tensors.values())
@@ -198,9 +201,9 @@ def cmd_logits(args) -> int:
 
     out = Path(args.out)
 
-    def write(tmp):  # through a file object: np.save would add .npy to a name without it
-        with open(tmp, "wb") as f:
-            np.save(f, logits.astype(np.float32))
+    def write(tmp):  # through a file object: np.save would add .npy to a name without it;
+        with open(tmp, "wb") as f:  # and not a real file one, which np.save would seek in (a FIFO cannot)
+            np.save(SimpleNamespace(write=f.write), logits.astype(np.float32))
 
     try:
         atomic_write(out, write)
@@ -211,18 +214,19 @@ def cmd_logits(args) -> int:
 
 
 def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
-    """(cfg, tensors, tokenizer files to copy {name: path}) of a .pth or a model directory,
+    """(cfg, tensors, tokenizer files to copy {name: bytes}) of a .pth or a model directory,
     tensors in `dtype` (None: as stored)."""
     from weights import convert_dtype, import_official_pth, load_model
 
-    extra: dict[str, Path] = {}
+    extra: dict[str, bytes] = {}
     if src.is_dir() or src.suffix == ".safetensors":  # a model directory or one self-describing file
         cfg, tensors = load_model(src, dtype=dtype)
         tok = cfg.tokenizer
         if tokenizer_file is None and tok and tok.get("file"):
-            path = (src if src.is_dir() else src.parent) / tok["file"]
-            if path.is_file():
-                extra[tok["file"]] = path
+            root = src if src.is_dir() else src.parent
+            path = root / tok["file"]
+            if os.path.lexists(path):
+                extra[tok["file"]] = _tokenizer_bytes(tok, path, cfg.vocab_size, inside=root)
             elif src.is_dir():
                 raise CLIError(f"tokenizer file {path} named in {src / 'config.json'} is missing")
             else:  # a lone file: the output would name a tokenizer it does not hold
@@ -242,12 +246,28 @@ def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
         raise CLIError(f"{src} is neither an official RWKV-7 .pth checkpoint nor a model directory")
     if tokenizer_file is not None:
         file = Path(tokenizer_file)
-        if not file.is_file():
-            raise FileNotFoundError(2, "No such file or directory", str(file))
         spec, name = _tokenizer_spec(file)
+        extra = {name: _tokenizer_bytes(spec, file, cfg.vocab_size)}
         cfg = cfg.replace(tokenizer=spec)
-        extra = {name: file}
     return cfg, tensors, extra
+
+
+def _tokenizer_bytes(spec: dict, file: Path, vocab_size: int, inside: Path | None = None) -> bytes:
+    """The bytes of a tokenizer file to copy into a model: a regular file (within `inside`,
+    symlinks resolved, when given) that parses as `spec` says and has no id past vocab_size."""
+    from metastate_core.tokenizers import tokenizer_type
+    from weights.files import open_regular
+
+    real = os.path.realpath(file)
+    if inside is not None and not Path(real).is_relative_to(os.path.realpath(inside)):
+        raise CLIError(f"tokenizer file {file} leads outside {inside} (to {real}): not copied")
+    with open_regular(file, "tokenizer file") as f:
+        data = f.read()
+    tokenizer = tokenizer_type(spec)[0](file, data)
+    if tokenizer.max_id >= vocab_size:
+        raise CLIError(f"tokenizer {file} has token ids up to {tokenizer.max_id}, but the model's vocab_size is "
+                       f"{vocab_size}")
+    return data
 
 
 def cmd_convert(args) -> int:
@@ -311,6 +331,7 @@ def cmd_grow(args) -> int:
     with _progress("grow", 3) as bar:
         cfg, tensors, extra = _load_source(src, None, None)
         dtype = _disk_dtype(tensors)
+        _check_grow_memory(cfg, tensors, steps)
         bar.update()
         old = cfg, tensors
         cfg, tensors = grow(cfg, tensors, **steps, layer_position=args.layer_position, rng=args.seed)
@@ -326,6 +347,28 @@ def cmd_grow(args) -> int:
         print(f"note: --sub-keys {record['from']} -> {record['to']} is a warm start, not exact: the logits changed by "
               f"rel_rms {record['logits_rel_rms']:.3g} on {SUB_KEYS_SAMPLE}")
     return 0
+
+
+def _check_memory(cfg, bytes_per_param: int, what: str, held: int = 0) -> None:
+    """Refuse in one line, before it is built, a model this machine cannot hold (beside `held` bytes)."""
+    from weights.files import check_memory
+    from weights.format import n_params
+
+    check_memory(held + n_params(cfg) * bytes_per_param, what)
+
+
+def _check_grow_memory(cfg, tensors: dict, steps: dict) -> None:
+    sizes = {"n_param_tokens": steps["param_tokens"], "n_layer": steps["layers"], "sse_heads": steps["sse_heads"],
+             "d_att": None if steps["heads"] is None else steps["heads"] * cfg.head_size}
+    if steps["sub_keys"] is not None:
+        sizes.update(n_sub_keys=steps["sub_keys"], n_param_tokens=steps["sub_keys"] ** 2)
+    try:
+        target = cfg.replace(**{k: v for k, v in sizes.items() if v is not None})
+    except (MetaStateError, TypeError, ValueError):
+        return  # grow() says what is wrong with the request
+    _check_memory(target, max(t.dtype.itemsize for t in tensors.values()),
+                  f"growing to {target.n_layer:,} layers, {target.n_head:,} heads and {target.n_param_tokens:,} "
+                  "parameter tokens", held=sum(t.nbytes for t in tensors.values()))
 
 
 SUB_KEYS_SAMPLE = "4 x 64 token ids drawn uniformly with seed 0 (float32 NumPy reference, from the zero state)"
@@ -431,6 +474,11 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with it closed (`>&-`): every command reports there
+        print("error: standard output is closed", file=sys.stderr)
+        return 1
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 is printed as the bytes it is
+        sys.stdout.reconfigure(errors="surrogateescape")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

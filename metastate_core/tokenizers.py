@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import codecs
 import io
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -75,18 +77,19 @@ class StreamDecoder:
 class SentencePieceTokenizer:
     """A SentencePiece model file (`tokenizer.model`)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, data: bytes | None = None):
+        """data: the file's bytes, if already read (they are what is parsed)."""
         import sentencepiece as spm
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise TokenizerError(f"sentencepiece model not found: {self.path}")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        data = read_file(self.path, "sentencepiece model") if data is None else data
+        try:  # the bytes, not the path: sentencepiece cannot open a path that is not UTF-8
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"cannot load sentencepiece model {self.path}: {e}") from None
         sp = self.sp
         self.vocab_size = sp.get_piece_size()
+        self.max_id = self.vocab_size - 1
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
         # Byte table for decode_bytes: sentencepiece only decodes to str, which would lose
         # the partial characters that streaming needs.
@@ -191,15 +194,14 @@ class WorldTokenizer:
     vocab_size = 65536
     eos_id = 0
 
-    def __init__(self, vocab_path: str | Path):
+    def __init__(self, vocab_path: str | Path, data: bytes | None = None):
+        """data: the file's bytes, if already read (they are what is parsed)."""
         self.path = Path(vocab_path)
-        if not self.path.is_file():
-            raise TokenizerError(f"RWKV World vocabulary not found: {self.path}")
+        data = read_file(self.path, "RWKV World vocabulary") if data is None else data
         self._bytes: list[bytes] = [b""] * self.vocab_size
         try:
-            with open(self.path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    self._parse_line(line.rstrip("\n"), n)
+            for n, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), 1):
+                self._parse_line(line.rstrip("\n"), n)
         except UnicodeDecodeError as e:
             raise TokenizerError(f"{self.path}: not UTF-8 text ({e.reason})") from None
         # Prefix table, a flat trie: every prefix of every token -> id of that exact token,
@@ -212,6 +214,7 @@ class WorldTokenizer:
                 self._prefix[tok] = i
         if any(self._prefix.get(bytes([b]), -1) < 0 for b in range(256)):
             raise TokenizerError(f"{self.path}: vocabulary lacks single-byte tokens, cannot encode all text")
+        self.max_id = max(i for i, tok in enumerate(self._bytes) if tok)
 
     def _parse_line(self, line: str, n: int) -> None:
         try:
@@ -277,6 +280,22 @@ def utf8(text: str, what: str = "the text") -> bytes:
         raise TokenizerError(f"{what} {problem}") from None
 
 
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of a regular file; TokenizerError at once for anything else (a FIFO would
+    block forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise TokenizerError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise TokenizerError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TokenizerError(f"{what} {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def _check_id(i, vocab_size: int) -> int:
     i = int(i)
     if not 0 <= i < vocab_size:
@@ -290,10 +309,8 @@ _TYPES = {"sentencepiece": (SentencePieceTokenizer, "tokenizer.model"),
           "rwkv_world": (WorldTokenizer, WORLD_VOCAB_FILE)}
 
 
-def load_tokenizer(model_dir: str | Path, spec: dict | None) -> Tokenizer | None:
-    """The tokenizer named by config["tokenizer"] (`spec`), its file inside `model_dir`."""
-    if spec is None:
-        return None
+def tokenizer_type(spec: dict) -> tuple[type, str]:
+    """(class, file name) of a config's tokenizer entry; TokenizerError for an unknown one."""
     if not isinstance(spec, dict) or spec.get("type") not in _TYPES:
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise TokenizerError(f"unknown tokenizer type {kind!r}; expected one of {sorted(_TYPES)}")
@@ -302,7 +319,15 @@ def load_tokenizer(model_dir: str | Path, spec: dict | None) -> Tokenizer | None
     # A bare file name: config.json must not point outside its model directory.
     if not is_plain_file_name(name):
         raise TokenizerError(f"tokenizer file must be a plain file name, got {name!r}")
+    return cls, name
+
+
+def load_tokenizer(model_dir: str | Path, spec: dict | None) -> Tokenizer | None:
+    """The tokenizer named by config["tokenizer"] (`spec`), its file inside `model_dir`."""
+    if spec is None:
+        return None
+    cls, name = tokenizer_type(spec)
     path = Path(model_dir) / name
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise TokenizerError(f"tokenizer file not found: {path}")
     return cls(path)

@@ -406,3 +406,76 @@ def test_cli_chat_bad_input(model, tmp_path, capsys):
     rc = main(["chat", "--model", str(bare)])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+# -- hostile state files and arguments (issue 22) ----------------------------------------------
+
+def test_load_refuses_a_state_holding_nan_or_infinity(model, tmp_path):
+    from weights.safetensors_io import write_file
+
+    path, _, _ = model
+    engine, tok = load(path, "numpy")
+    session = ChatSession(engine, tok, make_template("shakespeare"), GREEDY, max_tokens=3)
+    session.ask("the king")
+    session.save(tmp_path / "s.safetensors")
+    tensors, meta = read_file(tmp_path / "s.safetensors")
+    for bad in (np.nan, np.inf):
+        wkv = tensors["wkv"].copy()
+        wkv[0, 0, 0, 0] = bad
+        write_file(tmp_path / "bad.safetensors", dict(tensors, wkv=wkv), meta)  # a valid checksum
+        with pytest.raises(StateFileError, match="'wkv' holds NaN or infinity"):
+            session.load(tmp_path / "bad.safetensors")
+
+
+def test_load_says_what_a_path_is(model, tmp_path):
+    path, _, _ = model
+    engine, tok = load(path, "numpy")
+    session = ChatSession(engine, tok, make_template("shakespeare"), GREEDY, max_tokens=3)
+    os.mkfifo(tmp_path / "fifo")
+    for target, what in ((tmp_path, "is a directory"), (tmp_path / "fifo", "is a FIFO")):
+        with pytest.raises(StateFileError, match=f"{what}, not a state file"):
+            session.load(target)
+
+
+def test_the_fingerprint_of_weights_without_a_checksum_is_their_data(tmp_path):
+    """Two models with the same config and file sizes but other weights, written without
+    checksums (as other writers do): a state of one must not load into the other."""
+    from metastate.api import model_fingerprint
+    from weights.safetensors_io import write_file
+
+    cfg = ModelConfig(vocab_size=20, d_model=32, n_layer=1, head_size=16, n_param_tokens=8, sse_heads=1)
+    prints = []
+    for seed in (1, 2):
+        d = tmp_path / f"m{seed}"
+        tensors = random_params(cfg, seed, np.float32)
+        save_model(d, cfg, tensors)
+        write_file(d / "model.safetensors", tensors, checksum=False)
+        prints.append(model_fingerprint(d, cfg))
+    assert prints[0] != prints[1]
+
+
+@pytest.mark.parametrize("flag", ["--presence-penalty", "--frequency-penalty"])
+@pytest.mark.parametrize("value", ["1e308", "-1e308", "101", "nan", "inf"])
+def test_penalties_are_bounded(model, capsys, flag, value):
+    rc = main(["generate", "--model", str(model[0]), "--prompt", "the", "--max-tokens", "2", f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "[-100, 100]" in err, err
+
+
+def test_save_writes_through_special_files_and_symlinks(model, tmp_path):
+    path, _, _ = model
+    engine, tok = load(path, "numpy")
+    session = ChatSession(engine, tok, make_template("shakespeare"), GREEDY, max_tokens=3)
+    session.ask("the king")
+    (tmp_path / "target.state").write_bytes(b"old")
+    (tmp_path / "link.state").symlink_to("target.state")
+    session.save(tmp_path / "link.state")
+    assert (tmp_path / "link.state").is_symlink() and read_file(tmp_path / "target.state")[1]["kind"] == "chat"
+    with pytest.raises(StateFileError, match="is a directory"):
+        session.save(tmp_path)
+    if os.geteuid() == 0:
+        import stat
+
+        os.mknod(tmp_path / "nul", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        session.save(tmp_path / "nul")
+        assert stat.S_ISCHR(os.lstat(tmp_path / "nul").st_mode)

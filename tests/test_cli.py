@@ -5,11 +5,14 @@ tensors the test wrote, at the tolerances of SPEC section 6.
 """
 
 import importlib.util
+import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -165,7 +168,7 @@ def test_out_of_memory_is_one_line(model, tmp_path, capsys, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError()
     monkeypatch.setattr(metastate_core.growth, "init_layer", exhausted)
-    rc, _, err = run(["grow", model[0], "--out", tmp_path / "huge", "--heads", 10**6], capsys)
+    rc, _, err = run(["grow", model[0], "--out", tmp_path / "huge", "--heads", 10**4], capsys)
     assert_one_error(rc, err, "out of memory")
     assert not (tmp_path / "huge").exists()
 
@@ -218,7 +221,7 @@ def _world_vocab(path: Path) -> None:
 
 def test_convert_pth_round_trip_with_tokenizer(tmp_path, capsys):
     pytest.importorskip("torch", reason="the .pth export and import need torch: pip install 'metastate[torch]'")
-    cfg = tiny_config()
+    cfg = tiny_config(vocab_size=257)  # the vocab below has ids 1..256
     tensors = random_params(cfg, 1, np.float32, sse=False)   # exact RWKV-7: expressible as .pth
     src = tmp_path / "rwkv7"
     save_model(src, cfg, tensors)
@@ -504,3 +507,120 @@ def test_prepare_data_says_when_a_split_is_shorter_than_the_default_sequence(tmp
     rc, out, _ = run(["prepare-data", tmp_path / "a.txt", "--out", tmp_path / "d2", "--vocab-size", "300",
                       "--val-fraction", "0.5"], capsys)
     assert rc == 0 and "note:" not in out  # both halves long enough
+
+
+# -- hostile inputs (issue 22) ---------------------------------------------------------------
+from fuzz import harness  # noqa: E402  (metastate in a child under resource limits)
+
+DEFAULT = REPO / "weights" / "default"
+
+
+def test_logits_out_writes_through_special_files(model, tmp_path, capsys):
+    """A FIFO or device (as root, /dev/null itself) is written to, never replaced by a file;
+    a symlink keeps pointing where it did."""
+    path = model[0]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--out", fifo], capsys)
+    reader.join(30)
+    assert rc == 0 and stat.S_ISFIFO(os.lstat(fifo).st_mode), err
+    assert np.load(io.BytesIO(got[0])).shape == (2, 50)
+    (tmp_path / "target.npy").write_bytes(b"old")
+    (tmp_path / "link.npy").symlink_to("target.npy")
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--out", tmp_path / "link.npy"], capsys)
+    assert rc == 0 and (tmp_path / "link.npy").is_symlink() and np.load(tmp_path / "target.npy").shape == (2, 50)
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1,2", "--out", tmp_path], capsys)
+    assert_one_error(rc, err, "is a directory")
+    if os.geteuid() != 0:
+        return
+    dev = tmp_path / "nul"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    rc, _, err = run(["logits", "--model", path, "--tokens", "1", "--out", dev], capsys)
+    assert rc == 0 and stat.S_ISCHR(os.lstat(dev).st_mode), err
+    if importlib.util.find_spec("torch"):
+        rwkv7 = tmp_path / "rwkv7"
+        save_model(rwkv7, model[1], random_params(model[1], 1, np.float32, sse=False))
+        rc, _, err = run(["convert", rwkv7, "--to-pth", dev, "--force"], capsys)
+        assert rc == 0 and stat.S_ISCHR(os.lstat(dev).st_mode), err
+
+
+def test_fifos_in_a_model_directory_do_not_hang(model, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        d = tmp_path / name
+        shutil.copytree(model[0], d)
+        os.unlink(d / name)
+        os.mkfifo(d / name)
+        for argv in (["inspect", d], ["logits", "--model", d, "--tokens", "1", "--out", tmp_path / "x.npy"]):
+            result = harness.run(argv, timeout=60)
+            assert not result.problems() and "is a FIFO, not a regular file" in result.stderr, result.describe()
+
+
+@pytest.mark.parametrize("flag, value", [("--layers", 10**6), ("--heads", 10**6), ("--param-tokens", 10**8)])
+def test_grow_refuses_a_model_this_machine_cannot_hold(model, tmp_path, flag, value):
+    """Checked against the memory of the machine, or less under an address-space limit (the
+    child's is 2 GiB): refused in one line before anything is built."""
+    result = harness.run(["grow", model[0], "--out", tmp_path / "huge", flag, value], timeout=60)
+    assert not result.problems() and "needs about" in result.stderr, result.describe()
+    assert not (tmp_path / "huge").exists()
+    result = harness.run(["init", "--out", tmp_path / "huge", "--vocab-size", 50, "--n-layer", 10**6], timeout=60)
+    assert not result.problems() and "needs about" in result.stderr, result.describe()
+
+
+def test_convert_copies_only_tokenizer_files_it_can_trust(model, tmp_path, capsys):
+    path, cfg, tensors = model
+    src = tmp_path / "src"
+    save_model(src, cfg.replace(vocab_size=2048, tokenizer={"type": "sentencepiece", "file": "tokenizer.model"}),
+               dict(tensors, **{name: np.zeros((2048, 32), np.float32) for name in ("emb.weight", "head.weight")}))
+    secret = tmp_path / "secret"
+    secret.write_bytes((DEFAULT / "tokenizer.model").read_bytes())
+    (src / "tokenizer.model").symlink_to(secret)  # a valid tokenizer, but outside the model
+    rc, _, err = run(["convert", src, "--out", tmp_path / "a"], capsys)
+    assert_one_error(rc, err, "leads outside")
+    os.unlink(src / "tokenizer.model")
+    (src / "tokenizer.model").write_bytes(b"garbage")
+    rc, _, err = run(["convert", src, "--out", tmp_path / "b"], capsys)
+    assert_one_error(rc, err, "cannot load sentencepiece model")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, tokenizer={"type": "gpt2", "file": "tokenizer.model"})))
+    rc, _, err = run(["convert", src, "--out", tmp_path / "c"], capsys)
+    assert_one_error(rc, err, "unknown tokenizer type 'gpt2'")
+    # --tokenizer: a regular file, whose ids fit the model (vocab 50 here, 2048 pieces there)
+    rc, _, err = run(["convert", path, "--out", tmp_path / "d", "--tokenizer", DEFAULT / "tokenizer.model"], capsys)
+    assert_one_error(rc, err, "token ids up to 2047", "vocab_size is 50")
+    os.mkfifo(tmp_path / "fifo.model")
+    rc, _, err = run(["convert", path, "--out", tmp_path / "e", "--tokenizer", tmp_path / "fifo.model"], capsys)
+    assert_one_error(rc, err, "is a FIFO, not a regular file")
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_inspect_json_never_prints_nan(model, tmp_path, capsys):
+    d = tmp_path / "m"
+    shutil.copytree(model[0], d)
+    config = json.loads((d / "config.json").read_text())
+    for bad in ("NaN", "Infinity", "1e999"):
+        (d / "config.json").write_text(json.dumps(config)[:-1] + f', "train_ctx_len": {bad}}}')
+        rc, out, err = run(["inspect", d, "--json"], capsys)
+        assert_one_error(rc, err, "config.json")
+        assert out == ""
+
+
+def test_a_model_path_that_is_not_utf8(tmp_path):
+    bad = os.path.join(os.fsencode(tmp_path), b"bad\xff")
+    shutil.copytree(DEFAULT, os.fsdecode(bad))
+    for argv in (["generate", "--model", bad, "--prompt", "To be", "--max-tokens", "3", "--backend", "numpy"],
+                 ["logits", "--model", bad, "--text", "To be", "--out", os.path.join(bad, b"out\xfe.npy")]):
+        result = harness.run(argv, env=harness.environment(tmp_path, PYTHONIOENCODING="utf-8:strict"))
+        assert result.rc == 0 and "Traceback" not in result.stderr, result.describe()
+
+
+def test_closed_stdin_and_stdout(tmp_path):
+    for argv, close, fragment in (
+            (["chat", "--backend", "numpy"], "stdin", "standard input is closed"),
+            (["generate", "--prompt", "-", "--backend", "numpy"], "stdin", "standard input is closed"),
+            (["generate", "--prompt", "To be", "--max-tokens", "3", "--backend", "numpy"], "stdout",
+             "standard output is closed")):
+        result = harness.run(argv, close=close, env=harness.environment(tmp_path))
+        assert not result.problems() and fragment in result.stderr, result.describe()

@@ -214,3 +214,32 @@ def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
     cfg = ModelConfig(vocab_size=12, d_model=32, n_layer=1, head_size=16)
     with pytest.raises(WeightsError, match=r"pip install 'metastate\[torch\]'"):
         export_official_pth(cfg, random_params(cfg, 0, sse=False), tmp_path / "a.pth")
+
+
+# -- hostile checkpoints (issue 22) ------------------------------------------------------------
+
+def test_tensors_that_would_cost_more_than_the_file_are_refused(tmp_path):
+    """An expanded view stores 4 bytes and is 4 TiB materialised; a sparse tensor is no array.
+    Each is refused in one line, by `metastate convert` in a child with 2 GiB of address space."""
+    from fuzz.harness import run
+
+    sd = official_state_dict(**SIZES)
+    cases = {"expand": torch.zeros(1).expand(2**20, 2**20),
+             "coo": torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, 2.0]), (20, 32)),
+             "csr": torch.zeros(20, 32).to_sparse_csr()}
+    for name, t in cases.items():
+        torch.save(dict(sd, **{"emb.weight": t}), tmp_path / f"{name}.pth")
+        result = run(["convert", tmp_path / f"{name}.pth", "--out", tmp_path / name])
+        assert not result.problems(), result.describe()
+        assert "emb.weight" in result.stderr and not (tmp_path / name).exists(), result.describe()
+    with pytest.raises(WeightsError, match="overlaps itself"):
+        import_official_pth(tmp_path / "expand.pth")
+    for layout in ("coo", "csr"):
+        with pytest.raises(WeightsError, match="sparse"):
+            import_official_pth(tmp_path / f"{layout}.pth")
+
+
+def test_a_checkpoint_that_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pth")
+    with pytest.raises(WeightsError, match="is a FIFO, not a regular file"):
+        import_official_pth(tmp_path / "fifo.pth")

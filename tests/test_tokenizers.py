@@ -4,6 +4,7 @@ SentencePiece model against sentencepiece's decoder, streaming decode, loading f
 import os
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -288,3 +289,21 @@ def test_load_tokenizer(tmp_path, sp, sp_dir):
                 {"type": "sentencepiece", "file": str(tmp_path / "tokenizer.model")}]:
         with pytest.raises(TokenizerError):
             load_tokenizer(tmp_path, bad)
+
+
+# -- hostile files (issue 22) ------------------------------------------------------------------
+
+def test_a_sentencepiece_model_at_a_path_that_is_not_utf8(tmp_path):
+    src = Path(__file__).resolve().parents[1] / "weights" / "default" / "tokenizer.model"
+    bad = os.path.join(os.fsencode(tmp_path), b"tok\xff.model")
+    shutil.copy(src, bad)
+    tok = SentencePieceTokenizer(os.fsdecode(bad))
+    assert tok.decode(tok.encode("good morrow")) == "good morrow"
+
+
+def test_tokenizer_files_that_are_not_regular_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    for cls in (SentencePieceTokenizer, WorldTokenizer):
+        for path in (tmp_path / "fifo", tmp_path):
+            with pytest.raises(TokenizerError, match="not a regular file"):
+                cls(path)

@@ -6,10 +6,12 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -413,7 +415,7 @@ def test_malformed_config(tmp_path, cfg, params):
     (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), d_model="wide")))
     with pytest.raises(WeightsError, match="invalid .*config.json: config field 'd_model' must be a positive integer"):
         load_config(d)
-    for field, value in (("d_model", -32), ("d_model", 10**400), ("head_size", 1e400), ("d_att", True)):
+    for field, value in (("d_model", -32), ("d_model", 10**400), ("head_size", 1e300), ("d_att", True)):
         (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), d_att=None, lora_w=None) | {field: value}))
         with pytest.raises(WeightsError, match=f"config field '{field}' must be a positive integer below 2\\^31"):
             load_config(d)  # checked before the sizes derived from it are computed
@@ -679,3 +681,228 @@ def test_ln_x_eps_defaults_to_the_official_value_and_older_configs_keep_theirs(t
     for bad in (0, -1e-5, float("nan"), float("inf"), True, "1e-5"):
         with pytest.raises(ConfigError, match="ln_x_eps"):
             ModelConfig(vocab_size=10, d_model=32, head_size=16, ln_x_eps=bad)
+
+
+# -- hostile inputs (issue 22) ---------------------------------------------------------------
+
+def _needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("mknod needs root")
+
+
+def test_atomic_write_writes_through_special_files_and_never_replaces_them(tmp_path):
+    _needs_root()
+    dev = tmp_path / "nul"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a second /dev/null
+    weights.atomic_write(dev, lambda tmp: Path(tmp).write_bytes(b"gone"))
+    assert stat.S_ISCHR(os.lstat(dev).st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    weights.atomic_write(fifo, lambda tmp: Path(tmp).write_bytes(b"through the pipe"))
+    reader.join(10)
+    assert got == [b"through the pipe"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    (tmp_path / "target").write_bytes(b"old")
+    (tmp_path / "link").symlink_to("target")
+    weights.atomic_write(tmp_path / "link", lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "link", "nul", "target"]
+
+
+def test_names_of_up_to_255_bytes_save(tmp_path, cfg, params):
+    for n in (242, 255):
+        d = tmp_path / ("m" * n)
+        save_model(d, cfg, params)
+        save_model(d, cfg, params)  # replaced: the swap's temporary names fit too
+        assert_same(load_model(d)[1], params)
+        weights.atomic_write(tmp_path / ("x" * (n - 4) + ".npy"), lambda tmp: Path(tmp).write_bytes(b"1"))
+        weights.atomic_write(tmp_path / ("é" * (n // 2)), lambda tmp: Path(tmp).write_bytes(b"2"))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_a_save_cleans_what_a_killed_save_left_and_restores_an_orphaned_old_model(tmp_path, cfg, params):
+    d = tmp_path / "m"
+    save_model(d, cfg, params)
+    # killed in the middle of a save: a half-written temporary folder, and a temporary file
+    (tmp_path / ".m.tmp-0123abcd").mkdir()
+    (tmp_path / ".m.tmp-0123abcd" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".x.npy.tmp-89abcdef.npy").write_bytes(b"half")
+    # killed between the two renames of the fallback swap: no model at "old", the old model aside
+    save_model(tmp_path / "old", cfg, params)
+    os.rename(tmp_path / "old", tmp_path / ".old.old-00112233")
+    save_model(tmp_path / ".old.tmp-00112233", cfg, {k: v + 1 for k, v in params.items()})
+    keep = tmp_path / ".keep.tmp-notours"  # not a name we make
+    keep.write_text("x")
+    save_model(tmp_path / "new", cfg, params)
+    assert sorted(os.listdir(tmp_path)) == [".keep.tmp-notours", "m", "new", "old"]
+    assert_same(load_model(tmp_path / "old")[1], params)
+    (tmp_path / ".y.tmp-44556677").write_bytes(b"half")
+    weights.atomic_write(tmp_path / "z", lambda tmp: Path(tmp).write_bytes(b"z"))  # a file's save cleans too
+    assert sorted(os.listdir(tmp_path)) == [".keep.tmp-notours", "m", "new", "old", "z"]
+
+
+def test_a_save_in_progress_is_not_cleaned_away(tmp_path, cfg, params):
+    """Another process's save holds a lock on its temporary folder: it is left alone."""
+    d = tmp_path / "m"
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np, weights.safetensors_io as st
+        from metastate_core.config import ModelConfig
+        from metastate_core.params import random_params
+        from weights import save_model
+        real = st.write_file
+        def slow(*a, **k):
+            print("writing", flush=True)
+            sys.stdin.readline()
+            return real(*a, **k)
+        st.write_file = slow
+        cfg = ModelConfig.from_dict(json.loads({json.dumps(cfg.to_dict())!r}))
+        save_model({str(d)!r}, cfg, random_params(cfg, 0, np.float32))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        save_model(tmp_path / "other", cfg, params)
+        assert [p for p in os.listdir(tmp_path) if p.startswith(".m.tmp-")]  # still there
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert sorted(os.listdir(tmp_path)) == ["m", "other"]
+
+
+def test_header_dtype_of_the_wrong_json_type(tmp_path):
+    f = tmp_path / "x.safetensors"
+    for dtype in (["F32"], {"F32": 1}, 5, None):
+        write_raw(f, {"a": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+        with pytest.raises(WeightsError, match="unsupported dtype"):
+            st.read_file(f)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [100_000, 200])
+def test_deeply_nested_json_is_refused_in_one_line(tmp_path, cfg, params, depth):
+    d = tmp_path / "m"
+    save_model(d, cfg, params, max_shard_bytes=3000)
+    config = (d / "config.json").read_text()
+    (d / "config.json").write_text(config.replace('"growth": []', f'"growth": [], "notes": {_nested(depth)}'))
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        load_config(d)
+    (d / "config.json").write_text(config)
+    (d / "model.safetensors.index.json").write_text(f'{{"metadata": {_nested(depth)}, "weight_map": {{}}}}')
+    with pytest.raises(WeightsError, match="nested too deeply"):
+        load_model(d)
+
+
+def test_nan_and_infinity_are_not_json(tmp_path, cfg, params):
+    d = tmp_path / "m"
+    save_model(d, cfg, params)
+    config = (d / "config.json").read_text()
+    for bad in ("NaN", "-Infinity", "1e999"):
+        (d / "config.json").write_text(config.replace('"growth": []', f'"growth": [], "train_ctx_len": {bad}'))
+        with pytest.raises(WeightsError, match="config.json.*not .*JSON"):
+            load_config(d)
+
+
+def _sparse_model(d: Path, cfg, params, extra_bytes: int, checksum=False):
+    """A model directory whose weight file declares `extra_bytes` more of tensor data than the
+    config needs, stored as a hole: a small file on disk, a large one to a reader."""
+    save_model(d, cfg, params)
+    f = d / "model.safetensors"
+    st.write_file(f, params, {"format": "metastate", "config": json.dumps(cfg.to_dict())}, checksum=checksum)
+    n, header = raw_header(f)
+    size = f.stat().st_size - 8 - n
+    header["extra"] = {"dtype": "F32", "shape": [extra_bytes // 4], "data_offsets": [size, size + extra_bytes]}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = f.read_bytes()[8 + n:]
+    with open(f, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw + data)
+        out.truncate(8 + len(raw) + len(data) + extra_bytes)
+
+
+LIMITED = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    from weights import WeightsError, load_model
+    try:
+        load_model(sys.argv[1])
+    except WeightsError as e:
+        print(e)
+""")
+
+
+def _load_limited(d: Path) -> subprocess.CompletedProcess:
+    """load_model(d) in a child that may use 1 GiB of address space."""
+    return subprocess.run([sys.executable, "-c", LIMITED, str(d)], capture_output=True, text=True, timeout=120)
+
+
+def test_a_small_file_declaring_gigabytes_is_refused_before_its_data_is_read(tmp_path, cfg, params):
+    d = tmp_path / "m"
+    _sparse_model(d, cfg, params, 3 << 30)
+    assert os.stat(d / "model.safetensors").st_blocks * 512 < 1 << 20  # a hole, not data
+    run = _load_limited(d)
+    assert run.returncode == 0 and "unexpected tensor 'extra'" in run.stdout, run.stdout + run.stderr
+    # a config.json describing an enormous model next to small weights: refused from the sizes alone
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(config, n_layer=2**31 - 1)))
+    start = time.monotonic()
+    run = _load_limited(d)
+    assert run.returncode == 0 and "config.json" in run.stdout, run.stdout + run.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_tensors_are_read_one_at_a_time_after_the_names_are_checked(tmp_path, cfg, params, monkeypatch):
+    d = tmp_path / "m"
+    save_model(d, cfg, params)
+    sizes = []
+    real = np.empty
+
+    def empty(shape, *a, **k):
+        sizes.append(int(np.prod(shape)))
+        return real(shape, *a, **k)
+
+    monkeypatch.setattr(np, "empty", empty)
+    _, loaded = load_model(d)
+    monkeypatch.undo()
+    assert_same(loaded, params)
+    assert max(sizes) == max(t.nbytes for t in params.values())  # no buffer for the whole file
+
+
+def test_fifos_and_devices_are_not_opened_as_model_files(tmp_path, cfg, params):
+    """A FIFO would block a reader forever: only regular files are opened. (The child process
+    and its timeout keep a regression from hanging the test run.)"""
+    code = textwrap.dedent("""
+        import sys
+        from weights import WeightsError, load_model
+        try:
+            load_model(sys.argv[1])
+        except WeightsError as e:
+            print(e)
+    """)
+    for name in ("config.json", "model.safetensors"):
+        d = tmp_path / name.split(".")[0]
+        save_model(d, cfg, params)
+        os.unlink(d / name)
+        os.mkfifo(d / name)
+        run = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=60)
+        assert f"{name} is a FIFO, not a regular file" in run.stdout, run.stdout + run.stderr
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(WeightsError, match="is a directory"):
+        st.read_file(tmp_path / "dir.safetensors")
+
+
+def test_importing_weights_leaves_ml_dtypes_for_bfloat16(tmp_path, cfg, params):
+    code = ("import sys, weights, numpy as np; from weights import load_model; "
+            "load_model(sys.argv[1]); print('ml_dtypes' in sys.modules)")
+    save_model(tmp_path / "f32", cfg, params)
+    save_model(tmp_path / "bf16", cfg, params, dtype="bfloat16")
+    for name, imported in (("f32", "False"), ("bf16", "True")):
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=60)
+        assert run.stdout.strip() == imported, run.stdout + run.stderr

@@ -15,13 +15,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
-import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from metastate_core.config import ARCHITECTURE, FORMAT_NAME, ModelConfig, is_plain_file_name, legacy_ln_x_eps
@@ -29,11 +29,11 @@ from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes, shape_mismatch
 
 from . import safetensors_io as st
-from .safetensors_io import WeightsError
+from .files import (WeightsError, clean_leftovers, fresh_temp, kind_of, lock, open_regular, parse_json, read_text,
+                    release, temp_path)
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-             "float16": np.dtype(np.float16)}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,13 +43,13 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def dtype_name(dtype) -> str:
     """'float32' | 'bfloat16' | 'float16' for a name or NumPy dtype; WeightsError otherwise."""
-    if isinstance(dtype, str) and dtype in NP_DTYPES:
+    if isinstance(dtype, str) and dtype in SUPPORTED_DTYPES:
         return dtype
     try:
         name = np.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in NP_DTYPES:
+    if name not in SUPPORTED_DTYPES:
         raise WeightsError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
     return name
 
@@ -59,7 +59,7 @@ def convert_dtype(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.nd
 
     Raises WeightsError when a finite value overflows the target (e.g. |x| > 65504 in float16).
     """
-    target = NP_DTYPES[dtype_name(dtype)]
+    target = np_dtype(dtype_name(dtype))
     out = {}
     for name, t in tensors.items():
         t = np.asarray(t)
@@ -103,13 +103,26 @@ def _all_finite(t: np.ndarray) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(t).all())
 
 
+def np_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a SUPPORTED_DTYPES name (ml_dtypes, slow to import, only for bfloat16)."""
+    return st.np_dtype(st.CODES[name]).newbyteorder("=")
+
+
 def _is_float(d: np.dtype) -> bool:
-    return np.issubdtype(d, np.floating) or d == NP_DTYPES["bfloat16"]
+    return np.issubdtype(d, np.floating) or d.name == "bfloat16"
 
 
 def _narrows(src: np.dtype, dst: np.dtype) -> bool:
     """Can a finite value of src overflow to Inf in dst?"""
-    return _is_float(src) and float(ml_dtypes.finfo(dst).max) < float(ml_dtypes.finfo(src).max)
+    return _is_float(src) and _max(dst) < _max(src)
+
+
+def _max(d: np.dtype) -> float:
+    if d.name == "bfloat16":
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(d).max)
+    return float(np.finfo(d).max)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -127,20 +140,13 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         return _parse_config(meta["config"], f"the header config of {path}")
     _check_model_dir(path)
     file = path / CONFIG_FILE
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WeightsError(f"{path} is not a model directory: it has no {CONFIG_FILE}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"cannot read {file}: {e}") from e
-    return _parse_config(text, str(file))
+    if not os.path.lexists(file):
+        raise WeightsError(f"{path} is not a model directory: it has no {CONFIG_FILE}")
+    return _parse_config(read_text(file, "model config"), str(file))
 
 
 def _parse_config(text: str, where: str) -> ModelConfig:
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise WeightsError(f"malformed {where}: not valid JSON ({e})") from None
+    data = parse_json(text, where)
     try:
         return ModelConfig.from_dict(data)
     except MetaStateError as e:  # ConfigError
@@ -166,9 +172,11 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
         raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: only the mlx backend reads them "
                            "(metastate chat, generate or logits with --backend mlx)")
     if path.is_file():
-        tensors, _ = st.read_file(path)
+        if validate:
+            _check_sizes(cfg, [path], f"the header config of {path}")
+        tensors, _ = st.read_file(path, _expect(cfg, path) if validate else None)
     else:
-        tensors = _read_weights(path, cfg)
+        tensors = _read_weights(path, cfg, validate)
     if validate:
         validate_tensors(cfg, tensors)
         tensors = {name: tensors[name] for name in param_shapes(cfg)}
@@ -189,10 +197,7 @@ def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> N
     most edits, but not sse_heads, and config.json has no checksum."""
     if "config" not in meta:  # not written by metastate
         return
-    try:
-        saved = json.loads(meta["config"])
-    except ValueError:
-        raise WeightsError(f"{file}: malformed config in the header") from None
+    saved = parse_json(meta["config"], f"config in the header of {file}")
     # fields a file may predate: dense parameter tokens, and the GroupNorm epsilon it was made with
     defaults = {"param_mode": "dense", "ln_x_eps": legacy_ln_x_eps(saved) if isinstance(saved, dict) else None}
     changed = [k for k in ARCHITECTURE
@@ -205,30 +210,37 @@ def _check_saved_config(cfg: ModelConfig, meta: dict[str, str], file: Path) -> N
                            "`metastate grow`)")
 
 
-def _read_weights(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def _read_weights(path: Path, cfg: ModelConfig, validate: bool) -> dict[str, np.ndarray]:
     single, index = path / WEIGHTS_FILE, path / INDEX_FILE
-    if single.exists() and index.exists():
+    if os.path.lexists(single) and os.path.lexists(index):
         raise WeightsError(f"{path} holds both {WEIGHTS_FILE} and {INDEX_FILE}; remove the stale one")
-    if not index.exists():
-        if not single.exists():
+    if not os.path.lexists(index):
+        if not os.path.lexists(single):
             raise WeightsError(f"{path} has no weights: neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-        tensors, meta = st.read_file(single)
-        _check_saved_config(cfg, meta, single)
-        return tensors
-    weight_map, total = _read_index(path, index)
+        files, weight_map, total = {WEIGHTS_FILE: single}, None, None
+    else:
+        weight_map, total = _read_index(path, index)
+        files = {shard: _inside(path, shard) for shard in dict.fromkeys(weight_map.values())}
+        for shard, file in files.items():
+            if not os.path.lexists(file):
+                raise WeightsError(f"shard {shard!r} listed in {INDEX_FILE} is missing from {path}")
+    if validate:
+        _check_sizes(cfg, list(files.values()), str(path / CONFIG_FILE))
     tensors: dict[str, np.ndarray] = {}
-    for shard in dict.fromkeys(weight_map.values()):
-        file = _inside(path, shard)
-        if not file.is_file():
-            raise WeightsError(f"shard {shard!r} listed in {INDEX_FILE} is missing from {path}")
-        part, meta = st.read_file(file)
-        _check_saved_config(cfg, meta, file)
-        for name, t in part.items():
-            if weight_map.get(name) != shard:
-                raise WeightsError(f"tensor {name!r} found in shard {shard!r} but {INDEX_FILE} maps it to "
-                                   f"{weight_map.get(name)!r}")
-            tensors[name] = t
-    absent = [n for n in weight_map if n not in tensors]
+    for shard, file in files.items():
+        expect = _expect(cfg, file) if validate else None
+
+        def check(entries, meta, shard=shard, file=file, expect=expect):
+            _check_saved_config(cfg, meta, file)  # before the shapes: it says what was edited
+            stray = [n for n in entries if weight_map is not None and weight_map.get(n) != shard]
+            if stray:
+                raise WeightsError(f"tensor {stray[0]!r} found in shard {shard!r} but {INDEX_FILE} maps it to "
+                                   f"{weight_map.get(stray[0])!r}")
+            if expect is not None:
+                expect(entries, meta)
+
+        tensors.update(st.read_file(file, check)[0])
+    absent = [n for n in weight_map or () if n not in tensors]
     if absent:
         raise WeightsError(f"tensor {absent[0]!r} listed in {INDEX_FILE} is not in shard {weight_map[absent[0]]!r}")
     nbytes = sum(t.nbytes for t in tensors.values())
@@ -237,11 +249,41 @@ def _read_weights(path: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
+def n_params(cfg: ModelConfig) -> int:
+    """The number of parameters of a model, from its sizes alone (cheap for any n_layer)."""
+    one, two = (sum(math.prod(s) for s in param_shapes(cfg.replace(n_layer=n)).values()) for n in (1, 2))
+    return one + (cfg.n_layer - 1) * (two - one)  # blocks 1.. are alike; block 0 lacks v0/v1/v2
+
+
+def _check_sizes(cfg: ModelConfig, files: list[Path], where: str) -> None:
+    """Weight files too small for the config (2 bytes a parameter at least) are refused from
+    their sizes: a forged config must not make the reader build or read a giant model."""
+    stored = 0
+    for file in files:
+        with open_regular(file, "weight file") as f:
+            stored += os.fstat(f.fileno()).st_size
+    n = n_params(cfg)
+    if 2 * n > stored:
+        raise WeightsError(f"{where} describes a model of {n:,} parameters, but its weight files hold {stored:,} "
+                           "bytes: the config or the weights are damaged")
+
+
+def _expect(cfg: ModelConfig, file: Path):
+    """A read_file check: the file's tensors must be tensors of cfg, with their shapes."""
+    shapes = param_shapes(cfg)
+
+    def check(entries, meta):
+        for name, e in entries.items():
+            if name not in shapes:
+                raise WeightsError(f"{file}: unexpected tensor {name!r} for this config")
+            if tuple(e["shape"]) != shapes[name]:
+                raise WeightsError(f"{file}: tensor {name!r} has shape {e['shape']}, expected {list(shapes[name])} "
+                                   "for this config")
+    return check
+
+
 def _read_index(path: Path, index: Path) -> tuple[dict[str, str], int | None]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"malformed {index}: {e}") from None
+    data = parse_json(read_text(index, "shard index"), str(index))
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not (isinstance(weight_map, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
@@ -259,8 +301,8 @@ def _inside(root: Path, name: str) -> Path:
     """root/name, refusing names that resolve outside root (absolute, '..', escaping symlinks)."""
     if not name or os.path.isabs(name) or "\0" in name:
         raise WeightsError(f"{INDEX_FILE} names shard {name!r} outside the model directory {root}")
-    file = (root / name).resolve()
-    if not file.is_relative_to(root.resolve()) or file == root.resolve():
+    file, real_root = Path(os.path.realpath(root / name)), Path(os.path.realpath(root))  # loops stay unresolved
+    if not file.is_relative_to(real_root) or file == real_root:
         raise WeightsError(f"{INDEX_FILE} names shard {name!r} outside the model directory {root}")
     return file
 
@@ -277,7 +319,8 @@ def _reserved(name: str) -> bool:
 
 
 def config_json(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    """config.json's text; ValueError if a value is NaN or infinite (that would not be JSON)."""
+    return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
@@ -294,7 +337,7 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
     validate_tensors(cfg, tensors)
     if target is None:
         for name in param_shapes(cfg):
-            if tensors[name].dtype not in NP_DTYPES.values():
+            if tensors[name].dtype.name not in SUPPORTED_DTYPES:
                 raise WeightsError(f"tensor {name!r} has dtype {tensors[name].dtype}, which the weight format "
                                    f"cannot store; pass dtype= one of {', '.join(SUPPORTED_DTYPES)}")
     if not (isinstance(max_shard_bytes, int) and max_shard_bytes > 0):
@@ -305,12 +348,18 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
             raise WeightsError(f"invalid extra file name {name!r}: use a plain file name that is not "
                                "config.json or a weight file")
 
+    try:
+        config_json(cfg)
+    except ValueError as e:
+        raise WeightsError(f"cannot save a config holding NaN or infinity: {e}") from None
+
     path = Path(os.path.realpath(path))
     check_destination(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(path)
         # os.mkdir's mode, not mkdtemp's owner-only one: a model folder is an ordinary folder
-        tmp = _fresh(path, "", lambda p: os.mkdir(p, 0o777))
+        tmp, held = fresh_temp(path, "", lambda p: os.mkdir(p, 0o777))
     except OSError as e:
         raise WeightsError(f"cannot save model to {path}: {e}") from e
     try:
@@ -322,6 +371,8 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
         if isinstance(e, OSError):
             raise WeightsError(f"cannot save model to {path}: {e}") from e
         raise
+    finally:
+        release(held)
 
 
 def check_destination(path: Path) -> None:
@@ -340,15 +391,15 @@ def _is_model_dir(path: Path) -> bool:
     without it, but replacing a directory on that guess could destroy another project's model
     (a Hugging Face config.json also has a vocab_size)."""
     try:
-        data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = parse_json(read_text(path / CONFIG_FILE), CONFIG_FILE)
+    except WeightsError:
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
 def _write_model(tmp: Path, cfg, tensors, target, max_shard_bytes, extra) -> None:
     names = list(param_shapes(cfg))
-    itemsize = {n: (NP_DTYPES[target] if target else tensors[n].dtype).itemsize for n in names}
+    itemsize = {n: ITEMSIZE[target] if target else tensors[n].dtype.itemsize for n in names}
     shards, size = [[]], 0  # greedy in canonical order; an oversized tensor gets its own shard
     for n in names:
         nbytes = tensors[n].size * itemsize[n]
@@ -395,33 +446,33 @@ def _write_bytes(file: Path, data: bytes) -> None:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Replace the file at `path` by what write(tmp) writes to a temp path beside it (same
     suffix: some writers add theirs), fsynced: a reader sees the old file or the new, never half
-    of one. The file gets the mode a plain open() would (mkstemp's is owner-only). OSError on
-    failure, with no temp file left."""
-    path = Path(path)
+    of one. The file gets the mode a plain open() would (mkstemp's is owner-only). A symlink
+    is followed; a FIFO or character device (/dev/null) is written to as it is, never replaced;
+    any other special file is refused. OSError on failure, with no temp file left."""
+    path = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        write(str(path))
+        return
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL, f"it is {kind_of(mode)}", str(path))
+    clean_leftovers(path)
     # os.open's mode, which the umask trims as for open(), not mkstemp's owner-only one
-    tmp = _fresh(path, path.suffix, lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+    tmp, held = fresh_temp(path, path.suffix,
+                           lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
+        release(held)
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-
-
-def _fresh(path: Path, suffix: str, create) -> Path:
-    """A new hidden temp path beside `path` (".NAME.tmp-XXXXXXXX" + suffix), made by create(p),
-    which must fail with FileExistsError if p exists."""
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
-        try:
-            create(tmp)
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -444,15 +495,19 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     elif _exchange(tmp, path):
         shutil.rmtree(tmp, ignore_errors=True)  # now holds the old model
     else:
-        # Two renames: an interruption between them leaves the old model at `old`, never half.
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
-        os.rename(path, old)
+        # Two renames: an interruption between them leaves the old model at `old`, never half
+        # (and the next save puts it back); it is locked while aside, so no other save does.
+        old, held = temp_path(path, tmp.name[-8:], "old"), lock(path)
         try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)  # the old model back where it was
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # the old model back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            release(held)
     _fsync_dir(path.parent)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from metastate_core.config import ModelConfig, official_lora_size, LORA_FACTORS
@@ -20,8 +22,8 @@ from metastate_core.constants import LN_X_EPS
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
 
-from .format import atomic_write, validate_tensors
-from .safetensors_io import WeightsError
+from .files import WeightsError, check_memory, open_regular
+from .format import atomic_write, np_dtype, validate_tensors
 
 # Official vectors stored as [1, 1, C] (RWKV-LM x070 nn.Parameter shapes).
 _VECTORS_3D = {"att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g",
@@ -50,7 +52,7 @@ def _official_name(name: str) -> str:
 def _to_numpy(torch, name: str, t) -> np.ndarray:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.view(torch.int16).numpy().view(np_dtype("bfloat16"))
     if t.dtype in (torch.float32, torch.float16):
         return t.numpy()
     if t.dtype == torch.float64:
@@ -60,7 +62,7 @@ def _to_numpy(torch, name: str, t) -> np.ndarray:
 
 def _from_numpy(torch, t: np.ndarray):
     t = np.ascontiguousarray(t)
-    if t.dtype == np.dtype(ml_dtypes.bfloat16):
+    if t.dtype.name == "bfloat16":
         return torch.from_numpy(t.view(np.int16)).view(torch.bfloat16)
     if t.dtype == np.float64:
         t = t.astype(np.float32)
@@ -179,16 +181,43 @@ def import_official_pth(path: str | os.PathLike) -> tuple[ModelConfig, dict[str,
     """
     torch = _torch()
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    with open_regular(path, "checkpoint"):  # not a FIFO, a device or a directory
+        pass
+    try:  # mapped, not read: nothing is materialised before the checks below
+        zipped = zipfile.is_zipfile(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's notes on sparse tensors
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with zipfile.ZipFile(path) if zipped else nullcontext() as z:  # torch does not check their CRC-32s
+            bad = z and z.testzip()
     except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError, ...
         raise WeightsError(f"cannot read {path} as a PyTorch checkpoint of plain tensors: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if bad:
+        raise WeightsError(f"{path}: checksum mismatch in {bad}: the file is corrupted")
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise WeightsError(f"{path} is not an RWKV-7 checkpoint: expected a dict of tensor names to tensors")
+    for name, t in sd.items():
+        _check_dense(torch, name, t)
+    check_memory(sum(t.numel() * t.element_size() for t in sd.values()), f"importing {path}")
     return from_official({k: _to_numpy(torch, k, v) for k, v in sd.items()})
+
+
+def _check_dense(torch, name: str, t) -> None:
+    """Refuse what could cost more memory than the file holds: a sparse tensor, or a view whose
+    elements overlap in its storage (`torch.zeros(1).expand(2**20, 2**20)`: 4 bytes stored,
+    4 TiB once materialised)."""
+    if t.layout != torch.strided:
+        raise WeightsError(f"tensor {name!r} is stored as {str(t.layout).removeprefix('torch.')}; an RWKV-7 "
+                           "checkpoint holds dense tensors")
+    extent = 1  # elements spanned by the dimensions taken so far, smallest stride first
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < extent:
+            raise WeightsError(f"tensor {name!r} (shape {list(t.shape)}, strides {list(t.stride())}) overlaps "
+                               "itself in its storage: not a dense tensor")
+        extent += stride * (size - 1)
+    if t.numel() and (t.storage_offset() + extent) * t.element_size() > t.untyped_storage().nbytes():
+        raise WeightsError(f"tensor {name!r} runs past the end of its storage")
 
 
 def export_official_pth(cfg: ModelConfig, tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
@@ -199,5 +228,5 @@ def export_official_pth(cfg: ModelConfig, tensors: dict[str, np.ndarray], path: 
     path = Path(os.path.realpath(path))
     try:
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
-    except OSError as e:
-        raise WeightsError(f"cannot write {path}: {e}") from e
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's writer (e.g. a pipe it cannot seek in)
+        raise WeightsError(f"cannot write {path}: {str(e).splitlines()[0] if str(e) else e}") from e

@@ -21,24 +21,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 import sys
 import zlib
 
-import ml_dtypes
 import numpy as np
 
 from metastate_core.config import is_natural
-from metastate_core.errors import MetaStateError
 
+from .files import WeightsError, check_memory, open_regular
 
-class WeightsError(MetaStateError, ValueError):
-    """A weight file or model directory that cannot be read or written as asked."""
-
-
-# safetensors dtype code <-> NumPy dtype (stored little-endian)
-DTYPE_CODES = {"F32": np.dtype("<f4"), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2")}
-_CODE_OF = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+# safetensors dtype code <-> NumPy dtype name (stored little-endian); ml_dtypes is imported
+# only where a bfloat16 tensor is met (it costs most of a second)
+DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
+CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 CHECKSUM_KEY = "checksum"
 META_CHECKSUM_KEY = "checksum_meta"  # a key of its own: readers that predate it ignore it
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
@@ -49,11 +46,12 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
                metadata: dict[str, str] | None = None, checksum: bool = True) -> int:
     """Write `tensors` (in dict order) to `path`, flush and fsync. Returns the file size.
 
-    Every array must already be float32, bfloat16 or float16.
+    Every array must already be float32, bfloat16 or float16. The file is written front to
+    back, never sought in: `path` may be a pipe or a device.
     """
     entries, offset = {}, 0
     for name, t in tensors.items():
-        code = _CODE_OF.get(t.dtype.newbyteorder("="))
+        code = CODES.get(t.dtype.name)
         if code is None:
             raise WeightsError(f"tensor {name!r} has dtype {t.dtype}, which the weight format cannot store "
                                "(supported: float32, bfloat16, float16)")
@@ -65,70 +63,75 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     if checksum:
         meta.pop(CHECKSUM_KEY, None)
         meta[META_CHECKSUM_KEY] = f"crc32:{zlib.crc32(_meta_signature(meta)):08x}"
-        meta[CHECKSUM_KEY] = "crc32:00000000"  # same length as the final value, patched below
+        crc = zlib.crc32(_entries_signature(entries))
+        for t in tensors.values():
+            crc = zlib.crc32(_raw_bytes(t), crc)
+        meta[CHECKSUM_KEY] = f"crc32:{crc:08x}"
     head = _header_bytes(meta, entries)
     with open(path, "wb") as f:
         f.write(head)
-        crc = zlib.crc32(_entries_signature(entries))
         for t in tensors.values():
-            raw = _raw_bytes(t)
-            crc = zlib.crc32(raw, crc)
-            f.write(raw)
-        if checksum:
-            meta[CHECKSUM_KEY] = f"crc32:{crc:08x}"
-            f.seek(0)
-            f.write(_header_bytes(meta, entries))
+            f.write(_raw_bytes(t))
         f.flush()
-        os.fsync(f.fileno())
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            os.fsync(f.fileno())
     return len(head) + offset
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
     """The validated tensor entries (file order) and `__metadata__` of a file, without its data."""
-    with _open(path) as f:
+    with open_regular(path, "weight file") as f:
         entries, meta, _ = _read_header(f, os.fstat(f.fileno()).st_size, path)
     return entries, meta
 
 
-def read_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_file(path: str | os.PathLike, check=None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor of a file (native byte order, in memory, no handle left open) and its metadata.
 
-    Raises WeightsError on a truncated or corrupted file, an unsupported dtype or a checksum
-    mismatch.
+    check(entries, meta), if given, runs once the header is read and before any data is: it
+    raises on names or shapes the caller does not expect, so that a forged header costs no
+    memory. Tensors are then read one at a time. Raises WeightsError on a truncated or
+    corrupted file, an unsupported dtype or a checksum mismatch.
     """
-    with _open(path) as f:
+    with open_regular(path, "weight file") as f:
         entries, meta, data_len = _read_header(f, os.fstat(f.fileno()).st_size, path)
-        buf = np.empty(data_len, np.uint8)
-        view, got = memoryview(buf), 0
-        while got < data_len:  # loop: one read() call may return less than asked (>2 GiB)
-            n = f.readinto(view[got:got + _READ_CHUNK])
-            if not n:
-                raise WeightsError(f"{path}: file is truncated (data ends at byte {got} of {data_len})")
-            got += n
+        if META_CHECKSUM_KEY in meta and meta[META_CHECKSUM_KEY] != f"crc32:{zlib.crc32(_meta_signature(meta)):08x}":
+            raise WeightsError(f"{path}: checksum mismatch in the header metadata (its config): the file is corrupted")
+        if check is not None:
+            check(entries, meta)
+        check_memory(data_len, f"reading {path}")
+        crc = zlib.crc32(_entries_signature(entries))
+        tensors = {}
+        for name, e in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):  # file order
+            buf = np.empty(e["data_offsets"][1] - e["data_offsets"][0], np.uint8)
+            _read_into(f, buf, path, e["data_offsets"][0], data_len)
+            crc = zlib.crc32(buf, crc)
+            dtype = np_dtype(e["dtype"])
+            t = buf.view(dtype).reshape(e["shape"])
+            tensors[name] = t if dtype.isnative else t.astype(dtype.newbyteorder("="))
     if CHECKSUM_KEY in meta:
-        _verify_checksum(path, meta[CHECKSUM_KEY], entries, meta, buf)
-    tensors = {}
-    for name, e in entries.items():
-        dtype = DTYPE_CODES[e["dtype"]]
-        begin = e["data_offsets"][0]
-        t = np.frombuffer(buf, dtype, math.prod(e["shape"]), begin).reshape(e["shape"])
-        if not t.flags.aligned or not dtype.isnative:  # foreign files need not align offsets
-            t = t.astype(dtype.newbyteorder("="))
-        tensors[name] = t
-    return tensors, meta
+        _verify_checksum(path, meta[CHECKSUM_KEY], crc)
+    return {name: tensors[name] for name in entries}, meta
+
+
+def np_dtype(code: str) -> np.dtype:
+    """The NumPy dtype of a safetensors code (little-endian)."""
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"F32": "<f4", "F16": "<f2"}[code])
 
 
 # -- internals -------------------------------------------------------------------------------
 
-def _open(path):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise WeightsError(f"weight file {path} does not exist") from None
-    except IsADirectoryError:
-        raise WeightsError(f"weight file {path} is a directory") from None
-    except OSError as e:
-        raise WeightsError(f"cannot read weight file {path}: {e.strerror or e}") from e
+def _read_into(f, buf: np.ndarray, path, begin: int, data_len: int) -> None:
+    view, got = memoryview(buf), 0
+    while got < len(buf):  # loop: one read() call may return less than asked (>2 GiB)
+        n = f.readinto(view[got:got + _READ_CHUNK])
+        if not n:
+            raise WeightsError(f"{path}: file is truncated (data ends at byte {begin + got} of {data_len})")
+        got += n
 
 
 def _header_bytes(meta: dict, entries: dict) -> bytes:
@@ -155,13 +158,10 @@ def _raw_bytes(t: np.ndarray) -> memoryview:
     return memoryview(t.reshape(-1).view(np.uint8))
 
 
-def _verify_checksum(path, value: str, entries: dict, meta: dict, buf: np.ndarray) -> None:
-    if META_CHECKSUM_KEY in meta and meta[META_CHECKSUM_KEY] != f"crc32:{zlib.crc32(_meta_signature(meta)):08x}":
-        raise WeightsError(f"{path}: checksum mismatch in the header metadata (its config): the file is corrupted")
+def _verify_checksum(path, value: str, crc: int) -> None:
     algo, _, digest = value.partition(":")
     if algo != "crc32" or len(digest) != 8:
         raise WeightsError(f"{path}: unknown checksum {value!r} in header metadata")
-    crc = zlib.crc32(memoryview(buf), zlib.crc32(_entries_signature(entries)))
     if f"{crc:08x}" != digest:
         raise WeightsError(f"{path}: checksum mismatch (stored {digest}, computed {crc:08x}): "
                            "the file is corrupted")
@@ -204,15 +204,15 @@ def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
         if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
             raise WeightsError(f"{path}: header entry {name!r} needs dtype, shape and data_offsets")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPE_CODES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
-                               f"(supported: {', '.join(DTYPE_CODES)})")
+                               f"(supported: {', '.join(DTYPE_SIZES)})")
         if not (isinstance(shape, list) and all(is_natural(s) for s in shape)):
             raise WeightsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_natural(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise WeightsError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-        nbytes = math.prod(shape) * DTYPE_CODES[dtype].itemsize
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != nbytes:
             raise WeightsError(f"{path}: tensor {name!r} data_offsets {offsets} span {offsets[1] - offsets[0]} "
                                f"bytes, but {dtype} {shape} needs {nbytes}")
