@@ -7,11 +7,14 @@
 
 One small interface, `Engine`, sits over the three backends (NumPy reference, torch/Triton,
 MLX/Metal): `prefill` (a prompt, in pieces of `PREFILL_STEP` tokens through the sequence path,
-so memory stays flat in the prompt length), `step` (one token) and `logits` (every position of
-one sequence in one pass: `compute_logits`, what `metastate logits` writes). States are opaque,
+so memory stays flat in the prompt length), `step` (one token), `forward` (the logits of every
+position of some tokens after a state: scoring, `metastate eval`) and `logits` (the same from
+the zero state: `compute_logits`, what `metastate logits` writes). States are opaque,
 backend-native and never modified in place, so a caller can keep any earlier one. Sampling,
-stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend;
-`batch_generate` decodes several prompts together (`step_batch` on stacked states). With
+stop strings, streaming UTF-8 and timing live here once, on NumPy logits, for every backend.
+One decode loop, `DecodeBatch`, steps any number of `GenerationSequence`s together
+(`step_batch` on stacked states): `stream_generate` runs it for one prompt, `batch_generate`
+for several, `metastate serve` with requests joining and leaving between steps. With
 backend or threads "auto", `load` takes the fastest here, measured once per machine and model
 shape (`choose_by_measurement`) and cached.
 The backends are imported only when one is loaded (`_LOADERS`): adding one is an Engine
@@ -40,7 +43,7 @@ import numpy as np
 from metastate_core import constants, reference
 from metastate_core.config import ModelConfig
 from metastate_core.constants import PREFILL_STEP, WEIGHT_DTYPES, check_kernels
-from metastate_core.errors import MetaStateError
+from metastate_core.errors import MetaStateError, install_hint
 from metastate_core.sampling import Sampler, SamplingParams
 from metastate_core.tokenizers import StreamDecoder, Tokenizer
 
@@ -142,9 +145,17 @@ class Engine:
         return self.State(**{k: self._cat([getattr(state, k)[:, i:i + 1] for i in index])
                              for k in state_shapes(self.cfg)})
 
+    def forward(self, ids: Sequence[int], state=None):
+        """ids [T >= 1] from `state` (None: the zero state), in one pass through the sequence
+        path -> (logits float32 [T, V] of every position, state after them). Row i predicts the
+        token after ids[i]; memory grows with T (`prefill` keeps only the last row)."""
+        logits, state = self._forward(self.check_ids(ids)[None], self.zero_state() if state is None else state,
+                                      every=True)
+        return logits[0], state
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] float32 at every position of ids [T], from the zero state, in one pass."""
-        return self._forward(self.check_ids(ids)[None], self.zero_state(), every=True)[0][0]
+        return self.forward(ids)[0]
 
     def check_ids(self, ids) -> np.ndarray:
         return check_tokens(ids, self.cfg.vocab_size)
@@ -322,7 +333,8 @@ def load(path=None, backend: str = "auto", *, kernels: str = "auto", dtype: str 
     backend: "auto", "numpy", "torch" or "mlx". "auto" is the fastest backend for this model
     on this machine, measured (`choose_by_measurement`) and cached; device or cuda_graphs imply
     torch. kernels: "auto" or the backend's own ("ops", "triton", "metal"). dtype: None keeps
-    the stored weights (numpy: float32 compute), or "float32" / "bfloat16" / "float16".
+    the stored weights (numpy: float32 compute), or "float32" / "bfloat16" / "float16". An
+    MLX-quantized model loads as stored on mlx, dequantized to float32 on numpy and torch.
     threads: CPU threads (torch's; numpy's BLAS's where threadpoolctl is installed; mlx has
     no such setting): "auto" (measured with the backend) or a number. tokenizer is None for a
     model without one. cuda_graphs: (torch on CUDA) replay each decoded token from a CUDA graph.
@@ -444,7 +456,7 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
     """
     kernels = args[1]
     backends = backends or [b for b in ("torch", "numpy", "mlx") if kernels in ("auto", *constants.KERNELS[b])
-                            and (b == "numpy" or importlib.util.find_spec(b))]
+                            and (b == "numpy" or installed(b))]
     if not backends:
         raise BackendError(f"no installed backend offers kernels {kernels!r}")
     counts = thread_options() if threads == "auto" else [threads]
@@ -482,7 +494,7 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
             best, winner = times[n], (engine, n)
         del engine, turn  # a loser's weights go now: two engines in memory at most
     if winner is None:
-        raise errors[0]
+        raise _none_can_read(cfg, backends, errors[0])
     engine, n = winner
     engine.set_threads(n)
     entries = {**dict(list(entries.items())[-63:]), key: {"backend": engine.backend, "threads": n, "seconds": seconds}}
@@ -496,13 +508,37 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
     return engine
 
 
+def installed(module: str) -> bool:
+    """Whether `module` (a backend's framework: torch, mlx) can be found, without importing it."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _none_can_read(cfg: ModelConfig, backends: list[str], error: MetaStateError) -> MetaStateError:
+    """The error when no backend tried could load the model: the first one's, and for an
+    MLX-quantized model (which the others read only dequantized, in float32: more memory) the
+    backend that reads it as stored, or what to install for it."""
+    from weights.quantized import quantization
+
+    try:
+        q = quantization(cfg)
+    except MetaStateError:  # a scheme no backend reads: the loaders' own message says why
+        return error
+    if q is None or "mlx" in backends:
+        return error
+    what = f"{q['bits']}-bit MLX-quantized model"
+    if not installed("mlx"):
+        return BackendUnavailable(f"{error}; the mlx backend reads this {what} as stored: {install_hint('mlx')}")
+    return BackendError(f"{error}; the mlx backend reads this {what} as stored: choose it with --backend mlx")
+
+
 def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
-    from weights import load_model
+    from weights.quantized import load_dequantized
 
     if dtype not in (None, "float32", "float64", "bfloat16"):
         raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float64, float32 or bfloat16)")
-    # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math)
-    cfg, tensors = load_model(path, dtype="bfloat16" if dtype == "bfloat16" else None)
+    # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math);
+    # an MLX-quantized model is dequantized to float32
+    cfg, tensors = load_dequantized(path, dtype="bfloat16" if dtype == "bfloat16" else None)
     return NumpyEngine(cfg, tensors, np.float64 if dtype == "float64" else np.float32)
 
 
@@ -512,7 +548,7 @@ def _load_torch(path, kernels, dtype, device, cuda_graphs=False):
 
         from backends.cuda import load_model
     except ImportError as e:
-        raise BackendUnavailable(f"the torch backend cannot be imported ({e}): pip install 'metastate[torch]'") from None
+        raise BackendUnavailable(f"the torch backend cannot be imported ({e}): {install_hint('torch')}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -533,7 +569,7 @@ def _load_mlx(path, kernels, dtype, device, cuda_graphs=False):
     try:
         from backends.mlx import load as mlx_load
     except ImportError as e:
-        raise BackendUnavailable(f"the mlx backend cannot be imported ({e}): pip install 'metastate[mlx]'") from None
+        raise BackendUnavailable(f"the mlx backend cannot be imported ({e}): {install_hint('mlx')}") from None
     model, _ = mlx_load(path, kernels=kernels, dtype=dtype)
     return MLXEngine(model)
 
@@ -564,8 +600,9 @@ def compute_logits(model_dir, tokens, backend: str = "numpy", kernels: str = "au
     """Logits float32 [T, V] of one sequence of token ids [T], in one pass from the zero state
     (`metastate logits`, the parity check between backends).
 
-    dtype None: numpy computes in float64 (the reference), torch and mlx in float32 (a quantized
-    MLX model as stored); "bfloat16" rounds the weights to bfloat16.
+    dtype None: numpy computes in float64 (the reference), torch and mlx in float32 (an
+    MLX-quantized model: mlx as stored, numpy and torch dequantized); "bfloat16" rounds the
+    weights to bfloat16.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -597,7 +634,7 @@ def model_fingerprint(path, cfg: ModelConfig) -> str:
     for f in files:
         try:
             checksum = read_header(f)[1].get("checksum")
-        except WeightsError:  # e.g. MLX-quantized weights (uint32), which only MLX reads
+        except WeightsError:  # e.g. MLX-quantized weights (uint32), which have no checksum
             checksum = None
         if not checksum:
             digest = hashlib.sha256()
@@ -682,17 +719,23 @@ def _prompt_ids(model: Engine, tokenizer: Tokenizer | None, prompt, state) -> np
     return model.check_ids(prompt)
 
 
-class _Sequence:
+class GenerationSequence:
     """One sequence after its prompt: sampling, stop ids and strings, streaming text, counters.
-    `sample` draws the next token (None: the sequence ends there), `advance` takes in the
-    model's output for it and returns the pieces to show."""
 
-    def __init__(self, model: Engine, tokenizer, ids, logits, state, sampler: Sampler, stop, stop_ids,
-                 max_tokens: int, prompt_s: float):
-        self.decoder = StreamDecoder(tokenizer, context=ids.tolist()) if tokenizer is not None else None
+    `sample` draws the next token from `logits` (None: the sequence ends there, `reason` says
+    why), `advance` takes in the model's output for it and returns its piece of text, `finish`
+    the last piece. `DecodeBatch` drives these; a caller that prefilled a prompt itself (the
+    server, from a cached state) builds one with the prompt's ids [T], the logits [V] and state
+    after them, its own `Sampler`, stop strings, stop ids, max_tokens and the prefill's seconds.
+    """
+
+    def __init__(self, model: Engine, tokenizer, ids, logits, state, sampler: Sampler, stop: Sequence[str] = (),
+                 stop_ids: Sequence[int] = (), max_tokens: int = 256, prompt_s: float = 0.0):
+        ids = [int(i) for i in ids]
+        self.decoder = StreamDecoder(tokenizer, context=ids) if tokenizer is not None else None
         self.matcher = _StopMatcher(stop)
         self.counts = np.zeros(model.cfg.vocab_size, np.int64)
-        self.sampler, self.stop_ids, self.max_tokens = sampler, stop_ids, max_tokens
+        self.sampler, self.stop_ids, self.max_tokens = sampler, set(stop_ids), max_tokens
         self.logits, self.state, self.ids, self.texts, self.reason = logits, state, [], [], None
         self.n_prompt, self.prompt_tps, self.t1 = len(ids), len(ids) / max(prompt_s, 1e-9), time.perf_counter()
 
@@ -707,19 +750,22 @@ class _Sequence:
         self.counts[token] += 1
         return token
 
-    def advance(self, token: int, logits, state) -> list[Response]:
+    def advance(self, token: int, logits, state) -> Response:
+        """The piece of text `token` adds; a stop string it completes ends the sequence ("stop")."""
         self.logits, self.state = logits, state
         self.ids.append(token)
         text, hit = self.matcher.push(self.decoder.push(token)) if self.decoder else ("", False)
         if hit:
             self.reason = "stop"
-            return [self.piece(text, token), self.piece("", None)]
-        return [self.piece(text, token)]
+        return self.piece(text, token)
 
     def finish(self) -> Response:
-        """The last piece of a sequence that ended at `sample` (length or end of text)."""
-        return self.piece(self.matcher.push(self.decoder.flush())[0] + self.matcher.flush() if self.decoder else "",
-                          None)
+        """The last piece, with `reason`: the text held back (none after a stop string, which
+        is not shown)."""
+        text = ""
+        if self.decoder and self.reason != "stop":
+            text = self.matcher.push(self.decoder.flush())[0] + self.matcher.flush()
+        return self.piece(text, None)
 
     def piece(self, text: str, token: int | None) -> Response:
         self.texts.append(text)
@@ -728,9 +774,87 @@ class _Sequence:
                         n / max(time.perf_counter() - self.t1, 1e-9), self.state, self.logits)
 
 
+@dataclass
+class Decoded:
+    """What one `DecodeBatch.step` did for one sequence: the token drawn (None: the sequence
+    ended before drawing one), the logits [V] it was drawn from, and its pieces of text."""
+
+    seq: GenerationSequence
+    token: int | None
+    logits: np.ndarray | None
+    pieces: list[Response]
+
+
+class DecodeBatch:
+    """The decode loop, one step at a time, for any number of sequences (`stream_generate`
+    runs one, `batch_generate` several, the server lets them join and leave between steps).
+
+    `add` prefilled sequences whenever; `step` samples every sequence and advances those that
+    drew a token with one `step_batch` call on their stacked state [L, B, ...]; `remove` takes
+    some out. A sequence that ends (length, end of text, stop string) leaves the batch at that
+    step with its own state in `seq.state`; the others go on unchanged. A piece carries its
+    sequence's state while the batch holds that sequence alone (the batched state is then its
+    own), None otherwise: splitting it out at every token would copy the batch each step.
+    """
+
+    def __init__(self, model: Engine):
+        self.model = model
+        self.seqs: list[GenerationSequence] = []
+        self.state = None  # the stacked state of self.seqs, in order
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, *seqs: GenerationSequence) -> None:
+        """Prefilled sequences join the batch (their states stacked after the others')."""
+        if not seqs:
+            return
+        states = ([] if self.state is None else [self.state]) + [s.state for s in seqs]
+        self.state = states[0] if len(states) == 1 else self.model.stack_states(states)
+        self.seqs += seqs
+
+    def remove(self, seqs: Sequence[GenerationSequence]) -> None:
+        """Take sequences out of the batch, each with its own state."""
+        leaving = {id(s) for s in seqs} & {id(s) for s in self.seqs} if seqs else None
+        if not leaving:
+            return
+        if len(self.seqs) == 1:  # its state is the batch's: nothing to split
+            self.seqs[0].state, self.seqs, self.state = self.state, [], None
+            return
+        keep = [j for j, s in enumerate(self.seqs) if id(s) not in leaving]
+        for j, s in enumerate(self.seqs):
+            if id(s) in leaving:
+                s.state = self.model.select_state(self.state, [j])
+        self.state = self.model.select_state(self.state, keep) if keep else None
+        self.seqs = [self.seqs[j] for j in keep]
+
+    def step(self) -> list[Decoded]:
+        """One token for every sequence: what each did, ended ones first."""
+        drawn, ended = [], []
+        for seq in self.seqs:
+            before = seq.logits
+            token = seq.sample()
+            if token is None:
+                ended.append(seq)
+            else:
+                drawn.append(Decoded(seq, token, before, []))
+        self.remove(ended)
+        out = [Decoded(seq, None, None, [seq.finish()]) for seq in ended]
+        if drawn:
+            logits, self.state = self.model.step_batch([d.token for d in drawn], self.state)
+            alone = self.state if len(drawn) == 1 else None
+            for j, d in enumerate(drawn):
+                d.pieces.append(d.seq.advance(d.token, logits[j], alone))
+            stopped = [d for d in drawn if d.seq.reason]  # a stop string: done now, not at the next step
+            self.remove([d.seq for d in stopped])
+            for d in stopped:
+                d.pieces.append(d.seq.finish())
+        return out + drawn
+
+
 def _sequences(model: Engine, tokenizer, prompts, states, max_tokens, sampler, sampling, stop, stop_ids,
-               prefill_step) -> list[_Sequence]:
-    """Check the request, then prefill each prompt from its state: one `_Sequence` each."""
+               prefill_step) -> list[GenerationSequence]:
+    """Check the request, then prefill each prompt from its state: one `GenerationSequence` each."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
         raise GenerationError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
     params = _sampler(sampler, sampling).params
@@ -748,8 +872,8 @@ def _sequences(model: Engine, tokenizer, prompts, states, max_tokens, sampler, s
         t0 = time.perf_counter()
         logits, state = model.prefill(ids, state, prefill_step)
         one = sampler if isinstance(sampler, Sampler) and len(prompts) == 1 else Sampler(params)
-        seqs.append(_Sequence(model, tokenizer, ids, logits, state, one, stop, stop_ids, max_tokens,
-                              time.perf_counter() - t0))
+        seqs.append(GenerationSequence(model, tokenizer, ids, logits, state, one, stop, stop_ids,
+                                       max_tokens, time.perf_counter() - t0))
     return seqs
 
 
@@ -766,13 +890,12 @@ def stream_generate(model: Engine, tokenizer: Tokenizer | None, prompt: str | Se
     to continue from (e.g. `Response.state` of an earlier call), None for a fresh start.
     Penalties count the generated tokens. The prompt is prefilled in pieces of prefill_step.
     """
-    seq, = _sequences(model, tokenizer, [prompt], [state], max_tokens, sampler, sampling, stop, stop_ids,
-                      prefill_step)
-    while (token := seq.sample()) is not None:
-        yield from seq.advance(token, *model.step(token, seq.state))
-        if seq.reason:  # a stop string
-            return
-    yield seq.finish()
+    batch = DecodeBatch(model)  # a batch of one: its state is the sequence's, carried by every piece
+    batch.add(*_sequences(model, tokenizer, [prompt], [state], max_tokens, sampler, sampling, stop, stop_ids,
+                          prefill_step))
+    while batch:
+        for d in batch.step():
+            yield from d.pieces
 
 
 @dataclass
@@ -795,10 +918,10 @@ def batch_generate(model: Engine, tokenizer: Tokenizer | None, prompts: Sequence
     the whole batch. Arguments as for `stream_generate`; states: one state (or None) per prompt.
 
     Each prompt is prefilled alone from its own state (no padding, so nothing crosses between
-    sequences), then the states are stacked [L, B, ...]. A sequence that ends leaves the batch;
-    the others go on unchanged. Each sequence samples with its own `Sampler` of the same
-    parameters (a given seed restarts for each), so sequence i is what `stream_generate` gives
-    for prompt i alone, up to the rounding of batched arithmetic.
+    sequences), then the states are stacked [L, B, ...] in a `DecodeBatch`. A sequence that
+    ends leaves the batch; the others go on unchanged. Each sequence samples with its own
+    `Sampler` of the same parameters (a given seed restarts for each), so sequence i is what
+    `stream_generate` gives for prompt i alone, up to the rounding of batched arithmetic.
     """
     if isinstance(prompts, str):
         raise GenerationError("batch_generate takes a list of prompts (stream_generate takes one)")
@@ -806,23 +929,10 @@ def batch_generate(model: Engine, tokenizer: Tokenizer | None, prompts: Sequence
     if len(states) != len(prompts):
         raise GenerationError(f"{len(prompts)} prompts and {len(states)} states: give one state per prompt")
     seqs = _sequences(model, tokenizer, prompts, states, max_tokens, sampler, sampling, stop, stop_ids, prefill_step)
-    active = list(range(len(seqs)))
-    state = model.stack_states([s.state for s in seqs]) if seqs else None
-    while active:
-        tokens = [None if seqs[i].reason else seqs[i].sample() for i in active]
-        if None in tokens:  # the sequences that ended leave the batch, with their own state
-            for j in (j for j, t in enumerate(tokens) if t is None):
-                seqs[active[j]].state = model.select_state(state, [j])
-                if seqs[active[j]].reason != "stop":
-                    seqs[active[j]].finish()
-            keep = [j for j, t in enumerate(tokens) if t is not None]
-            active, tokens = [active[j] for j in keep], [tokens[j] for j in keep]
-            if not active:
-                break
-            state = model.select_state(state, keep)
-        logits, state = model.step_batch(tokens, state)
-        for j, i in enumerate(active):
-            seqs[i].advance(tokens[j], logits[j], None)
+    batch = DecodeBatch(model)
+    batch.add(*seqs)
+    while batch:
+        batch.step()
     return [Completion("".join(s.texts), s.ids, s.reason, s.state, s.logits) for s in seqs]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from metastate_core.constants import WEIGHT_DTYPES
-from metastate_core.errors import MetaStateError
+from metastate_core.errors import ExtraUnavailable, MetaStateError, install_hint
 
 from .api import KERNELS, default_model_path
 from .chat import backend_args
@@ -127,7 +127,7 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
 
         from backends.cuda import load_model
     except ImportError as e:
-        raise BenchError(f"training benchmarks need the torch backend ({e}): pip install 'metastate[torch]'") from None
+        raise ExtraUnavailable(f"training benchmarks need the torch backend ({e}): {install_hint('torch')}") from None
     if threads != "auto":
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,5 @@
-"""The `metastate` command: init, inspect, logits, convert, grow, generate, chat, train, bench.
+"""The `metastate` command: init, inspect, logits, convert, grow, generate, chat, train, bench,
+serve, eval, lm-eval.
 
 Every failure a user can cause ends as one line `error: <message>` on stderr and a non-zero
 exit code (2 when the command line does not parse and when a backend's extra is not installed,
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +22,10 @@ import numpy as np
 from metastate import __version__
 from metastate.api import BACKENDS, DTYPES, KERNELS, BackendUnavailable, compute_logits
 from metastate_core.constants import WEIGHT_DTYPES
-from metastate_core.errors import MetaStateError
+from metastate_core.errors import ExtraUnavailable, MetaStateError, install_hint, require_extra
 
 PTH_SUFFIXES = (".pth", ".pt")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # e.g. fla-hub/rwkv7-0.1B-world
 
 
 class CLIError(MetaStateError):
@@ -123,9 +126,10 @@ def _param_group(name: str) -> str:
 
 def model_summary(path: Path) -> dict:
     """Everything `inspect` shows, JSON-serialisable."""
-    from weights import load_model
+    from weights.quantized import load_dequantized, quantization_summary
 
-    cfg, tensors = load_model(path)
+    cfg, tensors = load_dequantized(path)  # an MLX-quantized model: its matrices in float32
+    quantized = quantization_summary(path)  # None for an ordinary model (file headers only)
     groups: dict[str, int] = {}
     dtypes: dict[str, int] = {}
     for name, t in tensors.items():
@@ -135,7 +139,7 @@ def model_summary(path: Path) -> dict:
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
     per_layer = cfg.state_bytes_per_layer(batch=1)
     values = [tensors[f"blocks.{i}.meta.param_values"].nbytes for i in range(cfg.n_layer)]
-    return {
+    info = {
         "path": str(path),
         "config": cfg.to_dict(),
         "n_head": cfg.n_head,
@@ -150,9 +154,15 @@ def model_summary(path: Path) -> dict:
         "growth": cfg.growth,
         "tokenizer": cfg.tokenizer,
     }
+    if quantized:  # what is on disk: packed matrices, and the value tables' packed bytes
+        info["dtypes"], info["param_tokens"]["value_bytes"] = quantized["dtypes"], quantized["value_bytes"]
+        info["quantization"] = quantized
+    return info
 
 
 def cmd_inspect(args) -> int:
+    from weights.quantized import quantization_lines
+
     info = model_summary(Path(args.model))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -174,6 +184,8 @@ def cmd_inspect(args) -> int:
     print(f"state      {s['per_layer']:,} bytes per layer ({s['floats_per_layer']:,} float32), "
           f"{s['total']:,} in total ({_human(s['total'], 'B')}), batch 1")
     print("dtypes     " + ", ".join(f"{k} ({v} tensors)" for k, v in info["dtypes"].items()))
+    for line in quantization_lines(info.get("quantization")):
+        print(line)
     tok = info["tokenizer"]
     print(f"tokenizer  {json.dumps(tok) if tok else 'none (token ids only)'}")
     print(f"growth     {'none' if not info['growth'] else ''}")
@@ -216,11 +228,17 @@ def cmd_logits(args) -> int:
 def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
     """(cfg, tensors, tokenizer files to copy {name: bytes}) of a .pth or a model directory,
     tensors in `dtype` (None: as stored)."""
-    from weights import convert_dtype, import_official_pth, load_model
+    from weights import convert_dtype, import_hf, import_official_pth, is_hf_dir
+    from weights.quantized import load_dequantized
 
     extra: dict[str, bytes] = {}
     if src.is_dir() or src.suffix == ".safetensors":  # a model directory or one self-describing file
-        cfg, tensors = load_model(src, dtype=dtype)
+        if is_hf_dir(src):  # Hugging Face / fla RWKV-7 (safetensors only)
+            cfg, tensors = import_hf(src)
+            if dtype is not None:
+                tensors = convert_dtype(tensors, dtype)
+        else:
+            cfg, tensors = load_dequantized(src, dtype=dtype)  # an MLX-quantized model: dequantized
         tok = cfg.tokenizer
         if tokenizer_file is None and tok and tok.get("file"):
             root = src if src.is_dir() else src.parent
@@ -234,12 +252,18 @@ def _load_source(src: Path, tokenizer_file: str | None, dtype: str | None):
                       "tokenizer (give --tokenizer FILE to add one)", file=sys.stderr)
                 cfg = cfg.replace(tokenizer=None)
     elif src.suffix in PTH_SUFFIXES:
+        if src.exists():
+            require_extra("torch", "torch", "reading an official .pth checkpoint")
         cfg, tensors = import_official_pth(src)
         if dtype is not None:
             tensors = convert_dtype(tensors, dtype)
         beside = src.parent / "rwkv_vocab_v20230424.txt"
         if tokenizer_file is None and beside.is_file():
             tokenizer_file = str(beside)
+    elif not src.exists() and HUB_ID.fullmatch(str(src)):
+        raise CLIError(f"{src} is not a local path, and metastate never downloads: fetch it first with "
+                       f"`hf download {src} --local-dir DIR` (`huggingface-cli download` with an older "
+                       "huggingface_hub), then run `metastate convert DIR --out DST`")
     elif not src.exists():
         raise FileNotFoundError(2, "No such file or directory", str(src))
     else:
@@ -271,45 +295,77 @@ def _tokenizer_bytes(spec: dict, file: Path, vocab_size: int, inside: Path | Non
 
 
 def cmd_convert(args) -> int:
-    from weights import export_official_pth, official_runtime_caveats, save_model
+    from weights import export_hf, export_official_pth, hf_caveats, is_hf_dir, official_runtime_caveats, save_model
 
     src = Path(args.src)
-    out = Path(args.to_pth or args.out)
-    to_pth = args.to_pth is not None or out.suffix in PTH_SUFFIXES
+    out = Path(args.to_pth or args.to_hf or args.out)
+    to_pth = args.to_pth is not None or (args.to_hf is None and out.suffix in PTH_SUFFIXES)
+    to_hf = args.to_hf is not None
     if out.resolve() == src.resolve():
         raise CLIError("--out must differ from the source")
     _check_out(out, args.force)
     if args.quantize:
         return _convert_quantized(src, out, args)
+    notes = []
     with _progress("convert", 2) as bar:
         cfg, tensors, extra = _load_source(src, args.tokenizer, args.dtype)
         bar.update()
         if to_pth:
+            _require_torch_for_pth(cfg, tensors)
             export_official_pth(cfg, tensors, out)
+        elif to_hf:
+            extra, notes = _hf_tokenizer_files(cfg, extra)
+            export_hf(cfg, tensors, out, extra)
         else:
             save_model(out, cfg, tensors, extra_files=extra or None)
         bar.update()
-    kind = "official .pth" if to_pth else "model directory"
+    kind = "official .pth" if to_pth else "Hugging Face / fla directory" if to_hf else "model directory"
     what = f"{kind}, {_disk_dtype(tensors) or 'mixed dtypes'}"
     print(f"converted {src} -> {out} [{what}]")
     if to_pth and cfg.tokenizer:
         print("note: the .pth format holds no tokenizer; keep the vocab file beside it")
     if to_pth or src.suffix in PTH_SUFFIXES:
-        for caveat in official_runtime_caveats(cfg):
-            print(f"note: {caveat}")
+        notes += official_runtime_caveats(cfg)
+    if to_hf or is_hf_dir(src):
+        notes += hf_caveats(cfg)
+    for note in notes:
+        print(f"note: {note}")
     return 0
+
+
+def _require_torch_for_pth(cfg, tensors) -> None:
+    """torch, which writes .pth files; without it, the format's own refusals (SSE, product keys)
+    still come first: installing torch would not help those models."""
+    try:
+        require_extra("torch", "torch", "writing an official .pth checkpoint")
+    except ExtraUnavailable:
+        from weights.official import to_official
+
+        to_official(cfg, tensors)
+        raise
+
+
+def _hf_tokenizer_files(cfg, extra: dict[str, bytes]) -> tuple[dict[str, bytes], list[str]]:
+    """The tokenizer files of a Hugging Face export (those AutoTokenizer reads), and notes."""
+    from weights.hf import tokenizer_files
+
+    tok = cfg.tokenizer
+    if not tok or tok.get("file") not in extra:
+        return {}, ["the model has no tokenizer: mlx_lm.load and AutoTokenizer need one (give --tokenizer FILE)"]
+    return tokenizer_files(tok, extra[tok["file"]])
 
 
 def _convert_quantized(src: Path, out: Path, args) -> int:
     """MLX quantization (mx.quantize of the large matrices), recorded in config.json as mlx-lm does."""
-    if out.suffix in PTH_SUFFIXES or args.to_pth or args.tokenizer:
-        raise CLIError("--quantize writes an MLX model directory: use it with --out DIR, without --to-pth/--tokenizer")
+    if out.suffix in PTH_SUFFIXES or args.to_pth or args.to_hf or args.tokenizer:
+        raise CLIError("--quantize writes an MLX model directory: use it with --out DIR, without "
+                       "--to-pth/--to-hf/--tokenizer")
     if not src.is_dir():
         raise CLIError("--quantize needs a model directory as the source (convert a .pth first)")
     try:
         from backends.mlx import convert as mlx_convert
     except ImportError as e:
-        raise BackendUnavailable(f"--quantize needs the mlx backend ({e}): pip install 'metastate[mlx]'") from None
+        raise BackendUnavailable(f"--quantize needs the mlx backend ({e}): {install_hint('mlx')}") from None
     mlx_convert(src, out, bits=args.quantize, group_size=args.group_size, dtype=args.dtype)
     print(f"converted {src} -> {out} [MLX, {args.quantize}-bit, group size {args.group_size}]")
     return 0
@@ -431,10 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy file (float32 [T, V])")
     p.set_defaults(func=cmd_logits)
 
-    p = sub.add_parser("convert", help="import an official .pth, re-save a model, or export to .pth")
-    p.add_argument("src", help="official RWKV-7 .pth checkpoint, model directory or .safetensors file")
+    p = sub.add_parser("convert", help="import an official .pth or a Hugging Face / fla directory, re-save a "
+                       "model, or export to .pth or Hugging Face")
+    p.add_argument("src", help="official RWKV-7 .pth checkpoint, Hugging Face / fla RWKV-7 directory, model "
+                   "directory or .safetensors file")
     p.add_argument("--out", help="model directory, or a .pth file to export to")
     p.add_argument("--to-pth", metavar="OUT.pth", help="export to the official .pth format")
+    p.add_argument("--to-hf", metavar="OUT", help="export to a Hugging Face / fla directory (RWKV7ForCausalLM; "
+                   "mlx_lm.load reads it too)")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="dtype on disk (default: keep)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="tokenizer to bundle: RWKV World vocab .txt or sentencepiece .model")
@@ -466,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     from metastate.bench import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)
+    from metastate.serve import add_parsers as add_serve_parsers  # serve (starlette loads only when it runs)
+
+    add_serve_parsers(sub)
+    from metastate.evaluate import add_parsers as add_eval_parsers  # eval, lm-eval
+
+    add_eval_parsers(sub)
     return parser
 
 
@@ -484,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors: already printed
         return e.code if isinstance(e.code, int) else 0
-    if args.command == "convert" and (args.out is None) == (args.to_pth is None):
-        print("error: convert needs exactly one of --out and --to-pth", file=sys.stderr)
+    if args.command == "convert" and [args.out, args.to_pth, args.to_hf].count(None) != 2:
+        print("error: convert needs exactly one of --out, --to-pth and --to-hf", file=sys.stderr)
         return 2
     try:
         return args.func(args)

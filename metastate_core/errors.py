@@ -17,10 +17,18 @@ class ExtraUnavailable(MetaStateError, ImportError):
     exit_code = 2  # the CLI's status for every missing extra
 
 
-def require_extra(module: str, extra: str) -> None:
-    """Import `module`, or raise ExtraUnavailable naming `pip install 'metastate[extra]'`."""
+def install_hint(extra: str) -> str:
+    """The command that installs a pip extra. No package of this name is published: it is run
+    in a clone of this repository."""
+    return f"pip install -e '.[{extra}]'"
+
+
+def require_extra(module: str, extra: str, what: str | None = None) -> None:
+    """Import `module`, or raise ExtraUnavailable naming `pip install -e '.[extra]'`.
+
+    what: what needs it, for the message (default: "the EXTRA backend")."""
     try:
         importlib.import_module(module)
     except ImportError as e:
-        raise ExtraUnavailable(f"the {extra} backend needs {module.split('.')[0]}: "
-                               f"pip install 'metastate[{extra}]'") from e
+        raise ExtraUnavailable(f"{what or f'the {extra} backend'} needs {module.split('.')[0]}: "
+                               f"{install_hint(extra)}") from e

@@ -1,15 +1,19 @@
-"""Batched generation (`metastate.api.batch_generate`): several prompts, each with its own
-state, decoded together, must give what each prompt gives alone (`stream_generate`): the same
-tokens (greedy, and sampled with a seed), text, finish reason and final state, on every
-backend; a sequence that ends leaves the batch without changing the others.
+"""Batched generation (`metastate.api.batch_generate`, and `DecodeBatch`, the one decode loop
+under it, `stream_generate` and `metastate serve`): several prompts, each with its own state,
+decoded together, must give what each prompt gives alone (`stream_generate`): the same tokens
+(greedy, and sampled with a seed), text, finish reason and final state, on every backend; a
+sequence that ends leaves the batch without changing the others, and one may join a running
+batch.
 """
 
 import numpy as np
 import pytest
 from test_generate import make_model
 
-from metastate.api import GenerationError, batch_generate, load, stream_generate
+from metastate.api import (DecodeBatch, GenerationError, GenerationSequence, batch_generate, generate, load,
+                           stream_generate)
 from metastate_core.reference import rel_rms
+from metastate_core.sampling import Sampler, SamplingParams
 
 PROMPTS = [[5, 17, 42, 3, 99, 64, 8], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [99, 98]]
 
@@ -105,3 +109,56 @@ def test_batch_errors(model):
         batch_generate(engine, tok, [[1]], -1)
     with pytest.raises(GenerationError, match="list of prompts"):
         batch_generate(engine, tok, "the king", 3)
+
+
+def test_decode_batch_joins_and_leaves_like_one_by_one(model):
+    """Sequences join a running batch at different steps (as requests do in `metastate serve`)
+    and leave it when done; each gives what it gives alone."""
+    path, _, _ = model
+    engine, tok = load(path, "numpy")
+    prompts = ["the king", "my lord is good and", "what"]
+    lengths = [6, 9, 4]
+    batch = DecodeBatch(engine)
+    seqs, texts = [], {}
+
+    def join(i):
+        ids = tok.encode(prompts[i])
+        logits, state = engine.prefill(ids)
+        seq = GenerationSequence(engine, tok, ids, logits, state, Sampler(SamplingParams(temperature=0.0)), (),
+                                 {tok.eos_id}, lengths[i], 0.0)
+        seqs.append(seq)
+        batch.add(seq)
+
+    join(0)
+    for step in range(20):
+        if step == 2:
+            join(1)  # joins a running batch
+        if step == 3:
+            join(2)
+        for d in batch.step():
+            texts[id(d.seq)] = texts.get(id(d.seq), "") + "".join(p.text for p in d.pieces)
+        if not len(batch) and step > 3:
+            break
+    assert [texts[id(s)] for s in seqs] == [generate(engine, tok, p, n, temperature=0.0)
+                                            for p, n in zip(prompts, lengths)]
+    assert all(s.reason == "length" and s.state is not None for s in seqs)
+
+
+def test_decode_batch_remove_gives_each_its_own_state(model):
+    path, _, _ = model
+    engine, _ = load(path, "numpy")
+    greedy = Sampler(SamplingParams(temperature=0.0))
+    seqs = []
+    for prompt in PROMPTS[:3]:
+        logits, state = engine.prefill(prompt)
+        seqs.append(GenerationSequence(engine, None, prompt, logits, state, greedy, max_tokens=5))
+    batch = DecodeBatch(engine)
+    batch.add(*seqs)
+    batch.step()
+    batch.remove([seqs[1]])
+    assert batch.seqs == [seqs[0], seqs[2]]
+    _, expected = engine.prefill(PROMPTS[1] + seqs[1].ids)
+    for name, a in engine.state_to_arrays(expected).items():
+        assert rel_rms(engine.state_to_arrays(seqs[1].state)[name], a) <= 1e-5, name
+    batch.remove([seqs[1]])  # no longer in the batch: nothing happens
+    assert len(batch) == 2

@@ -95,6 +95,25 @@ def test_prefill_in_pieces_equals_one_pass(model):
                                    rtol=0, atol=1e-4 * np.abs(ref_state.wkv).max())
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
+def test_forward_from_a_state_gives_every_position(model, backend):
+    """Engine.forward: the logits of every position of some tokens read after a state, and the
+    state after them, as if the whole text were read from the start."""
+    if backend != "numpy":
+        pytest.importorskip(backend)
+    path, cfg, tensors = model
+    engine, _ = load(path, backend)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 30)
+    ref_logits, ref_state = forward(tensors, cfg, ids[None], dtype=np.float64)
+    logits, state = engine.forward(ids[12:], engine.prefill(ids[:12])[1])
+    assert logits.shape == (18, cfg.vocab_size) and logits.dtype == np.float32
+    scale = np.abs(ref_logits).max()
+    np.testing.assert_allclose(logits, ref_logits[0, 12:], rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(engine.state_to_arrays(state)["wkv"], ref_state.wkv[:, 0],
+                               rtol=0, atol=1e-4 * np.abs(ref_state.wkv).max())
+    np.testing.assert_allclose(engine.forward(ids)[0], ref_logits[0], rtol=0, atol=1e-4 * scale)  # zero state
+
+
 def test_state_continues_a_generation(model):
     """Generating in two calls (the second from the first's final state) equals one call."""
     path, _, _ = model
@@ -192,6 +211,13 @@ def test_stop_string_is_held_back_and_excluded():
     assert texts[:5] == ["a", "b", "", "\nc", "d"]
     # the state has read every generated token, the stop string's included
     assert out[-1].state == 1 + len("ab\ncd\n\n")
+
+
+def test_every_piece_carries_the_state_after_it():
+    """chat keeps the state of the last piece it saw (an interrupted answer goes on from it)."""
+    out = pieces("abcd", max_tokens=3)
+    assert [r.state for r in out] == [2, 3, 4, 4]  # the prompt "P", then one token each
+    assert [r.generation_tokens for r in out] == [1, 2, 3, 3]
 
 
 def test_a_bare_stop_string_is_one_stop_string():
@@ -333,3 +359,22 @@ def test_cli_generate_invalid_utf8_on_stdin(model):
     proc = subprocess.run(CLI + ["generate", "--model", str(path), "--prompt", "-", "--backend", "numpy",
                                  "--max-tokens", "3"], input="the king".encode(), capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_other_modules_use_only_the_public_api():
+    """One implementation of each idea, reached through public names: no module of metastate/
+    imports a private name of metastate.api or calls an Engine's private methods."""
+    import ast
+    from pathlib import Path
+
+    root = Path(api.__file__).parent
+    private = {"_forward", "_tensor", "_array", "_cat", "_set_threads"}
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "api.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "api":
+                bad = [a.name for a in node.names if a.name.startswith("_")]
+                assert not bad, f"{path.relative_to(root.parent)} imports {bad} from metastate.api"
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                assert False, f"{path.relative_to(root.parent)}:{node.lineno} uses Engine.{node.attr}"

@@ -224,3 +224,47 @@ def test_threads_flag(capsys):
 def test_no_backend_offers_the_kernels():
     with pytest.raises(api.BackendError, match="no installed backend offers kernels 'bogus'"):
         choose_by_measurement(CFG, ("model-dir", "bogus", None, None, False))
+
+
+QUANTIZED = CFG.replace(extra={"quantization": {"group_size": 64, "bits": 4}})
+
+
+def test_a_quantized_model_that_no_installed_backend_reads_names_the_mlx_extra(fake, monkeypatch):
+    """numpy and torch read an MLX-quantized model dequantized to float32; where neither can
+    (here: not enough memory for float32) and mlx is not installed, one line says what reads it
+    as stored (exit 2, as every missing extra); with mlx installed but left out, which backend."""
+    from metastate.api import BackendError
+    from weights import WeightsError
+
+    costs, loaded, clock, cache = fake
+    costs.update(torch=WeightsError("dequantizing m to float32 needs about 9.0 GiB of memory"),
+                 numpy=WeightsError("dequantizing m to float32 needs about 9.0 GiB of memory"))
+    monkeypatch.setattr(api, "installed", lambda module: module != "mlx")
+    with pytest.raises(BackendUnavailable) as e:
+        choose(clock, QUANTIZED, backends=["torch", "numpy"])
+    assert str(e.value) == ("dequantizing m to float32 needs about 9.0 GiB of memory; the mlx backend reads this 4-bit "
+                            "MLX-quantized model as stored: pip install -e '.[mlx]'")
+    assert e.value.exit_code == 2
+    monkeypatch.setattr(api, "installed", lambda module: True)
+    with pytest.raises(BackendError, match="reads this 4-bit MLX-quantized model as stored: choose it with --backend"):
+        choose(clock, QUANTIZED, backends=["torch", "numpy"])
+    # mlx among the candidates: it is chosen when it alone loads
+    costs.update(mlx=0.05)
+    assert choose(clock, QUANTIZED).backend == "mlx"
+    # an ordinary model, or a scheme that no backend reads: the loaders' own error, unchanged
+    for cfg in (CFG, CFG.replace(extra={"quantization": {"group_size": 64, "bits": 3}})):
+        with pytest.raises(WeightsError) as e:
+            choose(clock, cfg, backends=["torch", "numpy"])
+        assert "mlx" not in str(e.value)
+
+
+def test_auto_loads_every_installed_backend_for_a_quantized_model(fake):
+    """The quantized case measures every backend as for any model (numpy and torch no longer
+    refuse it): the fastest wins, and the cache keeps it apart from the float model's choice."""
+    costs, loaded, clock, cache = fake
+    costs.update(torch={1: 0.010, 2: 0.020}, numpy={1: 0.008, 2: 0.009}, mlx=0.004)
+    assert choose(clock, QUANTIZED).backend == "mlx"
+    assert [e.backend for e in loaded] == ["torch", "numpy", "mlx"]
+    costs.update(mlx=0.05)
+    assert choose(clock).backend == "numpy"  # the float model of the same shape: another entry
+    assert len(json.loads(cache.read_text())) == 2

@@ -420,7 +420,7 @@ def test_import_without_torch_names_the_extra():
             "from metastate_core.errors import MetaStateError\n"
             "try:\n    import backends.cuda\nexcept MetaStateError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "pip install 'metastate[torch]'" in out.stdout, out.stderr
+    assert "pip install -e '.[torch]'" in out.stdout, out.stderr
 
 
 def test_ops_path_runs_without_triton():

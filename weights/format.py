@@ -142,11 +142,16 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     file = path / CONFIG_FILE
     if not os.path.lexists(file):
         raise WeightsError(f"{path} is not a model directory: it has no {CONFIG_FILE}")
-    return _parse_config(read_text(file, "model config"), str(file))
+    data = parse_json(read_text(file, "model config"), str(file))
+    if isinstance(data, dict) and "model_type" in data and "format" not in data:
+        raise WeightsError(f"{path} is a Hugging Face model directory (model_type {data['model_type']!r}), not a "
+                           f"metastate one: import it with `metastate convert {path} --out DIR`")
+    return _parse_config(data, str(file))
 
 
-def _parse_config(text: str, where: str) -> ModelConfig:
-    data = parse_json(text, where)
+def _parse_config(data, where: str) -> ModelConfig:
+    if isinstance(data, (str, bytes)):
+        data = parse_json(data, where)
     try:
         return ModelConfig.from_dict(data)
     except MetaStateError as e:  # ConfigError
@@ -169,8 +174,8 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None,
     quantized = cfg.extra.get("quantization")
     if quantized:
         bits = quantized.get("bits", "?") if isinstance(quantized, dict) else "?"
-        raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: only the mlx backend reads them "
-                           "(metastate chat, generate or logits with --backend mlx)")
+        raise WeightsError(f"{path} holds {bits}-bit MLX-quantized weights: weights.quantized.load_dequantized "
+                           f"reads them, or write a float copy with `metastate convert {path} --out DIR --dtype float32`")
     if path.is_file():
         if validate:
             _check_sizes(cfg, [path], f"the header config of {path}")
@@ -353,6 +358,12 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
     except ValueError as e:
         raise WeightsError(f"cannot save a config holding NaN or infinity: {e}") from None
 
+    write_directory(path, lambda tmp: _write_model(tmp, cfg, tensors, target, max_shard_bytes, extra))
+
+
+def write_directory(path: str | os.PathLike, fill) -> None:
+    """Build a model folder with fill(tmp) beside `path`, then swap it in whole (section 4.6):
+    an interruption leaves the old folder or the new one. Refuses what check_destination does."""
     path = Path(os.path.realpath(path))
     check_destination(path)
     try:
@@ -363,7 +374,7 @@ def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.
     except OSError as e:
         raise WeightsError(f"cannot save model to {path}: {e}") from e
     try:
-        _write_model(tmp, cfg, tensors, target, max_shard_bytes, extra)
+        fill(tmp)
         _fsync_dir(tmp)
         _move_into_place(tmp, path)
     except BaseException as e:
@@ -389,12 +400,14 @@ def _is_model_dir(path: Path) -> bool:
     """What save_model may replace as a whole: a directory whose config.json says "format":
     "metastate" (every one this library writes does). Loading also takes a hand-written config
     without it, but replacing a directory on that guess could destroy another project's model
-    (a Hugging Face config.json also has a vocab_size)."""
+    (a Hugging Face config.json also has a vocab_size). A Hugging Face directory this library
+    exported (`metastate convert --to-hf`) names its source config under "metastate_config"."""
     try:
         data = parse_json(read_text(path / CONFIG_FILE), CONFIG_FILE)
     except WeightsError:
         return False
-    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
+    return isinstance(data, dict) and (data.get("format") == FORMAT_NAME or
+                                       isinstance(data.get("metastate_config"), dict))
 
 
 def _write_model(tmp: Path, cfg, tensors, target, max_shard_bytes, extra) -> None:

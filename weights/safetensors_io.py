@@ -34,8 +34,11 @@ from .files import WeightsError, check_memory, open_regular
 
 # safetensors dtype code <-> NumPy dtype name (stored little-endian); ml_dtypes is imported
 # only where a bfloat16 tensor is met (it costs most of a second)
-DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2}
+DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
 CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# What a reader accepts unless told otherwise: a model's tensors are floats. U32 (MLX's packed
+# quantized matrices) is read only where the caller asks for it (weights/quantized.py).
+FLOAT_CODES = tuple(CODES.values())
 CHECKSUM_KEY = "checksum"
 META_CHECKSUM_KEY = "checksum_meta"  # a key of its own: readers that predate it ignore it
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's limit
@@ -78,23 +81,27 @@ def write_file(path: str | os.PathLike, tensors: dict[str, np.ndarray],
     return len(head) + offset
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str]]:
-    """The validated tensor entries (file order) and `__metadata__` of a file, without its data."""
+def read_header(path: str | os.PathLike, dtypes: tuple[str, ...] = FLOAT_CODES
+                ) -> tuple[dict[str, dict], dict[str, str]]:
+    """The validated tensor entries (file order) and `__metadata__` of a file, without its data.
+    dtypes: the safetensors codes accepted (a tensor of another is refused)."""
     with open_regular(path, "weight file") as f:
-        entries, meta, _ = _read_header(f, os.fstat(f.fileno()).st_size, path)
+        entries, meta, _ = _read_header(f, os.fstat(f.fileno()).st_size, path, dtypes)
     return entries, meta
 
 
-def read_file(path: str | os.PathLike, check=None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_file(path: str | os.PathLike, check=None, dtypes: tuple[str, ...] = FLOAT_CODES
+              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor of a file (native byte order, in memory, no handle left open) and its metadata.
 
     check(entries, meta), if given, runs once the header is read and before any data is: it
     raises on names or shapes the caller does not expect, so that a forged header costs no
-    memory. Tensors are then read one at a time. Raises WeightsError on a truncated or
-    corrupted file, an unsupported dtype or a checksum mismatch.
+    memory. Tensors are then read one at a time. dtypes: the safetensors codes accepted
+    (floats; "U32" too for MLX-quantized weights). Raises WeightsError on a truncated or
+    corrupted file, a dtype outside `dtypes` or a checksum mismatch.
     """
     with open_regular(path, "weight file") as f:
-        entries, meta, data_len = _read_header(f, os.fstat(f.fileno()).st_size, path)
+        entries, meta, data_len = _read_header(f, os.fstat(f.fileno()).st_size, path, dtypes)
         if META_CHECKSUM_KEY in meta and meta[META_CHECKSUM_KEY] != f"crc32:{zlib.crc32(_meta_signature(meta)):08x}":
             raise WeightsError(f"{path}: checksum mismatch in the header metadata (its config): the file is corrupted")
         if check is not None:
@@ -120,7 +127,7 @@ def np_dtype(code: str) -> np.dtype:
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({"F32": "<f4", "F16": "<f2"}[code])
+    return np.dtype({"F32": "<f4", "F16": "<f2", "U32": "<u4"}[code])
 
 
 # -- internals -------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def _no_duplicates(pairs):
     return out
 
 
-def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
+def _read_header(f, size: int, path, dtypes: tuple[str, ...] = FLOAT_CODES) -> tuple[dict, dict, int]:
     """Parse and check the header: returns (entries in file order, metadata, data length)."""
     if size < 8:
         raise WeightsError(f"{path}: file is truncated ({size} bytes, shorter than the 8-byte header length)")
@@ -204,9 +211,9 @@ def _read_header(f, size: int, path) -> tuple[dict, dict, int]:
         if not (isinstance(e, dict) and {"dtype", "shape", "data_offsets"} <= e.keys()):
             raise WeightsError(f"{path}: header entry {name!r} needs dtype, shape and data_offsets")
         dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in dtypes or dtype not in DTYPE_SIZES:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} "
-                               f"(supported: {', '.join(DTYPE_SIZES)})")
+                               f"(supported: {', '.join(dtypes)})")
         if not (isinstance(shape, list) and all(is_natural(s) for s in shape)):
             raise WeightsError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_natural(o) for o in offsets)

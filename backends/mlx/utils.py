@@ -17,6 +17,7 @@ from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import ModelError
 from weights import atomic_write
 from weights.format import check_destination
+from weights.quantized import QUANT_BITS, QUANT_GROUP_SIZES, read_layout
 
 from .model import MetaLayer, Model
 
@@ -37,23 +38,17 @@ def quantize(model: Model, bits: int = 4, group_size: int = 64, *, _weights: dic
     """Quantize in place: receptance/key/value/output, param_keys/param_values, emb and head
     (mlx-lm quantizes embeddings and the head too). Vectors and LoRAs stay in full precision.
     A matrix whose input width is not a multiple of group_size is left unquantized."""
-    if bits not in (4, 8):
-        raise ModelError(f"quantization bits must be 4 or 8, got {bits!r}")
-    if group_size not in (32, 64, 128):
-        raise ModelError(f"quantization group_size must be 32, 64 or 128, got {group_size!r}")
+    if bits not in QUANT_BITS:
+        raise ModelError(f"quantization bits must be {' or '.join(map(str, QUANT_BITS))}, got {bits!r}")
+    if group_size not in QUANT_GROUP_SIZES:
+        raise ModelError(f"quantization group_size must be {', '.join(map(str, QUANT_GROUP_SIZES))}, "
+                         f"got {group_size!r}")
     if model.quantization is not None:
         raise ModelError(f"model is already quantized ({model.quantization})")
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=_quantizable(group_size, _weights))
     # a new config: the caller's ModelConfig may be shared with other models
     model.cfg = model.cfg.replace(extra={**model.cfg.extra, "quantization": {"group_size": group_size, "bits": bits}})
     return model
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [path / "model.safetensors"]
 
 
 def load(path, kernels: str = "auto", dtype: str | None = None, layout: str = "auto"):
@@ -77,13 +72,13 @@ def load(path, kernels: str = "auto", dtype: str | None = None, layout: str = "a
     else:
         if dtype is not None:
             raise ModelError("a quantized model loads as stored: leave dtype unset")
-        if not (isinstance(q, dict) and q.get("bits") in (4, 8) and isinstance(q.get("group_size"), int)):
-            raise ModelError(f"config.json 'quantization' must be {{'group_size': int, 'bits': 4 | 8}}, got {q!r}")
+        cfg, q, files = read_layout(path)  # names, shapes, packing and file structure, before any data
         tensors = {}
-        for f in _safetensors_files(path):
-            if not f.is_file():
-                raise ModelError(f"{path} has no weights file {f.name}")
+        for f in files:
             tensors.update(mx.load(str(f)))
+        bad = next((n for n, a in tensors.items() if a.dtype != mx.uint32 and not mx.isfinite(a).all().item()), None)
+        if bad is not None:  # as weights.load_model refuses them in a float model
+            raise ModelError(f"{path}: tensor {bad!r} has non-finite values (NaN or Inf)")
         model = Model(cfg.replace(extra={k: v for k, v in cfg.extra.items() if k != "quantization"}), kernels)
         quantize(model, q["bits"], q["group_size"], _weights=tensors)
         try:
