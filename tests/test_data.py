@@ -140,10 +140,12 @@ def test_a_failed_preparation_leaves_the_data_directory_as_it_was(tmp_path):
     prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, val_fraction=0.05)
     before = {f.name: f.read_bytes() for f in (tmp_path / "d").iterdir()}
     (tmp_path / "tiny.txt").write_text("the king")
+    (tmp_path / "t.model").write_text("the king")
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
     (tmp_path / "lone.jsonl").write_text('{"text": "a"}\n{"text": "half an emoji \\ud83d"}\n')
     for inputs, kw, match in (
-            (["t.txt"], {"tokenizer": tmp_path / "t.txt"}, "cannot load sentencepiece model"),  # not a tokenizer
+            (["t.txt"], {"tokenizer": tmp_path / "tiny.txt"}, "malformed vocabulary line .* read as an RWKV World"),
+            (["t.txt"], {"tokenizer": tmp_path / "t.model"}, "cannot load sentencepiece model"),  # not a tokenizer
             (["tiny.txt"], {"tokenizer": tmp_path / "d" / "tokenizer.model"}, "too few for a training split"),
             (["bad.jsonl"], {}, r"bad.jsonl:2: not UTF-8 text"),
             (["lone.jsonl"], {}, r"lone.jsonl:2: field 'text' is not valid Unicode \(lone surrogate U\+D83D at character 14\)")):
@@ -188,3 +190,92 @@ def test_prepare_data_runs_without_torch(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert read_meta(tmp_path / "d")["vocab_size"] == 300
+
+
+def _tree(d: Path) -> dict:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failure_mid_write_leaves_the_old_data_directory_byte_identical(tmp_path, monkeypatch, error):
+    """Issue 22 item 2: the new directory is built beside the old one and swapped in at the
+    end, so a full disk (or a kill: tests/fuzz/test_kill.py) while shards are written changes
+    nothing, and leaves nothing behind."""
+    import metastate.train.data as data
+
+    (tmp_path / "t.txt").write_text(_doc(random.Random(0), 30))
+    (tmp_path / "u.txt").write_text(_doc(random.Random(1), 30))
+    prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, shard_tokens=100)
+    before = _tree(tmp_path / "d")
+    real, calls = data._write_file, []
+
+    def failing(file, write):
+        calls.append(file.name)
+        if len(calls) == 3:  # the tokenizer and one shard are written: the third file fails
+            raise error
+        real(file, write)
+    monkeypatch.setattr(data, "_write_file", failing)
+    with pytest.raises(DataError if isinstance(error, OSError) else KeyboardInterrupt,
+                       match="No space left" if isinstance(error, OSError) else None):
+        prepare_data([tmp_path / "u.txt"], tmp_path / "d", tokenizer=tmp_path / "d" / "tokenizer.model",
+                     shard_tokens=100)
+    assert len(calls) == 3
+    assert _tree(tmp_path / "d") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt", "u.txt"]  # no temp folder left
+
+
+@pytest.mark.parametrize("exchange", [True, False])  # False: the two-rename swap of macOS and others
+def test_a_new_preparation_replaces_the_old_directory_whole(tmp_path, monkeypatch, exchange):
+    import weights.files
+
+    if not exchange:
+        monkeypatch.setattr(weights.files, "_exchange", lambda a, b: False)
+    (tmp_path / "t.txt").write_text(_doc(random.Random(0), 30))
+    prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320, shard_tokens=100)
+    assert len(list((tmp_path / "d").glob("train-*.bin"))) > 2
+    # what killed runs left: a temp folder (removed) and nothing else of ours
+    (tmp_path / ".d.tmp-0123abcd").mkdir()
+    (tmp_path / ".d.tmp-0123abcd" / "train-00000.bin").write_bytes(b"half")
+    meta = prepare_data([tmp_path / "t.txt"], tmp_path / "d", vocab_size=320)  # one shard a split now
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["meta.json", "tokenizer.model", "train-00000.bin",
+                                                                 "val-00000.bin"]
+    assert read_meta(tmp_path / "d") == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt"]
+
+
+def test_what_is_not_a_data_directory_is_never_replaced(tmp_path):
+    (tmp_path / "t.txt").write_text(_doc(random.Random(0), 30))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for out, match in ((tmp_path / "mine", "refusing to replace .*mine: it is a non-empty directory and not a "
+                                           "prepared data directory"),
+                       (tmp_path / "file", "it exists and is not a directory")):
+        with pytest.raises(DataError, match=match):
+            prepare_data([tmp_path / "t.txt"], out, vocab_size=320)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    (tmp_path / "empty").mkdir()  # an empty folder is filled
+    prepare_data([tmp_path / "t.txt"], tmp_path / "empty", vocab_size=320)
+    assert read_meta(tmp_path / "empty")["format"] == "metastate-tokens"
+
+
+@pytest.mark.parametrize("text, problem", [("[" * 5000 + "]" * 5000, "nested too deeply"),
+                                           ('{"format": NaN}', "not valid JSON")])
+def test_a_hostile_meta_json_is_one_clear_error(tmp_path, text, problem):
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(DataError, match=problem):
+        read_meta(tmp_path)
+
+
+def test_a_fifo_meta_json_is_refused_not_waited_on(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "meta.json")
+    with pytest.raises(DataError, match="is a FIFO, not a regular file"):
+        read_meta(tmp_path)
+
+
+def test_a_deeply_nested_jsonl_record_is_one_clear_error(tmp_path):
+    (tmp_path / "x.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="x.jsonl:1: not a JSON object"):
+        prepare_data([tmp_path / "x.jsonl"], tmp_path / "d")

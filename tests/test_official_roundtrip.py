@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from metastate_core.config import ModelConfig  # noqa: E402
 from metastate_core.params import param_shapes, random_params  # noqa: E402
+from metastate_core.errors import ExtraUnavailable  # noqa: E402
 from weights import (WeightsError, export_official_pth, import_official_pth, load_model,  # noqa: E402
                      save_model)
 
@@ -209,10 +210,10 @@ def test_import_never_unpickles_objects(tmp_path):
 
 def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(WeightsError, match=r"pip install 'metastate\[torch\]'"):
+    with pytest.raises(ExtraUnavailable, match=r"pip install -e '\.\[torch\]'"):
         import_official_pth(tmp_path / "a.pth")
     cfg = ModelConfig(vocab_size=12, d_model=32, n_layer=1, head_size=16)
-    with pytest.raises(WeightsError, match=r"pip install 'metastate\[torch\]'"):
+    with pytest.raises(ExtraUnavailable, match=r"pip install -e '\.\[torch\]'"):
         export_official_pth(cfg, random_params(cfg, 0, sse=False), tmp_path / "a.pth")
 
 

@@ -740,3 +740,20 @@ def test_stop_request_leaves_ignored_signals_ignored():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "nested too deeply"),
+    (b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000 + b"\n", "nested too deeply"),
+    (b"lr = 1e-3\n# caf\xe9\n", r"is not UTF-8 text \(byte 15\)")])
+def test_a_hostile_config_file_is_one_clear_error(tmp_path, content, message):
+    """Issue 22 item 6: deeply nested TOML (a RecursionError) and TOML that is not UTF-8."""
+    (tmp_path / "c.toml").write_bytes(content)
+    with pytest.raises(TrainError, match=message):
+        TrainConfig.from_toml(tmp_path / "c.toml")
+
+
+def test_a_config_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "c.toml")
+    with pytest.raises(TrainError, match="is a FIFO, not a regular file"):
+        TrainConfig.from_toml(tmp_path / "c.toml")

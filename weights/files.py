@@ -5,17 +5,22 @@
 - `check_memory`: a size checked against what this process may hold, before it is allocated;
 - temporary names beside a destination (`temp_path`), locked while their save runs, and
   `clean_leftovers`: what a killed save left in a folder is removed (an unlocked `.NAME.tmp-*`)
-  or put back (an old model moved aside to `.NAME.old-*` with nothing at NAME).
+  or put back (an old model moved aside to `.NAME.old-*` with nothing at NAME);
+- `move_into_place`: a folder built beside its destination swapped in whole (a model, a
+  prepared data directory), so an interruption leaves the old one or the new one, never half.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 from metastate_core.errors import MetaStateError
@@ -219,3 +224,60 @@ def clean_leftovers(path: Path) -> None:
             pass
         finally:
             os.close(fd)
+
+
+# -- swapping a finished folder into place ---------------------------------------------------
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename tmp to path; if path exists, swap atomically where the OS can, else via a sibling."""
+    if not path.exists():
+        os.rename(tmp, path)
+    elif _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old folder
+    else:
+        # Two renames: an interruption between them leaves the old folder at `old`, never half
+        # (and the next save puts it back); it is locked while aside, so no other save does.
+        old, held = temp_path(path, tmp.name[-_TOKEN:], "old"), lock(path)
+        try:
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # the old folder back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            release(held)
+    fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -12,14 +12,12 @@ built beside the target, fsynced, then renamed (or swapped) into place.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import math
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,8 @@ from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes, shape_mismatch
 
 from . import safetensors_io as st
-from .files import (WeightsError, clean_leftovers, fresh_temp, kind_of, lock, open_regular, parse_json, read_text,
-                    release, temp_path)
+from .files import (WeightsError, clean_leftovers, fresh_temp, fsync_dir, kind_of, move_into_place, open_regular,
+                    parse_json, read_text, release)
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -375,8 +373,8 @@ def write_directory(path: str | os.PathLike, fill) -> None:
         raise WeightsError(f"cannot save model to {path}: {e}") from e
     try:
         fill(tmp)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, path)
+        fsync_dir(tmp)
+        move_into_place(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the old model (if any) is untouched
         if isinstance(e, OSError):
@@ -485,58 +483,4 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         release(held)
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename tmp to path; if path exists, swap atomically where the OS can, else via a sibling."""
-    if not path.exists():
-        os.rename(tmp, path)
-    elif _exchange(tmp, path):
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old model
-    else:
-        # Two renames: an interruption between them leaves the old model at `old`, never half
-        # (and the next save puts it back); it is locked while aside, so no other save does.
-        old, held = temp_path(path, tmp.name[-8:], "old"), lock(path)
-        try:
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # the old model back where it was
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            release(held)
-    _fsync_dir(path.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28, musl
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # file system without exchange
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+    fsync_dir(path.parent)

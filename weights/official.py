@@ -19,6 +19,7 @@ import numpy as np
 
 from metastate_core.config import ModelConfig, official_lora_size, LORA_FACTORS
 from metastate_core.constants import LN_X_EPS
+from metastate_core.errors import require_extra
 from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes
 
@@ -35,10 +36,9 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError("official .pth checkpoints need PyTorch: pip install 'metastate[torch]'") from None
+    require_extra("torch", "torch", "an official .pth checkpoint")  # exit 2, naming the extra
+    import torch
+
     return torch
 
 

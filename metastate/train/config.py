@@ -12,6 +12,7 @@ from pathlib import Path
 from metastate_core.config import ConfigError, ModelConfig
 from metastate_core.errors import MetaStateError
 from weights import SUPPORTED_DTYPES
+from weights.files import WeightsError, check_depth, read_text
 
 PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
@@ -58,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # global gradient-norm bound; 0: no clipping
     max_bad_steps: int = 10             # stop after this many steps in a row with a non-finite loss or
                                         # gradient (each is skipped: no update)
+    allow_fresh_optimizer: bool = False  # resume a checkpoint whose optimizer.npz lacks moments (fresh ones)
     # evaluation, logging, checkpoints
     eval_interval: int = 100
     eval_sequences: int = 64            # held-out windows per evaluation (the first ones, in order)
@@ -81,7 +83,8 @@ class TrainConfig:
     # keys that may change between a checkpoint and its resume without changing the run
     RESUME_FREE = ("out", "resume", "init_from", "progress", "plot", "eval_interval", "log_interval",
                    "save_interval", "keep_last", "keep_best", "save_dtype", "device", "kernels",
-                   "micro_batch", "fsdp", "grad_checkpoint", "fused_elementwise", "max_bad_steps")
+                   "micro_batch", "fsdp", "grad_checkpoint", "fused_elementwise", "max_bad_steps",
+                   "allow_fresh_optimizer")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -90,12 +93,15 @@ class TrainConfig:
             import tomllib
         except ImportError:  # Python 3.10
             import tomli as tomllib
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TrainError(f"config file {path} does not exist") from None
+        try:  # a regular file of UTF-8 text (a FIFO would block), nested a few levels at most
+            data = tomllib.loads(read_text(path, "config file"))
+            check_depth(data, f"config file {path}")
+        except WeightsError as e:
+            raise TrainError(str(e)) from None
         except tomllib.TOMLDecodeError as e:
             raise TrainError(f"malformed config file {path}: {e}") from None
+        except RecursionError:
+            raise TrainError(f"malformed config file {path}: nested too deeply") from None
         flat = {}
         for key, value in data.items():
             flat.update(value if isinstance(value, dict) else {key: value})

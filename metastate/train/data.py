@@ -3,10 +3,16 @@
 A prepared data directory:
 
     DIR/meta.json             {"format": "metastate-tokens", "dtype": "uint16" | "uint32", "vocab_size",
-                               "eos_id", "splits": {"train": [{"file", "tokens"}, ...], "val": [...]}, ...}
-    DIR/tokenizer.model       the sentencepiece model (trained here unless one was given)
+                               "eos_id", "tokenizer": FILE, "tokenizer_type": "rwkv_world" (absent:
+                               sentencepiece),
+                               "splits": {"train": [{"file", "tokens"}, ...], "val": [...]}, ...}
+    DIR/tokenizer.model       the sentencepiece model (trained here unless one was given), or
+    DIR/rwkv_vocab_v20230424.txt  an RWKV World vocabulary that was given (official checkpoints')
     DIR/train-00000.bin ...   raw little-endian token ids (np.memmap), documents joined by eos
     DIR/val-00000.bin ...     the held-out split
+
+It is built in a hidden folder beside DIR and swapped in whole (as a model directory is saved):
+a failed or killed preparation leaves the previous DIR as it was.
 
 Documents are whole text files, JSONL records (their `text` field), or a built-in corpus
 (`shakespeare`: one play per document; `bible`: one KJV chapter per document). They are
@@ -27,6 +33,7 @@ import json
 import numbers
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,11 +41,14 @@ import numpy as np
 
 from metastate_core.config import is_natural, is_plain_file_name
 from metastate_core.errors import MetaStateError
-from metastate_core.tokenizers import TokenizerError, utf8
+from metastate_core.tokenizers import WORLD_VOCAB_FILE, TokenizerError, read_file, tokenizer_from_file, utf8
+from weights.files import (WeightsError, clean_leftovers, fresh_temp, fsync_dir, move_into_place, parse_json,
+                           read_text, release)
 
 FORMAT = "metastate-tokens"
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = {"sentencepiece": TOKENIZER_FILE, "rwkv_world": WORLD_VOCAB_FILE}  # by tokenizer type
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 CORPORA = ("shakespeare", "bible")
 
@@ -107,7 +117,7 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
                 raise DataError(f"{path}:{n}: not a JSON object") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                 raise DataError(f"{path}:{n}: record has no string field {text_key!r}")
@@ -166,56 +176,98 @@ def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: st
     docs = [d for d in iter_documents(files, text_key) if d.strip()]
     if not docs:
         raise DataError("the inputs hold no text")
-    out = Path(out_dir)
-    tok_path = out / TOKENIZER_FILE
-    # Everything that can fail on the inputs happens before `out` is touched: a failed run leaves
-    # an existing data directory as it was.
-    new_tok = out / f".{TOKENIZER_FILE}.tmp-{os.getpid()}"
+    if tokenizer is not None:
+        tok_bytes = read_file(Path(tokenizer), "tokenizer")  # read once: what is parsed is copied
+        try:  # refused before anything is written
+            tok = tokenizer_from_file(tokenizer, tok_bytes)
+        except TokenizerError as e:
+            raise DataError(f"{e} (a tokenizer file ending in .txt is read as an RWKV World vocabulary, any other "
+                            "as a sentencepiece model)") from None
+        _check_eos(tok, tokenizer)
+        kind = tok.to_config()["type"]
+    else:
+        kind = "sentencepiece"
+    tok_file = TOKENIZER_FILES[kind]
+    out = Path(os.path.realpath(out_dir))
+    _check_data_destination(out)
+    # Built in a hidden folder beside `out` and swapped in whole at the end (as a model is saved):
+    # a failure, a full disk or a kill leaves the old data directory as it was, never half.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        tmp, held = fresh_temp(out, "", lambda p: os.mkdir(p, 0o777))
+    except OSError as e:
+        raise DataError(f"cannot write data directory {out}: {e}") from e
     try:
         if tokenizer is None:
-            tok = SentencePieceTokenizer.train(iter(docs), vocab_size, new_tok, model_type="bpe")  # texts, not paths
+            tok = SentencePieceTokenizer.train(iter(docs), vocab_size, tmp / tok_file, model_type="bpe")
+            with open(tmp / tok_file, "rb+") as f:
+                os.fsync(f.fileno())
+            _check_eos(tok, "trained here")
         else:
-            tok = SentencePieceTokenizer(tokenizer)
-        if tok.eos_id is None:
-            raise DataError(f"tokenizer {tokenizer or 'trained here'} has no end-of-text (eos) piece to separate "
-                            "documents")
+            _write_file(tmp / tok_file, lambda f: f.write(tok_bytes))
         stream, dtype = _token_stream(docs, tok, seed)
         n_val = max(1, int(round(len(stream) * val_fraction)))
         if min(n_val, len(stream) - n_val) < 2:  # a window is at least 2 tokens (one input, one target)
             raise DataError(f"only {len(stream)} tokens: too few for a training split and a held-out split of at "
                             f"least 2 tokens each (val_fraction {val_fraction})")
-        # meta.json is the commit point: removed first, written last. An interruption in between
-        # leaves a directory that says it is not prepared, never old metadata over new shards.
-        (out / META_FILE).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in [*out.glob("train-*.bin"), *out.glob("val-*.bin")]:
-            stale.unlink()
         splits = {}
         for name, part in (("train", stream[:-n_val]), ("val", stream[-n_val:])):
             splits[name] = []
             for k, start in enumerate(range(0, len(part), shard_tokens)):
                 file = f"{name}-{k:05d}.bin"
-                part[start:start + shard_tokens].tofile(out / file)
+                _write_file(tmp / file, part[start:start + shard_tokens].tofile)
                 splits[name].append({"file": file, "tokens": int(min(shard_tokens, len(part) - start))})
-        if tokenizer is None:
-            os.replace(new_tok, tok_path)
-        elif Path(tokenizer).resolve() != tok_path.resolve():
-            new_tok.write_bytes(Path(tokenizer).read_bytes())
-            os.replace(new_tok, tok_path)
         meta = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-                "eos_id": tok.eos_id, "tokenizer": TOKENIZER_FILE, "documents": len(docs), "seed": seed,
+                "eos_id": tok.eos_id, "tokenizer": tok_file, "documents": len(docs), "seed": seed,
                 "val_fraction": val_fraction, "sources": [str(f) for f in files], "splits": splits}
-        new_meta = out / f".{META_FILE}.tmp-{os.getpid()}"
-        new_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(new_meta, out / META_FILE)
+        if kind != "sentencepiece":  # absent: sentencepiece, so data prepared before keeps its fingerprint
+            meta["tokenizer_type"] = kind
+        text = json.dumps(meta, indent=2) + "\n"
+        _write_file(tmp / META_FILE, lambda f: f.write(text.encode("utf-8")))
+        fsync_dir(tmp)
+        move_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old data directory (if any) is untouched
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write data directory {out}: {e}") from e
+        raise
     finally:
-        for tmp in out.glob(f".*.tmp-{os.getpid()}") if out.is_dir() else ():
-            tmp.unlink()
+        release(held)
     return meta
+
+
+def _check_eos(tok, source) -> None:
+    if tok.eos_id is None:
+        raise DataError(f"tokenizer {source} has no end-of-text (eos) piece to separate documents")
+
+
+def _check_data_destination(out: Path) -> None:
+    """Refuse to replace what is not a prepared data directory: a file, or a non-empty folder
+    without a meta.json of this format (it would be replaced whole)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"cannot write data directory {out}: it exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            meta = parse_json(read_text(out / META_FILE, META_FILE), META_FILE)
+        except WeightsError:
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+            raise DataError(f"refusing to replace {out}: it is a non-empty directory and not a prepared data "
+                            f"directory (its {META_FILE} is missing or not a {FORMAT} description)")
+
+
+def _write_file(file: Path, write) -> None:
+    """write(f) into a new file, flushed to disk (it is swapped in with the rest of its folder)."""
+    with open(file, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _token_stream(docs: list[str], tok, seed: int) -> tuple[np.ndarray, np.dtype]:
     """The documents, shuffled with seed, encoded and joined by eos: (ids, their dtype)."""
+    # uint16 holds ids 0..65535: vocabularies of up to 65536 ids (World's 65536 included)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     docs = list(docs)
     random.Random(seed).shuffle(docs)
@@ -230,19 +282,22 @@ def _token_stream(docs: list[str], tok, seed: int) -> tuple[np.ndarray, np.dtype
 
 def read_meta(data_dir: str | Path) -> dict:
     file = Path(data_dir) / META_FILE
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(file):
         raise DataError(f"{data_dir} is not a prepared data directory (no {META_FILE}): "
-                        "run `metastate prepare-data` first") from None
-    except ValueError as e:
-        raise DataError(f"malformed {file}: {e}") from None
+                        "run `metastate prepare-data` first")
+    try:  # a regular file only (a FIFO would block), JSON nested a few levels at most
+        meta = parse_json(read_text(file, META_FILE), str(file))
+    except WeightsError as e:
+        raise DataError(str(e)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DataError(f"{file} is not a {FORMAT} description")
     shards = meta.get("splits")
     problem = (
         "dtype is not uint16 or uint32" if meta.get("dtype") not in ("uint16", "uint32") else
         "vocab_size or eos_id is not an integer" if not all(is_natural(meta.get(k)) for k in ("vocab_size", "eos_id")) else
+        "tokenizer is not a file name" if not is_plain_file_name(meta.get("tokenizer", TOKENIZER_FILE)) else
+        f"tokenizer_type is not one of {', '.join(TOKENIZER_FILES)}" if meta.get("tokenizer_type", "sentencepiece")
+        not in TOKENIZER_FILES else
         "splits is not {split: [{file, tokens}, ...]}" if not (
             isinstance(shards, dict) and all(isinstance(v, list) for v in shards.values())
             and all(isinstance(x, dict) and is_plain_file_name(x.get("file"))
@@ -250,6 +305,12 @@ def read_meta(data_dir: str | Path) -> dict:
     if problem:
         raise DataError(f"malformed {file}: {problem}; prepare the data again")
     return meta
+
+
+def tokenizer_spec(data_dir: str | Path, meta: dict) -> tuple[dict, Path]:
+    """(the config.json tokenizer entry of a model trained on this data, the tokenizer's file)."""
+    name = meta.get("tokenizer", TOKENIZER_FILE)
+    return {"type": meta.get("tokenizer_type", "sentencepiece"), "file": name}, Path(data_dir) / name
 
 
 def data_fingerprint(data_dir: str | Path, meta: dict) -> str:

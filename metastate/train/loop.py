@@ -34,7 +34,7 @@ from weights import load_model  # imported up front: a long run never re-imports
 from . import checkpoints as ckpt
 from .checkpoints import METRICS_FILE, PLOT_FILE, finite, latest_checkpoint
 from .config import TrainConfig, TrainError, amp_dtype, resolve_precision
-from .data import TOKENIZER_FILE, TokenData, data_fingerprint, read_meta
+from .data import TokenData, data_fingerprint, read_meta, tokenizer_spec
 from .dist import Dist, StopRequest, TrainInterrupted, pick_device, wrap
 from .plot import plot_metrics
 from .sparse import RowAdam, clip_norm, reduce_rows
@@ -113,7 +113,7 @@ class Trainer:
         meta = read_meta(cfg.data)
         self.train_data = TokenData(cfg.data, "train", cfg.seq_len)
         self.val_data = TokenData(cfg.data, "val", cfg.seq_len)
-        self.tokenizer_file = Path(cfg.data) / meta.get("tokenizer", TOKENIZER_FILE)
+        self.tokenizer, self.tokenizer_file = tokenizer_spec(cfg.data, meta)
         self.data_id = data_fingerprint(cfg.data, meta)
 
         random.seed(cfg.seed)
@@ -136,7 +136,7 @@ class Trainer:
             self.best = math.inf if best is None else best
         elif cfg.init_from:
             mcfg, tensors = load_model(cfg.init_from, dtype="float32")
-            ckpt.check_tokenizer(Path(cfg.init_from), mcfg, self.tokenizer_file, cfg.data)
+            ckpt.check_tokenizer(Path(cfg.init_from), mcfg, self.tokenizer, self.tokenizer_file, cfg.data)
         else:
             mcfg = cfg.model_config(meta["vocab_size"])
             tensors = init_params(mcfg, cfg.seed, np.float32)
@@ -147,7 +147,7 @@ class Trainer:
             raise TrainError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the data's ({meta['vocab_size']})")
         # train_ctx_len: the longest context this model has been trained on (chat warns past it)
         ctx = max(int(mcfg.extra.get("train_ctx_len", 0)), cfg.seq_len)
-        self.model_cfg = mcfg.replace(tokenizer={"type": "sentencepiece", "file": TOKENIZER_FILE},
+        self.model_cfg = mcfg.replace(tokenizer=self.tokenizer,
                                       extra={**mcfg.extra, "train_ctx_len": ctx})
         self.raw = self._build_model(mcfg, tensors)
         self.tables = tables = set(row_tables(self.raw))
@@ -371,7 +371,7 @@ class Trainer:
                   {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32),
                    "step": ((), torch.float32)}
                   for n, p in self.raw.named_parameters() if p.requires_grad}
-        state = ckpt.optimizer_state(arrays, expect)
+        state = ckpt.optimizer_state(arrays, expect, self.cfg.allow_fresh_optimizer)
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                                  set_optimizer_state_dict)

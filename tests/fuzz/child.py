@@ -67,10 +67,13 @@ def _faults() -> None:
     for k, names in KINDS.items():
         for name in names:
             setattr(os, name, wrap(k, getattr(os, name)))
-    import weights.format as wf
+    import weights.files
+    import weights.format
 
-    exchange = (lambda a, b: False) if os.environ.get("METASTATE_TEST_NO_EXCHANGE") else wf._exchange
-    wf._exchange = wrap("rename", exchange)
+    for module in (weights.files, weights.format):  # the swap of folders (format's own copy, while it has one)
+        if hasattr(module, "_exchange"):
+            exchange = (lambda a, b: False) if os.environ.get("METASTATE_TEST_NO_EXCHANGE") else module._exchange
+            module._exchange = wrap("rename", exchange)
     if count_file:
         atexit.register(lambda: open(count_file, "w").write(json.dumps(counts)))
 

@@ -13,6 +13,10 @@ model sharded in bfloat16, a state file of it, its logits, and (with torch) its 
               and as output targets
     pth       .pth files: garbage, pickles of code, views and sparse tensors, wrong contents
     state     /load of state files: NaN, wrong shapes, another model's, forged, special
+    ckpt      `train --resume` of damaged training checkpoints (issue 22 items 4 and 5): every
+              value of trainer_state.json of the wrong type or range, RNG arrays of the wrong
+              size or dtype, no optimizer moments, forged .npy sizes, cut and special files
+    data      `prepare-data` of hostile inputs and over what is not a data directory
     args      arguments: penalties, growth and init sizes, closed stdin and stdout
 
 A case is refused (exit 1 or 2, one `error:` line), or for a chat command one `error:` line
@@ -27,6 +31,8 @@ import os
 import shutil
 import stat
 import struct
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,6 +70,25 @@ class Base:
     logits: bytes                    # `logits --tokens 1,2,3` of `model`, as written
     pth: Path | None
     cfg: ModelConfig = field(repr=False)
+    data: Path | None = None         # a prepared data directory (default tokenizer), and its text
+    text: Path | None = None
+    run: Path | None = None          # (with torch) a training run of 2 steps on `data`: checkpoints/step-000002
+
+
+# the settings of the base training run, as `train` flags take them
+RUN = dict(d_model=32, n_layer=1, head_size=16, seq_len=16, batch_size=2, max_steps=2, warmup_steps=1,
+           eval_interval=2, save_interval=2, eval_sequences=1)
+WORDS = "the king queen lord sword crown night day love death speak hear my thou art".split()
+
+
+def words(seed: int, lines: int) -> str:
+    rng = np.random.default_rng(seed)
+    return "\n".join(" ".join(rng.choice(WORDS, 12)) for _ in range(lines))
+
+
+def train_argv(data: Path, out: Path) -> list:
+    return ["train", "--data", data, "--out", out, "--resume", "--no-progress", "--no-plot",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]]
 
 
 def make_base(root: Path) -> Base:
@@ -85,7 +110,10 @@ def make_base(root: Path) -> Base:
         save_state(root / f"{name}.state", engine, state, logits, n_tokens=3)
         states.append(root / f"{name}.state")
     assert main(["logits", "--model", str(root / "model"), "--tokens", TOKENS, "--out", str(root / "ref.npy")]) == 0
-    pth = None
+    (root / "text.txt").write_text(words(0, 60))
+    assert main(["prepare-data", str(root / "text.txt"), "--out", str(root / "data"), "--tokenizer",
+                 str(DEFAULT / "tokenizer.model"), "--val-fraction", "0.2"]) == 0
+    pth = run = None
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -93,8 +121,13 @@ def make_base(root: Path) -> Base:
     else:
         pth = root / "model.pth"
         assert main(["convert", str(root / "model"), "--to-pth", str(pth)]) == 0
+        from metastate.train.config import TrainConfig
+        from metastate.train.loop import train
+
+        run = root / "run"
+        train(TrainConfig(data=str(root / "data"), out=str(run), progress=False, plot=False, **RUN))
     return Base(root / "model", root / "other", root / "sharded", states[0], states[1], (root / "ref.npy").read_bytes(),
-                pth, cfg)
+                pth, cfg, root / "data", root / "text.txt", run)
 
 
 # -- file surgery ----------------------------------------------------------------------------
@@ -433,6 +466,112 @@ class Builder:
         f.write_bytes(join(h, data))
         return sparse_tail(f, 2**33)
 
+    # training checkpoints ---------------------------------------------------------------------
+    def checkpoints(self, n: int) -> None:
+        """`train --resume` of a damaged copy of the base run's checkpoint: refused in one line,
+        with nothing written (not even train_config.json or metrics)."""
+        if self.base.run is None:
+            return
+
+        def state(change):
+            def damage(c):
+                s = json.loads((c / "trainer_state.json").read_text())
+                change(s)
+                (c / "trainer_state.json").write_text(json.dumps(s))
+            return damage
+
+        def arrays(change):
+            def damage(c):
+                with np.load(c / "optimizer.npz") as z:
+                    a = {k: z[k] for k in z.files}
+                change(a)
+                np.savez(c / "optimizer.npz", **a)
+            return damage
+
+        def huge_member(c):
+            header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }"
+            header += " " * (-(len(header) + 11) % 64) + "\n"
+            with zipfile.ZipFile(c / "optimizer.npz", "a") as z, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a second member of the same name: the one np.load reads
+                z.writestr("opt.emb.weight.exp_avg.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header))
+                           + header.encode() + b"\0" * 64)
+
+        def cut(name):
+            return lambda c: (c / name).write_bytes((c / name).read_bytes()[:int(self.rng.integers(0, 200))])
+
+        def special(name):
+            return lambda c: ((c / name).unlink(), os.mkfifo(c / name))
+
+        kinds = {
+            "step-string": state(lambda s: s.update(step="abc")),
+            "step-negative": state(lambda s: s.update(step=-5)),
+            "step-fraction": state(lambda s: s.update(step=3.5)),
+            "step-huge": state(lambda s: s.update(step=1e30)),
+            "config-string": state(lambda s: s.update(config="x")),
+            "rng-missing": state(lambda s: s.pop("rng")),
+            "rng-list": state(lambda s: s.update(rng=[1, 2])),
+            "rng-python": state(lambda s: s["rng"]["python"][1].__setitem__(0, 2**40)),
+            "best-string": state(lambda s: s.update(best_val_loss="low")),
+            "scaler": state(lambda s: s.update(grad_scaler=[])),
+            "state-nested": lambda c: (c / "trainer_state.json").write_text(nested(100_000)),
+            "state-nan": lambda c: (c / "trainer_state.json").write_text('{"step": NaN}'),
+            "state-cut": cut("trainer_state.json"),
+            "state-fifo": special("trainer_state.json"),
+            "rng-torch-size": arrays(lambda a: a.update({"rng.torch": a["rng.torch"][:7]})),
+            "rng-torch-dtype": arrays(lambda a: a.update({"rng.torch": a["rng.torch"].view(np.int8)})),
+            "rng-numpy-size": arrays(lambda a: a.update({"rng.numpy": a["rng.numpy"][:-1]})),
+            "rng-numpy-dtype": arrays(lambda a: a.update({"rng.numpy": a["rng.numpy"].astype(np.int64)})),
+            "no-moments": arrays(lambda a: [a.pop(k) for k in list(a) if k.startswith("opt.")]),
+            "moment-shape": arrays(lambda a: a.update({"opt.emb.weight.exp_avg": a["opt.emb.weight.exp_avg"][:1]})),
+            "npz-huge-member": huge_member,
+            "npz-cut": cut("optimizer.npz"),
+            "npz-fifo": special("optimizer.npz"),
+        }
+        for name in map(str, self.rng.permutation(list(kinds))[:n]):  # seconds each: torch is slow to import
+            d = self.folder(f"ckpt/{name}")
+            shutil.copytree(self.base.run, d / "run")
+            kinds[name](d / "run" / "checkpoints" / "step-000002")
+            self.cases.append(Case(f"ckpt/{name}", train_argv(self.base.data, d / "run"), d))
+
+    # prepare-data -------------------------------------------------------------------------------
+    def data(self) -> None:
+        """`prepare-data` of hostile inputs, each setup(d) -> (inputs, tokenizer), writing to d/d."""
+        text, tok = self.base.text, DEFAULT / "tokenizer.model"
+
+        def write(name, data):
+            return lambda d: ((d / name).write_bytes(data), ([d / name], tok))[1]
+
+        def fifo(d):
+            os.mkfifo(d / "x.txt")
+            return [d / "x.txt"], tok
+
+        def fifo_tokenizer(d):
+            os.mkfifo(d / "t.model")
+            return [text], d / "t.model"
+
+        def out_file(d):
+            (d / "d").write_text("keep")
+            return [text], tok
+
+        def out_not_data(d):  # a folder of the user's: never replaced whole
+            (d / "d").mkdir()
+            (d / "d" / "notes.txt").write_text("keep")
+            return [text], tok
+
+        def over_old(d):  # a bad tokenizer over an existing data directory: refused, the old one kept
+            shutil.copytree(self.base.data, d / "d")
+            return [text], d / "d" / "meta.json"
+
+        setups = {"nested-jsonl": write("x.jsonl", nested(100_000).encode() + b"\n"),
+                  "not-utf8": write("x.txt", b"caf\xe9 " * 50), "too-little": write("x.txt", b"the"),
+                  "fifo-input": fifo, "fifo-tokenizer": fifo_tokenizer, "out-file": out_file,
+                  "out-not-data": out_not_data, "bad-tokenizer-over-old": over_old}
+        for name, setup in setups.items():
+            d = self.folder(f"data/{name}")
+            inputs, tokenizer = setup(d)
+            argv = ["prepare-data", *inputs, "--out", d / "d", "--tokenizer", tokenizer]
+            self.cases.append(Case(f"data/{name}", argv, d))
+
     # arguments --------------------------------------------------------------------------------
     def args(self) -> None:
         m = self.base.model
@@ -464,6 +603,8 @@ def corpus(root: Path, base: Base, seed: int) -> list[Case]:
     b.special(24)
     b.pth(10)
     b.states(17)
+    b.checkpoints(14)
+    b.data()
     b.args()
     return b.cases
 

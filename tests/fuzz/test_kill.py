@@ -3,8 +3,8 @@ Nth rename, fsync or unlink, or the kernel ends it at the write that takes a fil
 
 After each kill the destination holds the old model (or state file) or the new one, whole; the
 next save into its folder removes every leftover and puts back an old model that a two-rename
-swap (macOS, file systems without renameat2) left aside. For convert, grow (with both swaps)
-and chat's /save.
+swap (macOS, file systems without renameat2) left aside. For convert, grow and prepare-data
+(each with both swaps) and chat's /save.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fuzz import harness
-from fuzz.corpus import CHAT
+from fuzz.corpus import CHAT, DEFAULT, words
 from weights import atomic_write
 
 KINDS = ("rename", "fsync", "unlink")
@@ -33,33 +33,49 @@ def contents(p: Path):
     return p.read_bytes() if p.exists() else None
 
 
-def scenario(name: str, base, root: Path):
-    """(argv making `dest` from its old to its new contents, stdin, env extras, old contents) for a folder `root`."""
-    dest = root / ("s.state" if name == "save" else "m")
+def destination(name: str, root: Path) -> Path:
+    return root / {"save": "s.state", "prepare-data": "d"}.get(name.removesuffix("-two-renames"), "m")
+
+
+def old_contents(name: str, base):
+    return contents({"save": base.state, "prepare-data": base.data}.get(name.removesuffix("-two-renames"), base.model))
+
+
+def scenario(name: str, base, root: Path, text: Path):
+    """(argv making `dest` from its old to its new contents, stdin, env extras) for a folder `root`;
+    text: the new text prepare-data tokenizes (one file for every run: meta.json names it)."""
+    dest = destination(name, root)
     if name == "save":
         shutil.copy(base.state, dest)
         return ["chat", "--model", base.model, *CHAT], f"To be\n/save {dest}\n/quit\n".encode(), {}
-    shutil.copytree(base.model, dest)
     extra = {"METASTATE_TEST_NO_EXCHANGE": 1} if name.endswith("two-renames") else {}
+    if name.startswith("prepare-data"):
+        shutil.copytree(base.data, dest)
+        return ["prepare-data", text, "--out", dest, "--tokenizer", DEFAULT / "tokenizer.model", "--shard-tokens",
+                200, "--val-fraction", "0.2"], b"", extra
+    shutil.copytree(base.model, dest)
     if name.startswith("convert"):
         return ["convert", base.other, "--out", dest, "--force"], b"", extra
     return ["grow", base.other, "--out", dest, "--force", "--param-tokens", 32], b"", extra
 
 
-@pytest.mark.parametrize("name", ["convert", "convert-two-renames", "grow-two-renames", "save"])
+@pytest.mark.parametrize("name", ["convert", "convert-two-renames", "grow", "grow-two-renames", "save", "prepare-data",
+                                  "prepare-data-two-renames"])
 def test_kill_at_every_rename_fsync_unlink_and_write(base, tmp_path, name):
     env = harness.environment(tmp_path / "cache")
+    text = tmp_path / "new.txt"
+    text.write_text(words(1, 40))
 
     def run(folder: str, **faults):
         root = tmp_path / folder
         root.mkdir()
-        argv, stdin, extra = scenario(name, base, root)
+        argv, stdin, extra = scenario(name, base, root, text)
         return root, harness.run(argv, stdin=stdin, env=dict(env, **{k: str(v) for k, v in (extra | faults).items()}))
 
-    old = contents(base.state if name == "save" else base.model)
+    old = old_contents(name, base)
     ref, result = run("reference", METASTATE_TEST_COUNT=tmp_path / "counts.json")
     assert result.rc == 0 and "error" not in result.stderr, result.describe()
-    new = contents(ref / ("s.state" if name == "save" else "m"))
+    new = contents(destination(name, ref))
     assert new != old
     counts = json.loads((tmp_path / "counts.json").read_text())
     points = [f"{k}:{n}" for k in KINDS for n in range(1, counts[k] + 1)] + [f"write:{n}" for n in WRITE_LIMITS]
@@ -69,7 +85,7 @@ def test_kill_at_every_rename_fsync_unlink_and_write(base, tmp_path, name):
         runs = list(pool.map(lambda p: (p, *run(p.replace(":", "-"), METASTATE_TEST_KILL=p)), points))
     failures = []
     for point, root, result in runs:
-        dest = root / ("s.state" if name == "save" else "m")
+        dest = destination(name, root)
         killed = result.rc in (-signal.SIGKILL, -signal.SIGXFSZ)
         if not killed and not (point.startswith("write:") and result.rc == 0):
             failures.append(f"{point}: not killed: {result.describe()}")
