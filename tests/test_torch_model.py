@@ -374,6 +374,27 @@ def test_decode_layout_keeps_names_values_and_logits(meta, dtype):
         model.set_layout("fast")
 
 
+def test_decode_follows_a_training_step_in_the_decode_layout(meta):
+    """Nothing a decoded token reads is a stale copy of a parameter: after an optimizer step
+    taken in the decode layout, decode equals that of a fresh model built from the new values,
+    bit for bit (the one-token path shares the module code; issue 19)."""
+    p, _ = meta
+    model = Model.from_tensors(CFG, p)
+    model.set_layout("decode")
+    toks = torch.as_tensor(tokens(length=9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss, _ = model(toks[:, :-1], targets=toks[:, 1:])
+    loss.backward()
+    opt.step()
+    fresh = Model.from_tensors(CFG, model.to_tensors())
+    fresh.set_layout("decode")
+    (old, _), (a, st_a), (b, st_b) = run(Model.from_tensors(CFG, p), toks[:, :8]), run(model, toks[:, :8]), \
+        run(fresh, toks[:, :8])
+    assert not torch.equal(a, old)  # the step changed the model
+    (a, _), (b, _) = run(model, toks[:, 8:], st_a), run(fresh, toks[:, 8:], st_b)
+    assert torch.equal(a, b)
+
+
 def test_load_model_sets_the_decode_layout_on_the_cpu(meta, tmp_path):
     from backends.cuda import load_model
     from weights import save_model

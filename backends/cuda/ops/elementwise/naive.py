@@ -12,7 +12,6 @@ normalisation operator), and a single token's shift is the state itself (no conc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from metastate_core.constants import L2_EPS
 
@@ -34,8 +33,9 @@ def token_shift_mix(x: torch.Tensor, prev: torch.Tensor, mix: torch.Tensor,
     x [B, T, D], prev [B, D] (the token before x[:, 0]), mix [M, D] -> [M, B, T, D].
     """
     x = f32(x)
-    shifted = f32(prev[:, None]) if x.shape[1] == 1 else torch.cat([f32(prev[:, None]), x[:, :-1]], dim=1)
-    return _as(torch.addcmul(x, shifted - x, f32(mix)[:, None, None]), out_dtype)
+    prev = f32(prev).unsqueeze(1)
+    shifted = prev if x.shape[1] == 1 else torch.cat([prev, x[:, :-1]], dim=1)
+    return _as(torch.addcmul(x, shifted - x, f32(mix).view(mix.shape[0], 1, 1, -1)), out_dtype)
 
 
 def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtype=torch.float32) -> torch.Tensor:
@@ -44,7 +44,8 @@ def group_norm_bonus_gate(y, r, k, v, g, r_k, weight, bias, eps: float, out_dtyp
     y, r, k, v [B, T, H, N]; g [B, T, H*N]; r_k [H, N]; weight, bias [H*N] -> [B, T, H*N].
     """
     B, T, H, N = y.shape
-    y = F.group_norm(f32(y).reshape(B * T, H * N), H, f32(weight), f32(bias), eps).view(B, T, H, N)
+    # torch.group_norm: F.group_norm's kernel without its Python checks (a decoded token calls it per layer)
+    y = torch.group_norm(f32(y).reshape(B * T, H * N), H, f32(weight), f32(bias), eps).view(B, T, H, N)
     y = torch.addcmul(y, (f32(r) * f32(k) * f32(r_k)).sum(-1, keepdim=True), f32(v))  # + the bonus
     return _as(y.flatten(-2) * f32(g), out_dtype)
 
@@ -55,7 +56,7 @@ def sse_norm_gate(xs: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, eps: fl
 
     xs [B, T, D], z [B, T, K, N] (the state readout), gate [D] -> [B, T, D].
     """
-    z = F.rms_norm(f32(z), z.shape[-1:], eps=eps).flatten(-2)  # z / sqrt(mean(z^2) + eps), per head
+    z = torch.rms_norm(f32(z), z.shape[-1:], None, eps).flatten(-2)  # z / sqrt(mean(z^2) + eps), per head
     KN, xs = z.shape[-1], f32(xs)
     if KN == xs.shape[-1]:
         return _as(torch.addcmul(xs, f32(gate), z), out_dtype)
@@ -74,5 +75,6 @@ def k_prep(k: torch.Tensor, a: torch.Tensor, k_k: torch.Tensor, k_a: torch.Tenso
     k, a [B, T, H*N] (a in (0, 1)), k_k, k_a [H*N] -> (kk [B, T, H, N], k [B, T, H*N]), float32.
     """
     k, a = f32(k), f32(a)
-    kk = F.normalize((k * f32(k_k)).unflatten(-1, (n_head, -1)), dim=-1, eps=L2_EPS)
+    kk = (k * f32(k_k)).unflatten(-1, (n_head, -1))
+    kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(L2_EPS)  # F.normalize's ops, not its wrapper
     return kk, torch.addcmul(k, k * (a - 1), f32(k_a))

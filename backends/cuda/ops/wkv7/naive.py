@@ -19,7 +19,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:  # at_least_f32 without a call for a 
 
 def decay_log(w_raw: torch.Tensor) -> torch.Tensor:
     """log w from the decay pre-activation, in float32 (float64 for float64 input)."""
-    return DECAY_SCALE * torch.sigmoid(at_least_f32(w_raw))
+    return DECAY_SCALE * torch.sigmoid(_f32(w_raw))
 
 
 def naive_wkv7(r, w_raw, k, v, kk, a, S0=None, q=None):
@@ -57,14 +57,17 @@ def naive_wkv7_step(S, r, w_raw, k, v, kk, a, out=None):
     S and two outer products added into it, and each S x as a product and a sum: batched
     matrix products of this size (N x N by N x 1 or N x 2, per head) cost the CPU BLAS 3x as
     much per call (docs/benchmarks.md)."""
-    w = torch.exp(decay_log(w_raw))[:, :, None, :]                      # [B, H, 1, N]: scales S's columns
-    r, k, v, kk, a = (_f32(t) for t in (r, k, v, kk, a))
-    sa = (S * kk[:, :, None, :]).sum(-1, keepdim=True)                  # S kk [B, H, N, 1], S before this token
+    # unsqueeze, not [:, :, None, :]: Python indexing costs twice as much, and a decoded token
+    # runs this once a layer
+    w = torch.exp(decay_log(w_raw)).unsqueeze(-2)                      # [B, H, 1, N]: scales S's columns
+    r, k, v, kk, a = _f32(r), _f32(k), _f32(v), _f32(kk), _f32(a)
+    sa = (S * kk.unsqueeze(-2)).sum(-1, keepdim=True)                   # S kk [B, H, N, 1], S before this token
     S_new = S * w if out is None else torch.mul(S, w, out=out)
-    S_new.addcmul_(sa, (kk * a)[:, :, None, :], value=-1).addcmul_(v[..., None], k[:, :, None, :])
+    S_new.addcmul_(sa, (kk * a).unsqueeze(-2), value=-1).addcmul_(v.unsqueeze(-1), k.unsqueeze(-2))
     return state_readout(S_new, r), S_new
 
 
 def state_readout(S, q):
     """z = S q over the first K heads: S [B, H, N, N], q [B, K, N] -> [B, K, N] float32."""
-    return (S[:, :q.shape[1]] * _f32(q)[:, :, None, :]).sum(-1)
+    K = q.shape[1]
+    return ((S if K == S.shape[1] else S[:, :K]) * _f32(q).unsqueeze(-2)).sum(-1)
