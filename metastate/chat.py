@@ -217,9 +217,10 @@ def cmd_generate(args) -> int:
         raise GenerationError(f"{args.model} has no tokenizer, so it cannot generate text")
     ids = tokenizer.encode(prompt)
     _warn(context_warning(model.cfg, len(ids)))
+    state = None if args.state is None else load_state(args.state, model)[0]  # e.g. a state-tuned one
     last, ends_with_newline = None, True
     for last in stream_generate(model, tokenizer, ids, args.max_tokens, sampler=Sampler(sampling),
-                                stop=[_unescape(s) for s in args.stop]):
+                                stop=[_unescape(s) for s in args.stop], state=state):
         if last.text:
             sys.stdout.write(last.text)
             sys.stdout.flush()
@@ -249,6 +250,8 @@ def cmd_chat(args) -> int:
         raise ChatError(f"{args.model or 'the model'} has no tokenizer, so it cannot chat")
     template = _template(args, model, tokenizer)
     session = ChatSession(model, tokenizer, template, sampling, args.max_tokens)
+    if args.state is not None:  # start from a saved conversation or a tuned state, as /load does
+        session.load(args.state)
     # Ctrl-C must stop an answer even when we were started with SIGINT ignored (a background
     # job of a non-interactive shell inherits SIG_IGN, and Python then keeps it).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -394,6 +397,8 @@ def _common(p: argparse.ArgumentParser, temperature: float, top_p: float, max_to
     p.add_argument("--presence-penalty", type=penalty_arg, default=0.0, help="in [-100, 100] (default 0)")
     p.add_argument("--frequency-penalty", type=penalty_arg, default=0.0, help="in [-100, 100] (default 0)")
     p.add_argument("--seed", type=int, help="random seed (default: fresh each run)")
+    p.add_argument("--state", metavar="FILE",
+                   help="start from a state file (chat /save, or `train --tune state`) instead of the empty state")
 
 
 def add_parsers(subparsers) -> None:

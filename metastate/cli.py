@@ -371,6 +371,25 @@ def _convert_quantized(src: Path, out: Path, args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    """A LoRA adapter folded into a copy of its base: a new ordinary model directory."""
+    from metastate.train.tune import merged_weights
+    from weights import save_model
+
+    require_extra("torch", "torch", "metastate merge")
+    base, out = Path(args.base), Path(args.out)
+    if not base.is_dir():
+        raise CLIError(f"base model {base} is not a model directory")
+    if out.resolve() == base.resolve():
+        raise CLIError("--out must differ from the base model")
+    _check_out(out, args.force)
+    cfg, weights, extra = _load_source(base, None, None)
+    merged = merged_weights(base, weights, args.adapter)
+    save_model(out, cfg, merged, dtype=args.dtype or _disk_dtype(weights) or "float32", extra_files=extra or None)
+    print(f"merged {args.adapter} into {base} -> {out}")
+    return 0
+
+
 def cmd_grow(args) -> int:
     from metastate_core.growth import grow
     from weights import save_model
@@ -516,6 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_grow)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter (train --tune lora) into its base model")
+    p.add_argument("base", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", help="the adapter: a --tune lora checkpoint directory, or its adapter.safetensors")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype of the merged model (default: the base's)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_merge)
 
     from metastate.chat import add_parsers as add_chat_parsers  # generate, chat
 

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from metastate.train.config import TrainConfig
+from metastate.train.config import TUNE_MODES, TrainConfig
 
 
 def _flag_type(annotation: str):
@@ -40,6 +40,11 @@ HELP = {
                      "this many in a row (default 10)",
     "allow_fresh_optimizer": "resume a checkpoint whose optimizer.npz lacks the AdamW moments, with fresh "
                              "ones (a loud warning; otherwise such a resume is refused)",
+    "tune": "what to train: full (every weight, default), state (the initial WKV state of every layer: "
+            "a state file) or lora (rank-r adapters on a frozen base: merge them with `metastate merge`); "
+            "state and lora need --init-from BASE",
+    "lora_rank": "--tune lora: rank r of each adapter (default 8)",
+    "lora_alpha": "--tune lora: scale of the update, (alpha / r) B A (default 16)",
     "fsdp": "shard the model with FSDP2 (fully_shard) instead of DDP under torchrun",
     "grad_checkpoint": "recompute each block during backward: activation memory of one block for "
                        "one more forward pass per step (identical gradients)",
@@ -84,6 +89,8 @@ def add_parsers(subparsers) -> None:
         elif kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=HELP.get(f.name, f"default {f.default}"))
+        elif f.name == "tune":
+            p.add_argument(flag, default=None, metavar="{" + ",".join(TUNE_MODES) + "}", help=HELP["tune"])
         else:
             p.add_argument(flag, type=kind, default=None, help=HELP.get(f.name, f"default {f.default}"))
     p.set_defaults(func=cmd_train)
@@ -122,6 +129,7 @@ def train_config(args):
 def cmd_train(args) -> int:
     from metastate.train.dist import TrainInterrupted
     from metastate.train.loop import train
+    from metastate.train.tune import artifact
 
     cfg = train_config(args)
     try:
@@ -146,6 +154,10 @@ def cmd_train(args) -> int:
         else:
             print(f"trained to step {result['step']}: held-out loss {val:.4f} nats/token "
                   f"(perplexity {math.exp(min(val, 50)):.2f}); checkpoint {result['checkpoint']}")
+        made = artifact(result["checkpoint"], cfg.tune)
+        if made is not None:
+            print(f"state file (chat /load, serve --state, api.load_state): {made}" if cfg.tune == "state" else
+                  f"LoRA adapter: {made} (fold it into the base: metastate merge BASE {made} --out DIR)")
         if result["skipped_steps"]:
             print(f"skipped {result['skipped_steps']} of {result['step']} steps for a non-finite loss or gradient "
                   "(metrics.jsonl: the 'skipped' records)")

@@ -479,3 +479,37 @@ def test_save_writes_through_special_files_and_symlinks(model, tmp_path):
         os.mknod(tmp_path / "nul", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         session.save(tmp_path / "nul")
         assert stat.S_ISCHR(os.lstat(tmp_path / "nul").st_mode)
+
+
+def greedy_reference(tensors, cfg, ids, n):
+    """n greedy tokens after `ids`, by the float64 reference over the whole sequence each time."""
+    ids = list(ids)
+    for _ in range(n):
+        logits, _ = forward(tensors, cfg, np.array(ids)[None], dtype=np.float64)
+        ids.append(int(np.argmax(logits[0, -1])))
+    return ids[-n:]
+
+
+def test_generate_and_chat_start_from_a_state_file(model, tmp_path, capsys):
+    path, cfg, tensors = model
+    engine, tok = load(path, "numpy")
+    session = ChatSession(engine, tok, make_template("shakespeare"), GREEDY, max_tokens=4)
+    fed = record(engine)
+    session.ask("good night")
+    file = tmp_path / "start.safetensors"
+    session.save(file)
+    prompt = tok.encode("the king")
+    want = greedy_reference(tensors, cfg, fed + prompt, 6)
+    with_state, _ = reference_state(tensors, cfg, fed + prompt)
+    without, _ = reference_state(tensors, cfg, prompt)
+    assert rel_rms(with_state, without) > 1e-2  # the state changes what comes next
+    rc = main(["generate", "--model", str(path), "--backend", "numpy", "--prompt", "the king",
+               "--temperature", "0", "--max-tokens", "6", "--state", str(file)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.rstrip("\n") == tok.decode(want)
+    for command in (["generate", "--prompt", "x"], ["chat"]):  # a bad state file: one line, nothing run
+        rc = main([*command, "--model", str(path), "--backend", "numpy", "--state", str(tmp_path / "none")])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 1 and errors == [f"error: state file {tmp_path / 'none'} does not exist"], err
+        assert "Traceback" not in err

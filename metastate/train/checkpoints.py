@@ -32,6 +32,7 @@ import torch
 
 from metastate_core.config import ModelConfig
 from weights import save_model
+from weights.format import write_directory
 from weights.files import WeightsError, check_memory, open_regular, parse_json, read_text
 
 from .config import PRECISIONS, TrainConfig, TrainError
@@ -202,6 +203,26 @@ def write_checkpoint(path: Path, model_cfg: ModelConfig, tensors: dict[str, np.n
     if tokenizer_file.is_file():
         extra[tokenizer_file.name] = tokenizer_file
     save_model(path, model_cfg, tensors, dtype=save_dtype, extra_files=extra)
+
+
+def write_tuned_checkpoint(path: Path, write_tuned, opt: dict[str, np.ndarray], state: dict) -> None:
+    """A tuning run's checkpoint (--tune state / lora): write_tuned(directory) writes the tuned
+    tensors' files (metastate/train/tune.py), beside the trainer state and the optimizer arrays; no
+    model weights (the base is read again on resume). Atomic as a model directory is."""
+    rng_meta, rng_arrays = rng_state()
+    buf = io.BytesIO()
+    np.savez(buf, **opt, **rng_arrays)
+
+    def fill(tmp: Path) -> None:
+        write_tuned(tmp)
+        for name, data in ((STATE_FILE, (json.dumps({**state, "rng": rng_meta}, indent=1) + "\n").encode()),
+                           (OPT_FILE, buf.getvalue())):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    write_directory(path, fill)
 
 
 def read_trainer_state(ckpt: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

@@ -15,6 +15,7 @@ from weights import SUPPORTED_DTYPES
 from weights.files import WeightsError, check_depth, read_text
 
 PRECISIONS = ("auto", "float32", "bf16", "fp16")
+TUNE_MODES = ("full", "state", "lora")  # what a run trains: metastate/train/tune.py
 
 
 class TrainError(MetaStateError):
@@ -41,6 +42,10 @@ class TrainConfig:
     param_heads: int | None = None      # P heads,
     param_topk: int | None = None       # each reading its top k
     freeze_sse_gate: bool = False       # the ablation baseline: every sse_gate held at 0 (exact RWKV-7)
+    # what is trained (metastate/train/tune.py): full, state (the initial WKV state) or lora (adapters)
+    tune: str = "full"
+    lora_rank: int = 8                  # lora: rank r of each adapter
+    lora_alpha: float = 16.0            # lora: the update is (lora_alpha / r) B A
     # data and batch
     seq_len: int = 128
     batch_size: int = 16                # global: sequences per optimizer step, all ranks together
@@ -170,6 +175,16 @@ class TrainConfig:
                 self.model_config(vocab_size=1)
             except ConfigError as e:
                 raise TrainError(str(e)) from None
+        if self.tune not in TUNE_MODES:
+            raise TrainError(f"tune must be one of {', '.join(TUNE_MODES)}, got {self.tune!r}")
+        if self.tune == "lora" and self.lora_rank < 1:
+            raise TrainError(f"--tune lora needs --lora-rank >= 1, got {self.lora_rank}")
+        if self.tune == "lora" and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise TrainError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if self.tune != "full" and not (self.init_from or self.resume):
+            raise TrainError(f"--tune {self.tune} trains on top of a model: give it with --init-from BASE")
+        if self.tune != "full" and self.fsdp:
+            raise TrainError(f"--tune {self.tune} trains few parameters: run it with DDP (no --fsdp)")
         if self.kernels not in ("auto", "ops", "triton"):
             raise TrainError(f"kernels must be auto, ops or triton, got {self.kernels!r}")
 

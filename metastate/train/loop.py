@@ -32,6 +32,7 @@ from metastate_core.params import init_params
 from weights import load_model  # imported up front: a long run never re-imports code
 
 from . import checkpoints as ckpt
+from . import tune
 from .checkpoints import METRICS_FILE, PLOT_FILE, finite, latest_checkpoint
 from .config import TrainConfig, TrainError, amp_dtype, resolve_precision
 from .data import TokenData, data_fingerprint, read_meta, tokenizer_spec
@@ -123,14 +124,19 @@ class Trainer:
         self.bad_steps = self.skipped = 0  # non-finite steps: in a row now, and in the whole run
         # the weights: a checkpoint's (resume), a model directory's (init_from) or new ones
         self.resumed_from = ckpt.resume_dir(self.out, cfg.resume, self.dist.main)
+        base = cfg.init_from  # the model a state / lora run tunes
         if self.resumed_from:
             state, arrays = ckpt.read_trainer_state(self.resumed_from)
             changed = ckpt.changed_settings(cfg, state, self.precision, self.data_id)
             if changed:
                 raise TrainError(f"cannot resume from {self.resumed_from}: the run's settings changed "
                                  f"({', '.join(changed)})")
-            mcfg, tensors = load_model(self.resumed_from)
-            tensors = ckpt.master_weights(self.resumed_from, tensors, arrays)
+            if cfg.tune == "full":
+                mcfg, tensors = load_model(self.resumed_from)
+                tensors = ckpt.master_weights(self.resumed_from, tensors, arrays)
+            else:  # a tuning checkpoint holds the tuned tensors only: its base is read again
+                base = tune.resume_base(state.get("tune"), self.resumed_from)
+                mcfg, tensors = load_model(base, dtype="float32")
             self.step, self.bad_steps, self.skipped = state["step"], state["bad_steps"], state["skipped_steps"]
             best = state["best_val_loss"]  # null when no finite held-out loss was seen
             self.best = math.inf if best is None else best
@@ -150,13 +156,20 @@ class Trainer:
         self.model_cfg = mcfg.replace(tokenizer=self.tokenizer,
                                       extra={**mcfg.extra, "train_ctx_len": ctx})
         self.raw = self._build_model(mcfg, tensors)
-        self.tables = tables = set(row_tables(self.raw))
+        # What the run trains, by cfg.tune (metastate/train/tune.py): every weight (full), the initial
+        # WKV state of every layer (state) or LoRA adapters (lora), the model frozen; `net` is
+        # what the loop runs. save_checkpoint writes accordingly.
+        self.tuning = tune.setup(cfg.tune, self.raw, base=base, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        if self.resumed_from and cfg.tune != "full":
+            self.tuning.load(self.tuning.read(self.resumed_from), self.resumed_from)
+        net = self.tuning.module
+        self.tables = tables = set(row_tables(self.raw)) if cfg.tune == "full" else set()
         # DDP leaves the value tables alone: their rows are averaged by reduce_rows
-        self.model = wrap(self.raw, W, self.device, cfg.fsdp, ignore=tables)
-        self.names = {p: n for n, p in self.raw.named_parameters()}
-        self.opts = optimizers(self.raw, cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
+        self.model = wrap(net, W, self.device, cfg.fsdp, ignore=tables)
+        self.names = self.tuning.names()  # trainable parameter -> its name in checkpoints
+        self.opts = optimizers(net, cfg.lr, (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.weight_decay)
         self.opt = self.opts[0]  # AdamW
-        self.rows = [p for n, p in self.raw.named_parameters() if n in tables and p.requires_grad]
+        self.rows = [p for n, p in net.named_parameters() if n in tables and p.requires_grad]
         if self.resumed_from:
             self._load_optimizer(arrays)
             ckpt.set_rng_state(state["rng"], arrays)
@@ -345,8 +358,12 @@ class Trainer:
                      "tokens": self.tokens_seen, "val_loss": finite(val_loss), "best_val_loss": finite(self.best),
                      "world_size": self.dist.world, "bad_steps": self.bad_steps, "skipped_steps": self.skipped,
                      "data_fingerprint": self.data_id, "amp": self.precision, "grad_scaler": self.scaler.state_dict(),
-                     "config": self.cfg.to_dict(), "torch_version": torch.__version__}
-            ckpt.write_checkpoint(path, self.model_cfg, tensors, opt, state, self.cfg.save_dtype, self.tokenizer_file)
+                     "config": self.cfg.to_dict(), "torch_version": torch.__version__, "tune": self.tuning.record()}
+            if self.cfg.tune == "full":  # a model directory
+                ckpt.write_checkpoint(path, self.model_cfg, tensors, opt, state, self.cfg.save_dtype,
+                                      self.tokenizer_file)
+            else:  # the tuned tensors alone: a state file, or an adapter (tune.py)
+                ckpt.write_tuned_checkpoint(path, lambda d: self.tuning.write(d, tensors, self.model_cfg), opt, state)
             ckpt.retain(self.out, self.cfg.keep_last, self.cfg.keep_best)
         self.dist.barrier()
         return path
@@ -362,7 +379,7 @@ class Trainer:
             tensors = {n: _numpy(t) for n, t in get_model_state_dict(self.model, options=opts).items()}
             opt = get_optimizer_state_dict(self.model, self.opt, options=opts).get("state", {})
         else:
-            tensors = self.raw.to_tensors()
+            tensors = self.raw.to_tensors() if self.cfg.tune == "full" else self.tuning.tensors()
             opt = {self.names[p]: s for o in self.opts for p, s in o.state.items()}
         return tensors, {f"opt.{n}.{k}": _numpy(v) for n, s in opt.items() for k, v in s.items()}
 
@@ -370,7 +387,7 @@ class Trainer:
         expect = {n: {k: (tuple(v.shape), v.dtype) for k, v in RowAdam.new_state(p).items()} if n in self.tables else
                   {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32),
                    "step": ((), torch.float32)}
-                  for n, p in self.raw.named_parameters() if p.requires_grad}
+                  for p, n in self.names.items() if p.requires_grad}
         state = ckpt.optimizer_state(arrays, expect, self.cfg.allow_fresh_optimizer)
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
