@@ -558,13 +558,11 @@ def test_interrupted_save_keeps_old_model(tmp_path, cfg, params, monkeypatch):
 
 
 def no_exchange(monkeypatch) -> None:
-    """No renameat2(RENAME_EXCHANGE), as on macOS: the folder swap of weights.files (and
-    weights.format's own copy, where it still has one) takes two renames."""
+    """No renameat2(RENAME_EXCHANGE), as on macOS: the folder swap of weights.files takes two
+    renames."""
     import weights.files
 
-    for module in (weights.files, weights.format):
-        if hasattr(module, "_exchange"):
-            monkeypatch.setattr(module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(weights.files, "_exchange", lambda a, b: False)
 
 
 @pytest.mark.parametrize("swap", ["exchange", "two_renames"])

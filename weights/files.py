@@ -265,6 +265,32 @@ def move_into_place(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def build_beside(path: Path, fill, error):
+    """Build a folder with fill(tmp) in a hidden sibling of `path`, fsync it, then swap it in
+    whole: an interruption (an error, a full disk, kill -9) leaves the old folder or the new
+    one, never half. An OSError becomes error(e) (the caller's one-line error type). Returns
+    what fill returned."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(path)
+        # os.mkdir's mode, not mkdtemp's owner-only one: the result is an ordinary folder
+        tmp, held = fresh_temp(path, "", lambda p: os.mkdir(p, 0o777))
+    except OSError as e:
+        raise error(e) from e
+    try:
+        result = fill(tmp)
+        fsync_dir(tmp)
+        move_into_place(tmp, path)
+        return result
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder (if any) is untouched
+        if isinstance(e, OSError):
+            raise error(e) from e
+        raise
+    finally:
+        release(held)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
     if not sys.platform.startswith("linux"):

@@ -27,7 +27,7 @@ from metastate_core.errors import MetaStateError
 from metastate_core.params import param_shapes, shape_mismatch
 
 from . import safetensors_io as st
-from .files import (WeightsError, clean_leftovers, fresh_temp, fsync_dir, kind_of, move_into_place, open_regular,
+from .files import (WeightsError, build_beside, clean_leftovers, fresh_temp, fsync_dir, kind_of, open_regular,
                     parse_json, read_text, release)
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -364,24 +364,7 @@ def write_directory(path: str | os.PathLike, fill) -> None:
     an interruption leaves the old folder or the new one. Refuses what check_destination does."""
     path = Path(os.path.realpath(path))
     check_destination(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(path)
-        # os.mkdir's mode, not mkdtemp's owner-only one: a model folder is an ordinary folder
-        tmp, held = fresh_temp(path, "", lambda p: os.mkdir(p, 0o777))
-    except OSError as e:
-        raise WeightsError(f"cannot save model to {path}: {e}") from e
-    try:
-        fill(tmp)
-        fsync_dir(tmp)
-        move_into_place(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # the old model (if any) is untouched
-        if isinstance(e, OSError):
-            raise WeightsError(f"cannot save model to {path}: {e}") from e
-        raise
-    finally:
-        release(held)
+    build_beside(path, fill, lambda e: WeightsError(f"cannot save model to {path}: {e}"))
 
 
 def check_destination(path: Path) -> None:

@@ -33,7 +33,6 @@ import json
 import numbers
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,8 +41,7 @@ import numpy as np
 from metastate_core.config import is_natural, is_plain_file_name
 from metastate_core.errors import MetaStateError
 from metastate_core.tokenizers import WORLD_VOCAB_FILE, TokenizerError, read_file, tokenizer_from_file, utf8
-from weights.files import (WeightsError, clean_leftovers, fresh_temp, fsync_dir, move_into_place, parse_json,
-                           read_text, release)
+from weights.files import WeightsError, build_beside, parse_json, read_text
 
 FORMAT = "metastate-tokens"
 META_FILE = "meta.json"
@@ -186,19 +184,15 @@ def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: st
         _check_eos(tok, tokenizer)
         kind = tok.to_config()["type"]
     else:
-        kind = "sentencepiece"
+        tok, kind = None, "sentencepiece"
     tok_file = TOKENIZER_FILES[kind]
     out = Path(os.path.realpath(out_dir))
     _check_data_destination(out)
     # Built in a hidden folder beside `out` and swapped in whole at the end (as a model is saved):
     # a failure, a full disk or a kill leaves the old data directory as it was, never half.
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(out)
-        tmp, held = fresh_temp(out, "", lambda p: os.mkdir(p, 0o777))
-    except OSError as e:
-        raise DataError(f"cannot write data directory {out}: {e}") from e
-    try:
+
+    def fill(tmp: Path) -> dict:
+        nonlocal tok  # trained into the new folder, or the one given
         if tokenizer is None:
             tok = SentencePieceTokenizer.train(iter(docs), vocab_size, tmp / tok_file, model_type="bpe")
             with open(tmp / tok_file, "rb+") as f:
@@ -225,16 +219,9 @@ def prepare_data(inputs: list[str | Path], out_dir: str | Path, *, tokenizer: st
             meta["tokenizer_type"] = kind
         text = json.dumps(meta, indent=2) + "\n"
         _write_file(tmp / META_FILE, lambda f: f.write(text.encode("utf-8")))
-        fsync_dir(tmp)
-        move_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # the old data directory (if any) is untouched
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write data directory {out}: {e}") from e
-        raise
-    finally:
-        release(held)
-    return meta
+        return meta
+
+    return build_beside(out, fill, lambda e: DataError(f"cannot write data directory {out}: {e}"))
 
 
 def _check_eos(tok, source) -> None:

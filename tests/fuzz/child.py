@@ -67,13 +67,10 @@ def _faults() -> None:
     for k, names in KINDS.items():
         for name in names:
             setattr(os, name, wrap(k, getattr(os, name)))
-    import weights.files
-    import weights.format
+    import weights.files  # the one swap of folders (models, data directories)
 
-    for module in (weights.files, weights.format):  # the swap of folders (format's own copy, while it has one)
-        if hasattr(module, "_exchange"):
-            exchange = (lambda a, b: False) if os.environ.get("METASTATE_TEST_NO_EXCHANGE") else module._exchange
-            module._exchange = wrap("rename", exchange)
+    exchange = (lambda a, b: False) if os.environ.get("METASTATE_TEST_NO_EXCHANGE") else weights.files._exchange
+    weights.files._exchange = wrap("rename", exchange)
     if count_file:
         atexit.register(lambda: open(count_file, "w").write(json.dumps(counts)))
 
