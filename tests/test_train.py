@@ -559,6 +559,25 @@ def test_init_from_continues_a_model_directory(data_dir, tmp_path):
     assert out["step"] == 2
 
 
+def test_init_from_a_quantized_model_trains_from_its_dequantized_weights(data_dir, tmp_path):
+    pytest.importorskip("mlx.core", reason="quantizing needs the mlx extra")
+    from metastate.cli import main
+    from weights.quantized import load_dequantized
+
+    src = train(tiny(data_dir, tmp_path / "src", max_steps=3))
+    q = tmp_path / "q8"
+    assert main(["convert", src["checkpoint"], "--out", str(q), "--quantize", "8", "--group-size", "32"]) == 0
+    trainer = Trainer(tiny(data_dir, tmp_path / "next", max_steps=2, init_from=str(q)))
+    start = trainer.raw.to_tensors()
+    _, want = load_dequantized(q)  # checked against mx.dequantize in tests/test_quantized.py
+    _, original = load_model(src["checkpoint"])
+    name = "blocks.0.att.key.weight"
+    np.testing.assert_array_equal(start[name], want[name])
+    assert not np.array_equal(start[name], original[name])  # really the quantized weights
+    assert all(np.array_equal(start[k], want[k]) for k in want)
+    trainer.train_step()  # and it trains
+
+
 def test_cli_config_file_and_flag_overrides(data_dir, tmp_path):
     from metastate.train_cmd import add_parsers, train_config
 

@@ -30,6 +30,7 @@ from backends.cuda import Model
 from metastate_core.config import ModelConfig
 from metastate_core.params import init_params
 from weights import load_model  # imported up front: a long run never re-imports code
+from weights.quantized import load_dequantized
 
 from . import checkpoints as ckpt
 from . import tune
@@ -141,7 +142,8 @@ class Trainer:
             best = state["best_val_loss"]  # null when no finite held-out loss was seen
             self.best = math.inf if best is None else best
         elif cfg.init_from:
-            mcfg, tensors = load_model(cfg.init_from, dtype="float32")
+            # an MLX-quantized model trains from its dequantized weights (float32 master weights)
+            mcfg, tensors = load_dequantized(cfg.init_from, dtype="float32")
             ckpt.check_tokenizer(Path(cfg.init_from), mcfg, self.tokenizer, self.tokenizer_file, cfg.data)
         else:
             mcfg = cfg.model_config(meta["vocab_size"])
