@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda import load_model  # noqa: E402
 from backends.cuda.ops.elementwise import naive  # noqa: E402
-from metastate.bench import size_config, sized_model  # noqa: E402
+from metastate.bench import median_time, size_config, sized_model  # noqa: E402
 
 PIECES = ("token_shift_mix", "k_prep", "group_norm_bonus_gate", "sse_norm_gate", "relu_square")
 DEV = "cuda"
@@ -55,16 +54,8 @@ def sync():
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of fn() over repeats, after one warm-up call, the GPU synchronised."""
+    return median_time(fn, repeats, sync)
 
 
 def row_or_error(rows: list, row: dict, fn) -> None:

@@ -62,7 +62,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _median_time(fn, repeats: int, sync=lambda: None) -> float:
+def median_time(fn, repeats: int, sync=lambda: None) -> float:
     fn()  # warm-up: compilation, allocator
     sync()
     times = []
@@ -99,8 +99,8 @@ def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats,
     rng = np.random.default_rng(0)
     V = engine.cfg.vocab_size
     prompt = rng.integers(0, V, prompt_len)
-    prefill_s = _median_time(lambda: engine.prefill(prompt), repeats)
-    first_s = _median_time(lambda: next(stream_generate(engine, None, prompt[:16], 1, temperature=0)), repeats)
+    prefill_s = median_time(lambda: engine.prefill(prompt), repeats)
+    first_s = median_time(lambda: next(stream_generate(engine, None, prompt[:16], 1, temperature=0)), repeats)
     _, state = engine.prefill(prompt)
     result = {"mode": "generation", "engine": engine.description, "load_s": load_s, "prompt_len": prompt_len,
               "prefill_tok_s": prompt_len / prefill_s, "first_token_ms": 1e3 * first_s}
@@ -112,7 +112,7 @@ def bench_generation(path, backend, kernels, dtype, prompt_len, decode, repeats,
             for tok in rng.integers(0, V, (decode, B)):
                 st = engine.step(int(tok[0]), st)[1] if B == 1 else engine.step_batch(tok, st)[1]
 
-        result["decode_tok_s" if B == 1 else f"decode_tok_s_b{B}"] = B * decode / _median_time(decode_loop, repeats)
+        result["decode_tok_s" if B == 1 else f"decode_tok_s_b{B}"] = B * decode / median_time(decode_loop, repeats)
     return {**result, "peak_memory_mib": _peak_memory_mib(engine.backend)}
 
 
@@ -169,8 +169,8 @@ def bench_training(path, kernels, dtype, batch, seq_len, repeats, grad_checkpoin
             "kernels": kernels, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "batch": batch, "seq_len": seq_len, "grad_checkpoint": grad_checkpoint, "fused": fused,
             "loss": "plain" if plain_loss else "chunked", "autocast": autocast,
-            "forward_tok_s": n / _median_time(forward_only, repeats, sync),
-            "train_tok_s": n / _median_time(train_step, repeats, sync),
+            "forward_tok_s": n / median_time(forward_only, repeats, sync),
+            "train_tok_s": n / median_time(train_step, repeats, sync),
             "peak_memory_mib": _peak_memory_mib("torch")}
 
 

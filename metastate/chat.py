@@ -344,17 +344,25 @@ def _command(session: ChatSession, line: str) -> bool:
     return False
 
 
-def threads_arg(text: str) -> int | str:
-    """argparse type of --threads: "auto" or a positive integer."""
-    if text == "auto":
-        return text
+def positive_int(text: str) -> int:
+    """argparse type of a count: a positive integer."""
     try:
         n = int(text)
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def threads_arg(text: str) -> int | str:
+    """argparse type of --threads: "auto" or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}") from None
 
 
 MAX_PENALTY = 100.0

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from metastate.api import DTYPES, KERNELS, Engine, default_model_path, load
-from metastate.chat import backend_args
+from metastate.chat import backend_args, positive_int
 from metastate_core.constants import PREFILL_STEP
 from metastate_core.errors import ExtraUnavailable, MetaStateError
 
@@ -208,16 +208,6 @@ def _table(results: list[dict], several_files: bool) -> str:
 
     return "\n".join([" " * (widths[0] + widths[1] + 2) + "  " + "  ".join(titles), line(header),
                       *(line(row) for row in rows)])
-
-
-def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
 
 
 FIRST_TOKEN = ("each file is one document after the end-of-text token, so all its tokens are scored "
