@@ -217,7 +217,8 @@ class NumpyEngine(Engine):
     def __init__(self, cfg: ModelConfig, tensors: dict, dtype=np.float32):
         super().__init__(cfg)
         self.dtype = np.dtype(dtype)
-        self.weights = {k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()}
+        # the decode layout: a decoded row runs OpenBLAS's fast kernel (docs/benchmarks.md)
+        self.weights = reference.decode_layout({k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()})
         self.description = f"numpy (cpu, {self.dtype.name})"
         self.threadable = importlib.util.find_spec("threadpoolctl") is not None
 
@@ -228,7 +229,8 @@ class NumpyEngine(Engine):
 
     def _forward(self, ids, state, every=False):
         form = "recurrent" if ids.shape[1] == 1 else "chunked"
-        logits, state = reference.forward(self.weights, self.cfg, ids, state, dtype=self.dtype, wkv=form)
+        logits, state = reference.forward(self.weights, self.cfg, ids, state, dtype=self.dtype, wkv=form,
+                                          last_only=not every)
         return (logits if every else logits[:, -1]).astype(np.float32), state
 
     def logits(self, ids):
@@ -426,8 +428,24 @@ def race(candidates: dict, timer=time.perf_counter, rounds: int = 3, margin: flo
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+DECODED_IN_A_TURN = 4  # decoded tokens in the timed turn of `choose_by_measurement`
+
+
+def engine_code_digest() -> str:
+    """A digest of the code behind the engines (metastate_core, backends, this file): a changed
+    engine is measured anew, also in an editable install whose version stays the same."""
+    root = Path(__file__).resolve().parents[1]
+    files = [Path(__file__).resolve(), *sorted((root / "metastate_core").glob("*.py")),
+             *sorted((root / "backends").rglob("*.py"))]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _policy_key(cfg: ModelConfig, args, backends, threads) -> str:
-    """The cache key of a choice: machine, installed versions, model shape, the request."""
+    """The cache key of a choice: machine, installed versions, engine code, model shape, the
+    request."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name):
@@ -438,7 +456,7 @@ def _policy_key(cfg: ModelConfig, args, backends, threads) -> str:
 
     shape = {k: v for k, v in cfg.to_dict().items() if k not in ("tokenizer", "growth") and k not in cfg.extra}
     return json.dumps([platform.node(), platform.machine(), platform.processor(), cpu_count(),
-                       {p: installed(p) for p in ("metastate", "numpy", "torch", "mlx")}, shape,
+                       {p: installed(p) for p in ("metastate", "numpy", "torch", "mlx")}, engine_code_digest(), shape,
                        cfg.extra.get("quantization"), [str(a) for a in args[1:]], backends, threads], sort_keys=True)
 
 
@@ -450,7 +468,8 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
     (None: every installed one that offers `kernels`); threads: "auto" (every `thread_options`
     count) or one count. A cached choice for this machine, model shape and request is loaded
     at once. Otherwise each backend is loaded in turn and its thread counts `race`d on a
-    short turn (a 16-token prompt and one decoded token: the sequence path and the step),
+    short turn (a 16-token prompt, then 4 decoded tokens: the sequence path and the step,
+    weighted as chat weighs them, where a reply is longer than the message before it),
     holding at most two engines at once, and the choice is cached. A backend that cannot load
     this model is passed over; an unwritable or corrupt cache is ignored.
     """
@@ -484,8 +503,10 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
             engine.set_threads(options[0])
             return engine  # nothing to choose between
 
-        def turn(engine=engine):  # a short prompt and a decoded token: the sequence path and the step
-            engine.step(0, engine.prefill(np.arange(16) % cfg.vocab_size)[1])
+        def turn(engine=engine):
+            state = engine.prefill(np.arange(16) % cfg.vocab_size)[1]
+            for token in range(DECODED_IN_A_TURN):
+                state = engine.step(token % cfg.vocab_size, state)[1]
 
         times = race({n: (partial(engine.set_threads, n), turn) for n in options}, timer, bound=best)
         seconds.update({f"{backend}:{n}" if n else backend: t for n, t in times.items()})

@@ -95,6 +95,30 @@ def test_prefill_in_pieces_equals_one_pass(model):
                                    rtol=0, atol=1e-4 * np.abs(ref_state.wkv).max())
 
 
+def test_numpy_prefill_multiplies_the_head_for_the_last_token_only(model, monkeypatch):
+    """The NumPy engine's prefill: the head's product (a 65536-token vocabulary makes it the
+    largest of a prompt) for one row a piece, over weights in the decode layout."""
+    import metastate_core.reference as reference
+
+    path, cfg, tensors = model
+    engine, _ = load(path, "numpy")
+    assert all(engine.weights[k].T.flags["C_CONTIGUOUS"] for k in engine.weights
+               if k.endswith(reference.TRANSPOSED_PRODUCTS))
+    rows, product = [], reference.mm
+
+    def counted(x, w):
+        if w.shape == (cfg.d_model, cfg.vocab_size):  # the head
+            rows.append(x.shape[:-1])
+        return product(x, w)
+
+    monkeypatch.setattr(reference, "mm", counted)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 40)
+    logits, _ = engine.prefill(ids, step=16)
+    assert rows == [(1, 1)] * 3  # pieces of 16, 16 and 8 tokens
+    ref_logits, _ = forward(tensors, cfg, ids[None], dtype=np.float64)
+    np.testing.assert_allclose(logits, ref_logits[0, -1], rtol=0, atol=1e-4 * np.abs(ref_logits).max())
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
 def test_forward_from_a_state_gives_every_position(model, backend):
     """Engine.forward: the logits of every position of some tokens read after a state, and the

@@ -112,17 +112,18 @@ def test_noisy_timings_never_choose_more_than_20_percent_slower(seed):
     assert true[min(times, key=times.get)] <= 1.2 * min(true.values())
 
 
-def test_the_fastest_backend_and_thread_count_are_chosen_and_cached(fake):
+def test_the_fastest_backend_and_thread_count_are_chosen_and_cached(fake, monkeypatch):
     costs, loaded, clock, cache = fake
     costs.update(torch={1: 0.010, 2: 0.020}, numpy={1: 0.008, 2: 0.009}, mlx=0.05)
     engine = choose(clock)
     assert (engine.backend, engine.threads) == ("numpy", 1)
     assert [e.backend for e in loaded] == ["torch", "numpy", "mlx"]
-    assert loaded[2].runs == 1  # mlx: its warm-up is over 4.5x the best so far
+    turn = api.DECODED_IN_A_TURN  # decoded tokens in a timed turn
+    assert loaded[2].runs == turn  # mlx: one turn, its warm-up, over 4.5x the best so far
     entry, = json.loads(cache.read_text()).values()
     assert entry["backend"] == "numpy" and entry["threads"] == 1
-    assert entry["seconds"] == pytest.approx({"torch:1": 0.010, "torch:2": 0.020, "numpy:1": 0.008,
-                                              "numpy:2": 0.009, "mlx": 0.05})
+    assert entry["seconds"] == pytest.approx({"torch:1": 0.010 * turn, "torch:2": 0.020 * turn,
+                                              "numpy:1": 0.008 * turn, "numpy:2": 0.009 * turn, "mlx": 0.05 * turn})
     # a hit: the cached choice is loaded at once, nothing is timed
     loaded.clear()
     engine = choose(clock)
@@ -133,6 +134,9 @@ def test_the_fastest_backend_and_thread_count_are_chosen_and_cached(fake):
     assert (choose(clock, CFG.replace(d_model=64)).threads, choose(clock, threads=2).backend) == (2, "torch")
     assert len(json.loads(cache.read_text())) == 3
     assert choose(clock).backend == "numpy"  # the first entry still holds
+    # changed engine code is measured anew (an editable install keeps its version number)
+    monkeypatch.setattr(api, "engine_code_digest", lambda: "another")
+    assert choose(clock).backend == "torch" and len(json.loads(cache.read_text())) == 4
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", "null", '{"%s": {"backend": "cuda"}}',
