@@ -53,6 +53,7 @@ from metastate_core.chat_templates import TURN_END, ChatTemplate, clean_message,
 from metastate_core.constants import PREFILL_STEP, WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError, require_extra
 from metastate_core.sampling import Sampler, SamplingParams
+from weights.files import open_regular
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -67,6 +68,8 @@ CHAT_MAX_TOKENS = 512             # `metastate chat`'s default answer length
 MAX_TOP_LOGPROBS = 20             # OpenAI's limit
 MAX_PENALTY = 2.0                 # OpenAI's range for presence_penalty / frequency_penalty
 DISCONNECT_POLL_S = 0.5           # how often a non-streamed request checks that its client is still there
+BODY_BYTES_PER_PROMPT_TOKEN = 64  # a request body may hold this much JSON per prompt token allowed,
+BODY_BYTES_BASE = 2**20           # plus this: past that it is refused (413) before it is all read
 
 
 class ServeError(MetaStateError):
@@ -535,6 +538,7 @@ class Service:
         self.model_id = model_id or (model.path.name if model.path else "metastate")
         self.api_key = api_key
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_body_bytes = BODY_BYTES_BASE + BODY_BYTES_PER_PROMPT_TOKEN * max_prompt_tokens
         self.after_state = initial_state is not None
         try:
             self.template = template_for(model.cfg.extra.get("chat_template"), (model.cfg.tokenizer or {}).get("type"))
@@ -569,7 +573,7 @@ class Service:
                             404, code="model_not_found")
 
     async def _body(self, request: Request) -> dict:
-        raw = await request.body()
+        raw = await self._read_body(request)
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # bad JSON or not UTF-8; absurd nesting
@@ -582,6 +586,22 @@ class Service:
         if model is not None and model != self.model_id:
             raise self._no_such_model(model, "model")
         return body
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) once it passes `max_body_bytes`: by its declared length, or
+        while it arrives (a chunked body declares none), so a huge body is never held."""
+        too_big = RequestError(f"the request body is over this server's limit of {self.max_body_bytes:,} bytes "
+                               "(it grows with --max-prompt-tokens)", None, 413, code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _job(self, body: dict, chat: bool) -> tuple[Job, Settings]:
         settings = _settings(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, chat)
@@ -849,7 +869,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", help="model directory (default: the shipped weights/default/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_arg(0, 65535), default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    p.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on every request")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` on every request")
+    key.add_argument("--api-key-file", metavar="FILE",
+                     help="the same, the key read from FILE's first line (not shown to other users by ps)")
     backend_args(p)
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="the backend's WKV kernels")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (default: as stored)")
@@ -867,9 +890,27 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def read_api_key(path: str) -> str:
+    """The key on the first line of a file (a regular file, at most 4 KiB), stripped."""
+    with open_regular(Path(path), "--api-key-file") as f:
+        data = f.read(4097)
+    if len(data) > 4096:
+        raise ServeError(f"--api-key-file {path} is over 4 KiB: expected one line holding the key")
+    try:
+        key = data.decode().splitlines()[0].strip() if data.strip() else ""
+    except UnicodeDecodeError:
+        raise ServeError(f"--api-key-file {path} is not UTF-8 text") from None
+    if not key:
+        raise ServeError(f"--api-key-file {path} holds no key on its first line")
+    return key
+
+
 def cmd_serve(args) -> int:
     require_serve_extra()
     import uvicorn
+
+    if args.api_key_file:
+        args.api_key = read_api_key(args.api_key_file)
 
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once
     with sock:

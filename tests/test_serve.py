@@ -371,12 +371,14 @@ SERVE = ("import argparse, sys\nfrom metastate.serve import add_parsers\n"
          "args = parser.parse_args(sys.argv[1:])\nsys.exit(args.func(args))")
 
 
-def test_the_serve_command_starts_answers_and_stops_on_ctrl_c():
+def test_the_serve_command_starts_answers_and_stops_on_ctrl_c(tmp_path):
     import re
     import signal
 
+    (tmp_path / "key.txt").write_text("k\n")  # the key from a file: not in the process's arguments
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--backend", "numpy", "--threads", "1",
-                             "--port", "0", "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+                             "--port", "0", "--api-key-file", str(tmp_path / "key.txt")],
+                            stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         while not any("serving" in line for line in lines):
@@ -386,6 +388,7 @@ def test_the_serve_command_starts_answers_and_stops_on_ctrl_c():
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", lines[-1]).group(1))
         status, reply = post(("127.0.0.1", port), "/v1/models", None, {"Authorization": "Bearer k"}, method="GET")
         assert status == 200 and reply["data"][0]["id"] == "default"
+        assert post(("127.0.0.1", port), "/v1/models", None, {"Authorization": "Bearer kk"}, method="GET")[0] == 401
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         assert "Traceback" not in proc.stderr.read()
@@ -395,7 +398,8 @@ def test_the_serve_command_starts_answers_and_stops_on_ctrl_c():
 
 
 def test_the_serve_command_checks_its_options():
-    bad = [["--port", "70000"], ["--max-batch", "0"], ["--cache-mb", "-1"], ["--max-queue", "x"]]
+    bad = [["--port", "70000"], ["--max-batch", "0"], ["--cache-mb", "-1"], ["--max-queue", "x"],
+           ["--api-key", "k", "--api-key-file", "key.txt"]]
     for args in bad:
         out = subprocess.run([sys.executable, "-c", SERVE, "serve", *args], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "Traceback" not in out.stderr and "error:" in out.stderr, args
@@ -483,3 +487,49 @@ def test_a_long_prompt_is_read_in_pieces_between_decode_steps():
     assert all(("step", 1) in calls[a:b] for a, b in zip(pieces, pieces[1:]))  # the stream went on between them
     engine.prefill = prefill
     assert r.choices[0].text == generate(engine, tok, long, 8, temperature=0.0)
+
+
+def test_an_api_key_file_is_one_line_of_a_regular_file(tmp_path):
+    import os
+
+    from metastate.serve import read_api_key
+    from metastate_core.errors import MetaStateError
+
+    (tmp_path / "key").write_text("  s3cret  \nsecond line\n")
+    assert read_api_key(str(tmp_path / "key")) == "s3cret"
+    (tmp_path / "empty").write_text("\n\n")
+    (tmp_path / "long").write_text("k" * 5000)
+    (tmp_path / "binary").write_bytes(b"\xff\xfe")
+    os.mkfifo(tmp_path / "fifo")  # refused at once, no waiting for a writer
+    for name, says in [("empty", "no key"), ("long", "over 4 KiB"), ("binary", "not UTF-8"), ("fifo", "FIFO"),
+                       ("missing", "does not exist"), (".", "directory")]:
+        with pytest.raises(MetaStateError, match=says):
+            read_api_key(str(tmp_path / name))
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """413 by the declared length, and while a chunked body (no declared length) arrives; the
+    limit is 1 MiB + 64 bytes a prompt token (MAX_PROMPT here)."""
+    address, service = server
+    limit = 2**20 + 64 * MAX_PROMPT
+    assert service.max_body_bytes == limit
+    big = json.dumps({"prompt": "a", "user": "x" * limit}).encode()
+    status, reply = post(address, "/v1/completions", big)
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
+
+    def chunked(n_chunks):  # http.client sends an iterable body with Transfer-Encoding: chunked
+        yield b'{"prompt": "a", "user": "'
+        for _ in range(n_chunks):
+            yield b"x" * 65536
+        yield b'"}'
+
+    conn = http.client.HTTPConnection(*address, timeout=120)
+    try:
+        conn.request("POST", "/v1/completions", body=chunked(limit // 65536 + 2), encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
+    finally:
+        conn.close()
+    status, reply = post(address, "/v1/completions", {"prompt": "a", "max_tokens": 2, "user": "x" * (limit // 2)})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 2  # under it: answered
