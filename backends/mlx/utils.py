@@ -6,6 +6,7 @@ Quantization follows mlx-lm's conventions: affine, group size 64, recorded in co
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,7 @@ from mlx.utils import tree_flatten
 
 from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import ModelError
-from weights import atomic_write
-from weights.format import check_destination
+from weights.format import write_directory
 from weights.quantized import QUANT_BITS, QUANT_GROUP_SIZES, read_layout
 
 from .model import MetaLayer, Model
@@ -97,7 +97,8 @@ def save(model: Model, path, tokenizer=None) -> None:
     Float models go through weights.save_model: canonical and bit-exact, so torch save ->
     MLX load -> MLX save -> torch load changes nothing. Quantized models are MLX's packed
     weights + scales + biases in model.safetensors (uint32, which the canonical writer does
-    not store), with "quantization" in config.json; each file is replaced atomically.
+    not store), with "quantization" in config.json; the directory is replaced as a whole, as
+    weights.save_model replaces one (an interruption leaves the old model or the new).
     """
     path = Path(path)
     cfg = model.cfg
@@ -108,16 +109,22 @@ def save(model: Model, path, tokenizer=None) -> None:
         extra = {Path(tok_file).name: tok_file} if tok_file is not None else None
         save_model(path, cfg, model.to_tensors(), extra_files=extra)
         return
-    check_destination(path)  # never over a file, or a directory that is not a metastate model
-    path.mkdir(parents=True, exist_ok=True)
     config = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
     meta = {"format": "metastate", "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
     arrays = dict(tree_flatten(model.parameters()))
-    (path / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win
-    atomic_write(path / "model.safetensors", lambda f: mx.save_safetensors(f, arrays, metadata=meta))
-    if tok_file is not None and Path(tok_file).resolve() != (path / Path(tok_file).name).resolve():
-        atomic_write(path / Path(tok_file).name, lambda f: shutil.copyfile(tok_file, f))
-    atomic_write(path / "config.json", lambda f: Path(f).write_text(config, encoding="utf-8"))
+
+    def fill(tmp: Path) -> None:
+        files = [tmp / "model.safetensors", tmp / "config.json"]
+        mx.save_safetensors(str(files[0]), arrays, metadata=meta)
+        files[1].write_text(config, encoding="utf-8")
+        if tok_file is not None:  # read before the swap, also where it lies in `path` itself
+            files.append(tmp / Path(tok_file).name)
+            shutil.copyfile(tok_file, files[-1])
+        for file in files:  # on disk before the swap: a crash after it must not find them empty
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+    write_directory(path, fill)  # built beside, swapped in whole; never over a non-model directory
 
 
 def convert(src, dst, *, bits: int | None = None, group_size: int = 64, dtype: str | None = None) -> None:

@@ -55,13 +55,16 @@ def scenario(name: str, base, root: Path, text: Path):
                 200, "--val-fraction", "0.2"], b"", extra
     shutil.copytree(base.model, dest)
     if name.startswith("convert"):
-        return ["convert", base.other, "--out", dest, "--force"], b"", extra
+        quantize = ["--quantize", 8] if name == "convert-quantize" else []  # MLX's writer, built beside as well
+        return ["convert", base.other, "--out", dest, "--force", *quantize], b"", extra
     return ["grow", base.other, "--out", dest, "--force", "--param-tokens", 32], b"", extra
 
 
-@pytest.mark.parametrize("name", ["convert", "convert-two-renames", "grow", "grow-two-renames", "save", "prepare-data",
-                                  "prepare-data-two-renames"])
+@pytest.mark.parametrize("name", ["convert", "convert-two-renames", "convert-quantize", "grow", "grow-two-renames",
+                                  "save", "prepare-data", "prepare-data-two-renames"])
 def test_kill_at_every_rename_fsync_unlink_and_write(base, tmp_path, name):
+    if name == "convert-quantize":
+        pytest.importorskip("mlx.core")
     env = harness.environment(tmp_path / "cache")
     text = tmp_path / "new.txt"
     text.write_text(words(1, 40))
