@@ -473,6 +473,8 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
     holding at most two engines at once, and the choice is cached. A backend that cannot load
     this model is passed over; an unwritable or corrupt cache is ignored.
     """
+    from weights.files import available_memory
+
     kernels = args[1]
     backends = backends or [b for b in ("torch", "numpy", "mlx") if kernels in ("auto", *constants.KERNELS[b])
                             and (b == "numpy" or installed(b))]
@@ -493,6 +495,13 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
         return engine
     best, winner, seconds, errors = math.inf, None, {}, []
     for backend in backends:
+        free = available_memory()
+        if backend == "numpy" and free is not None and numpy_engine_bytes(cfg, args[2]) > free:
+            # its float32 copy would not fit beside what is held (a bfloat16 model doubles): the
+            # kernel's OOM killer ends a process without a word, so it is passed over unloaded
+            errors.append(BackendError(f"the numpy backend would need {numpy_engine_bytes(cfg, args[2]) / 2**30:.1f} "
+                                       f"GiB, {free / 2**30:.1f} GiB is available"))
+            continue
         try:
             engine = _LOADERS[backend](*args)
         except MetaStateError as e:  # not installed, or not for this model (dtype, quantization)
@@ -552,11 +561,23 @@ def _none_can_read(cfg: ModelConfig, backends: list[str], error: MetaStateError)
     return BackendError(f"{error}; the mlx backend reads this {what} as stored: choose it with --backend mlx")
 
 
+def numpy_engine_bytes(cfg: ModelConfig, dtype: str | None) -> int:
+    """The memory of the NumPy engine's weights: float32 (float64 with that dtype) whatever
+    they are stored in, so twice a bfloat16 model's."""
+    from weights.format import n_params
+
+    return n_params(cfg) * (8 if dtype == "float64" else 4)
+
+
 def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
+    from weights import load_config
+    from weights.files import check_memory
     from weights.quantized import load_dequantized
 
     if dtype not in (None, "float32", "float64", "bfloat16"):
         raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float64, float32 or bfloat16)")
+    cfg = load_config(path)
+    check_memory(numpy_engine_bytes(cfg, dtype), "the numpy backend's float weights")
     # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math);
     # an MLX-quantized model is dequantized to float32
     cfg, tensors = load_dequantized(path, dtype="bfloat16" if dtype == "bfloat16" else None)

@@ -13,6 +13,7 @@ import metastate.api as api
 from metastate.api import BackendUnavailable, choose_by_measurement, race
 from metastate.cli import main
 from metastate_core.config import ModelConfig
+from metastate_core.params import param_shapes
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layer=2, head_size=16)
 ARGS = ("model-dir", "auto", None, None, False)  # the loaders' (path, kernels, dtype, device, cuda_graphs)
@@ -167,6 +168,39 @@ def test_backends_that_cannot_load_are_passed_over(fake):
     costs.update(numpy=BackendUnavailable("no numpy either"), mlx=BackendUnavailable("nor mlx"))
     with pytest.raises(BackendUnavailable, match="no torch"):
         choose(clock, CFG.replace(n_layer=3))
+
+
+def test_numpy_is_passed_over_where_its_float32_copy_would_not_fit(fake, monkeypatch):
+    """A bfloat16 model's float32 copy for numpy (twice its size) beside the engine already held
+    could exhaust memory, and the OOM killer ends a process without a word: the race leaves
+    numpy out unloaded when it needs more than MemAvailable, and says why if nothing else loads."""
+    import weights.files
+
+    costs, loaded, clock, _ = fake
+    costs.update(torch={1: 0.010, 2: 0.020}, numpy={1: 0.001, 2: 0.001}, mlx=0.05)
+    need = api.numpy_engine_bytes(CFG, None)
+    assert need == 4 * sum(int(np.prod(s)) for s in param_shapes(CFG).values())  # float32 weights
+    monkeypatch.setattr(weights.files, "available_memory", lambda: need - 1)
+    engine = choose(clock)
+    assert engine.backend == "torch" and "numpy" not in [e.backend for e in loaded]
+    with pytest.raises(api.MetaStateError, match="numpy backend would need"):
+        choose(clock, backends=["numpy"], threads=1)
+    monkeypatch.setattr(weights.files, "available_memory", lambda: need)  # it fits: raced, and faster
+    assert choose(clock, backends=["torch", "numpy"]).backend == "numpy"
+
+
+def test_the_numpy_loader_checks_memory_before_reading(tmp_path, monkeypatch, capsys):
+    import weights.files
+
+    path, cfg, _ = make_model(tmp_path)
+    monkeypatch.setattr(weights.files, "memory_limit", lambda: api.numpy_engine_bytes(cfg, "float64") - 1)
+    api.load(path, "numpy", threads=1)  # float32: half of it, fits
+    with pytest.raises(api.MetaStateError, match="numpy backend's float weights needs about"):
+        api.load(path, "numpy", dtype="float64", threads=1)
+    rc = main(["logits", "--model", str(path), "--tokens", "1,2", "--out", str(tmp_path / "l.npy"),
+               "--dtype", "float64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("error: the numpy backend's float weights")
 
 
 def test_threads_given_and_nothing_to_choose(fake):

@@ -126,6 +126,18 @@ def memory_limit() -> int | None:
     return min(limits, default=None)
 
 
+def available_memory() -> int | None:
+    """Bytes the machine can give now without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_memory(nbytes: int, what: str) -> None:
     """WeightsError, before anything is allocated, when `what` needs `nbytes` of memory and that
     is more than this process may hold."""
