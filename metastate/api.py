@@ -218,7 +218,7 @@ class NumpyEngine(Engine):
         super().__init__(cfg)
         self.dtype = np.dtype(dtype)
         # the decode layout: a decoded row runs OpenBLAS's fast kernel (docs/benchmarks.md)
-        self.weights = reference.decode_layout({k: np.asarray(v, dtype=self.dtype) for k, v in tensors.items()})
+        self.weights = reference.decode_layout(tensors, self.dtype)
         self.description = f"numpy (cpu, {self.dtype.name})"
         self.threadable = importlib.util.find_spec("threadpoolctl") is not None
 
@@ -441,8 +441,8 @@ def engine_code_digest() -> str:
     for f in files:
         try:
             digest.update(f.read_bytes())
-        except OSError:  # an install without sources (bytecode only): the versions in the key still tell
-            digest.update(str(f).encode())
+        except OSError:  # unreadable: left out (the versions in the key still tell)
+            pass
     return digest.hexdigest()[:16]
 
 
@@ -471,8 +471,8 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
     (None: every installed one that offers `kernels`); threads: "auto" (every `thread_options`
     count) or one count. A cached choice for this machine, model shape and request is loaded
     at once. Otherwise each backend is loaded in turn and its thread counts `race`d on a
-    short turn (a 16-token prompt, then 4 decoded tokens: the sequence path and the step,
-    weighted as chat weighs them, where a reply is longer than the message before it),
+    short turn (a 16-token prompt, then 4 decoded tokens: the sequence path and the step, the
+    step weighted up because chat decodes more tokens than it reads; a heuristic),
     holding at most two engines at once, and the choice is cached. A backend that cannot load
     this model is passed over; an unwritable or corrupt cache is ignored.
     """
@@ -491,19 +491,27 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
         entries = entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         entries = {}
+    def too_big(backend) -> BackendError | None:
+        """numpy's float copy (twice a bfloat16 model) where it would not fit beside what is held
+        now: the OOM killer ends a process without a word, so it is left out unloaded (unless it
+        is the only backend: then its loader's own check decides)."""
+        free = available_memory()
+        need = numpy_engine_bytes(cfg, args[2])
+        if backend == "numpy" and len(backends) > 1 and free is not None and need > free:
+            return BackendError(f"the numpy backend would need {need / 2**30:.1f} GiB while loading, "
+                                f"{free / 2**30:.1f} GiB is available")
+        return None
+
     hit = entries.get(key)
-    if isinstance(hit, dict) and hit.get("backend") in backends and (hit.get("threads") in (None, *counts)):
+    if (isinstance(hit, dict) and hit.get("backend") in backends and (hit.get("threads") in (None, *counts))
+            and not too_big(hit["backend"])):  # a cached choice that no longer fits is measured again
         engine = _LOADERS[hit["backend"]](*args)
         engine.set_threads(hit["threads"])
         return engine
     best, winner, seconds, errors = math.inf, None, {}, []
     for backend in backends:
-        free = available_memory()
-        if backend == "numpy" and free is not None and numpy_engine_bytes(cfg, args[2]) > free:
-            # its float32 copy would not fit beside what is held (a bfloat16 model doubles): the
-            # kernel's OOM killer ends a process without a word, so it is passed over unloaded
-            errors.append(BackendError(f"the numpy backend would need {numpy_engine_bytes(cfg, args[2]) / 2**30:.1f} "
-                                       f"GiB, {free / 2**30:.1f} GiB is available"))
+        if error := too_big(backend):
+            errors.append(error)
             continue
         try:
             engine = _LOADERS[backend](*args)
@@ -565,11 +573,12 @@ def _none_can_read(cfg: ModelConfig, backends: list[str], error: MetaStateError)
 
 
 def numpy_engine_bytes(cfg: ModelConfig, dtype: str | None) -> int:
-    """The memory of the NumPy engine's weights: float32 (float64 with that dtype) whatever
-    they are stored in, so twice a bfloat16 model's."""
+    """The memory the NumPy engine needs at its peak, while loading: its float32 weights
+    (float64 with that dtype) whatever they are stored in, and beside them the stored ones
+    (at most 4 bytes a parameter) they are made from."""
     from weights.format import n_params
 
-    return n_params(cfg) * (8 if dtype == "float64" else 4)
+    return n_params(cfg) * ((8 if dtype == "float64" else 4) + 4)
 
 
 def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
@@ -579,8 +588,7 @@ def _load_numpy(path, kernels, dtype, device, cuda_graphs=False):
 
     if dtype not in (None, "float32", "float64", "bfloat16"):
         raise BackendError(f"dtype {dtype!r} is not available on the numpy backend (use float64, float32 or bfloat16)")
-    cfg = load_config(path)
-    check_memory(numpy_engine_bytes(cfg, dtype), "the numpy backend's float weights")
+    check_memory(numpy_engine_bytes(load_config(path), dtype), "the numpy backend's float weights")
     # bfloat16: the weights rounded to bfloat16, arithmetic in float32 (numpy has no bfloat16 math);
     # an MLX-quantized model is dequantized to float32
     cfg, tensors = load_dequantized(path, dtype="bfloat16" if dtype == "bfloat16" else None)

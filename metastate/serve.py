@@ -593,7 +593,7 @@ class Service:
         too_big = RequestError(f"the request body is over this server's limit of {self.max_body_bytes:,} bytes "
                                "(it grows with --max-prompt-tokens)", None, 413, code="request_too_large")
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise too_big
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -892,12 +892,14 @@ def add_parsers(sub) -> None:
 
 def read_api_key(path: str) -> str:
     """The key on the first line of a file (a regular file, at most 4 KiB), stripped."""
+    if not path:
+        raise ServeError("--api-key-file is empty: give the path of the file that holds the key")
     with open_regular(Path(path), "--api-key-file") as f:
         data = f.read(4097)
     if len(data) > 4096:
         raise ServeError(f"--api-key-file {path} is over 4 KiB: expected one line holding the key")
     try:
-        key = data.decode().splitlines()[0].strip() if data.strip() else ""
+        key = data.decode("utf-8-sig").strip().splitlines()[0].strip() if data.strip() else ""  # a BOM: Notepad
     except UnicodeDecodeError:
         raise ServeError(f"--api-key-file {path} is not UTF-8 text") from None
     if not key:
@@ -909,7 +911,7 @@ def cmd_serve(args) -> int:
     require_serve_extra()
     import uvicorn
 
-    if args.api_key_file:
+    if args.api_key_file is not None:  # "" (an unset $VARIABLE) is refused, never "no key"
         args.api_key = read_api_key(args.api_key_file)
 
     sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once

@@ -72,7 +72,8 @@ class ChunkedWKV:
         G_prev = G - log_w
         G_last = G[..., -1:, :]
         A = alpha * np.exp(G_prev)
-        self.Bh, self.Kh, self.G = beta * np.exp(-G), k * np.exp(-G), G
+        inv_gamma = np.exp(-G)
+        self.Bh, self.Kh, self.gamma = beta * inv_gamma, k * inv_gamma, np.exp(G)
         self.v = v
 
         # Pass 1: the chunk-local WY factors.
@@ -84,8 +85,8 @@ class ChunkedWKV:
         self.Uv = Tinv @ (P @ v)                                 # [B, H, n, C, N_v]
 
         # Pass 2: carry the state across chunks (decay to the chunk end in log space, <= 1).
-        B_end = beta * np.exp(G_last - G)
-        K_end = k * np.exp(G_last - G)
+        to_end = np.exp(G_last - G)
+        B_end, K_end = beta * to_end, k * to_end
         n = k.shape[2]
         self.states = np.empty(S0.shape[:2] + (n + 1,) + S0.shape[2:], dt)
         S = S0
@@ -102,7 +103,7 @@ class ChunkedWKV:
         """Pass 3: S_t q_t for q [B, T, H', N], H' <= H (the first H' heads): [B, T, H', N]."""
         h = q.shape[2]
         S0 = self.states[:, :h, :-1]                             # [B, h, n, N_v, N_k]
-        Q = _to_chunks(q, self.C) * np.exp(self.G[:, :h])
+        Q = _to_chunks(q, self.C) * self.gamma[:, :h]
         U = self.W[:, :h] @ np.swapaxes(S0, -1, -2) + self.Uv[:, :h]
         causal = np.tril(np.ones((self.C, self.C), bool))
         out = (Q @ np.swapaxes(S0, -1, -2)

@@ -205,9 +205,11 @@ TRANSPOSED_PRODUCTS = (".receptance.weight", ".key.weight", ".value.weight", ".o
                        "head.weight")
 
 
-def decode_layout(weights: dict) -> dict:
-    """The same arrays (values unchanged), with each matrix `forward` multiplies as x @ W^T
-    stored column-major, so that W^T is a row-major operand: one row times it then runs the
-    BLAS's fast kernel (OpenBLAS and MKL read a row-major operand about 1.4x faster than the
-    transpose of one; docs/benchmarks.md). For the NumPy engine's float32/float64 weights."""
-    return {name: np.asfortranarray(a) if name.endswith(TRANSPOSED_PRODUCTS) else a for name, a in weights.items()}
+def decode_layout(weights: dict, dtype=None) -> dict:
+    """The same arrays (values unchanged; in `dtype` if given), with each matrix `forward`
+    multiplies as x @ W^T stored column-major, so that W^T is a row-major operand: one row
+    times it then runs the BLAS's fast kernel (OpenBLAS and MKL read a row-major operand about
+    1.4x faster than the transpose of one; docs/benchmarks.md). For the NumPy engine's
+    float32/float64 weights; each array is converted and laid out in one copy at most."""
+    return {name: np.asarray(a, dtype, order="F" if name.endswith(TRANSPOSED_PRODUCTS) else "K")
+            for name, a in weights.items()}

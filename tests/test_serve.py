@@ -497,6 +497,8 @@ def test_an_api_key_file_is_one_line_of_a_regular_file(tmp_path):
 
     (tmp_path / "key").write_text("  s3cret  \nsecond line\n")
     assert read_api_key(str(tmp_path / "key")) == "s3cret"
+    (tmp_path / "notepad").write_bytes(b"\xef\xbb\xbfs3cret\r\n")  # a BOM and CRLF
+    assert read_api_key(str(tmp_path / "notepad")) == "s3cret"
     (tmp_path / "empty").write_text("\n\n")
     (tmp_path / "long").write_text("k" * 5000)
     (tmp_path / "binary").write_bytes(b"\xff\xfe")
@@ -505,6 +507,10 @@ def test_an_api_key_file_is_one_line_of_a_regular_file(tmp_path):
                        ("missing", "does not exist"), (".", "directory")]:
         with pytest.raises(MetaStateError, match=says):
             read_api_key(str(tmp_path / name))
+    # an empty name (an unset $VARIABLE) is an error, never a server without a key
+    out = subprocess.run([sys.executable, "-c", SERVE, "serve", "--port", "0", "--api-key-file", ""],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "serving" not in out.stderr, out.stderr
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
@@ -516,6 +522,16 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     big = json.dumps({"prompt": "a", "user": "x" * limit}).encode()
     status, reply = post(address, "/v1/completions", big)
     assert status == 413 and reply["error"]["code"] == "request_too_large"
+    # a declared length over the limit is refused at once, without waiting for a body never sent
+    conn = http.client.HTTPConnection(*address, timeout=20)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Length", str(10**12))
+        conn.endheaders(b"{")
+        reply = conn.getresponse()
+        assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
+    finally:
+        conn.close()
 
     def chunked(n_chunks):  # http.client sends an iterable body with Transfer-Encoding: chunked
         yield b'{"prompt": "a", "user": "'

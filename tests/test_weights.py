@@ -914,3 +914,29 @@ def test_importing_weights_leaves_ml_dtypes_for_bfloat16(tmp_path, cfg, params):
         run = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
                              timeout=60)
         assert run.stdout.strip() == imported, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_cgroup_memory_limit_counts_as_available_memory(tmp_path, version):
+    """A container's --memory limit, which /proc/meminfo does not show: limit less usage, read
+    where /proc/self/cgroup points, else at the hierarchy's root; no limit is None."""
+    from weights.files import _cgroup_free
+
+    names = {"v2": ("", "memory.max", "memory.current", "max"),
+             "v1": ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", str(2**63 - 4096))}
+    controllers, limit, usage, unlimited = names[version]
+    mount = tmp_path / "sys"
+    folder = mount / ("memory" if version == "v1" else "") / "box"
+    folder.mkdir(parents=True)
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text(f"5:cpu:/box\n0:{controllers}:/box\n" if version == "v1" else f"0:{controllers}:/box\n")
+    (folder / limit).write_text("1000000\n")
+    (folder / usage).write_text("250000\n")
+    assert _cgroup_free(cgroup, mount) == 750000
+    (folder / limit).write_text(unlimited + "\n")
+    assert _cgroup_free(cgroup, mount) is None
+    cgroup.write_text(f"0:{controllers}:/elsewhere\n")  # a container sees its own group at the root
+    (folder.parent / limit).write_text("4000\n")
+    (folder.parent / usage).write_text("1000\n")
+    assert _cgroup_free(cgroup, mount) == 3000
+    assert _cgroup_free(tmp_path / "missing", mount) is None

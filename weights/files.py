@@ -127,14 +127,44 @@ def memory_limit() -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes the machine can give now without swapping (Linux's MemAvailable); None where unknown."""
+    """Bytes this process can still take without swapping or its cgroup's OOM killer: Linux's
+    MemAvailable, less where a cgroup (a container's --memory) leaves less; None where unknown."""
+    free = []
     try:
         with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith(b"MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    cgroup = _cgroup_free()
+    if cgroup is not None:
+        free.append(cgroup)
+    return min(free, default=None)
+
+
+def _cgroup_free(cgroup_file: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit less the usage of this process's cgroup (v2, or v1's memory controller),
+    read where /proc/self/cgroup points or at the hierarchy's root (a container's view); None
+    without a limit."""
+    try:
+        lines = cgroup_file.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":
+            root, limit, usage = mount, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit, usage = mount / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        for folder in (root / path.lstrip("/"), root):
+            try:
+                text = (folder / limit).read_text().strip()
+                if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as about 2^63
+                    return int(text) - int((folder / usage).read_text())
+                break
+            except (OSError, ValueError):
+                continue
     return None
 
 

@@ -326,6 +326,11 @@ def config_json(cfg: ModelConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def weights_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """The safetensors header metadata of every weight file: the format's name and the config."""
+    return {"format": FORMAT_NAME, "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
+
+
 def save_model(path: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
                dtype: str | None = None, max_shard_bytes: int = 2 * 1024**3,
                extra_files: dict[str, str | os.PathLike | bytes] | None = None) -> None:
@@ -403,7 +408,7 @@ def _write_model(tmp: Path, cfg, tensors, target, max_shard_bytes, extra) -> Non
         shards[-1].append(n)
         size += nbytes
     text = config_json(cfg)
-    meta = {"format": FORMAT_NAME, "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
+    meta = weights_metadata(cfg)
     files = [WEIGHTS_FILE] if len(shards) == 1 else [_shard_name(k + 1, len(shards)) for k in range(len(shards))]
     weight_map, total = {}, 0
     for file, shard in zip(files, shards):

@@ -5,7 +5,6 @@ Quantization follows mlx-lm's conventions: affine, group size 64, recorded in co
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from metastate_core.constants import WEIGHT_DTYPES
 from metastate_core.errors import ModelError
-from weights.format import write_directory
+from weights.format import config_json, weights_metadata, write_directory
 from weights.quantized import QUANT_BITS, QUANT_GROUP_SIZES, read_layout
 
 from .model import MetaLayer, Model
@@ -109,8 +108,7 @@ def save(model: Model, path, tokenizer=None) -> None:
         extra = {Path(tok_file).name: tok_file} if tok_file is not None else None
         save_model(path, cfg, model.to_tensors(), extra_files=extra)
         return
-    config = json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
-    meta = {"format": "metastate", "config": json.dumps(cfg.to_dict(), separators=(",", ":"))}
+    config, meta = config_json(cfg), weights_metadata(cfg)
     arrays = dict(tree_flatten(model.parameters()))
 
     def fill(tmp: Path) -> None:
