@@ -24,7 +24,7 @@ so a kernel works in three passes:
      S_C = S_0 diag(Gamma_C) + U^T (Bh Gamma_C) + V^T (Kh Gamma_C); save each chunk's S_0.
   3. per chunk, in parallel, for every query set q: O = Q S_0^T + tril(Q Bh^T) U + tril(Q Kh^T) V.
 
-Pass 3 needs only the saved chunk states and the pass-1 tensors, so the SSE readout
+Pass 3 needs only the saved chunk states, their U and the pass-1 tensors, so the SSE readout
 z_t = S_t xs_t, whose query is known only after the time mix, reuses them.
 
 Range: RWKV-7 bounds w below by exp(-0.6065), so over C tokens Gamma >= exp(-0.6065 C); for
@@ -86,14 +86,15 @@ class ChunkedWKV:
 
         # Pass 2: carry the state across chunks (decay to the chunk end in log space, <= 1).
         to_end = np.exp(G_last - G)
-        B_end, K_end = beta * to_end, k * to_end
+        B_end, K_end, decay_end = beta * to_end, k * to_end, np.exp(G_last)
         n = k.shape[2]
         self.states = np.empty(S0.shape[:2] + (n + 1,) + S0.shape[2:], dt)
+        self.U = np.empty_like(self.Uv)                          # u_t, kept for pass 3
         S = S0
         for c in range(n):
             self.states[:, :, c] = S
-            U = self.W[:, :, c] @ np.swapaxes(S, -1, -2) + self.Uv[:, :, c]
-            S = (S * np.exp(G_last[:, :, c])
+            U = self.U[:, :, c] = self.W[:, :, c] @ np.swapaxes(S, -1, -2) + self.Uv[:, :, c]
+            S = (S * decay_end[:, :, c]
                  + np.swapaxes(U, -1, -2) @ B_end[:, :, c]
                  + np.swapaxes(v[:, :, c], -1, -2) @ K_end[:, :, c])
         self.states[:, :, n] = S
@@ -104,7 +105,7 @@ class ChunkedWKV:
         h = q.shape[2]
         S0 = self.states[:, :h, :-1]                             # [B, h, n, N_v, N_k]
         Q = _to_chunks(q, self.C) * self.gamma[:, :h]
-        U = self.W[:, :h] @ np.swapaxes(S0, -1, -2) + self.Uv[:, :h]
+        U = self.U[:, :h]
         causal = np.tril(np.ones((self.C, self.C), bool))
         out = (Q @ np.swapaxes(S0, -1, -2)
                + np.where(causal, Q @ np.swapaxes(self.Bh[:, :h], -1, -2), 0) @ U
