@@ -52,7 +52,7 @@ from metastate.chat import backend_args
 from metastate_core.chat_templates import TURN_END, ChatTemplate, clean_message, template_for
 from metastate_core.constants import PREFILL_STEP, WEIGHT_DTYPES
 from metastate_core.errors import MetaStateError, require_extra
-from metastate_core.sampling import Sampler, SamplingParams
+from metastate_core.sampling import MAX_LOGIT_BIAS, Sampler, SamplingParams
 from weights.files import open_regular
 
 if TYPE_CHECKING:
@@ -396,12 +396,30 @@ class Settings:
     top_logprobs: int | None
 
 
-def _settings(body: dict, default_max_tokens: int, chat: bool) -> Settings:
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, ids of this model's vocabulary."""
+    bias = body.get("logit_bias")
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise RequestError("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise RequestError(f"logit_bias key {key[:40]!r} is not a token id of this model (0 to {vocab_size - 1})",
+                               "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+                               "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def _settings(body: dict, default_max_tokens: int, chat: bool, vocab_size: int) -> Settings:
     if body.get("n") not in (None, 1):
         raise RequestError("only n = 1 is supported", "n")
-    for name in ("echo", "logit_bias"):  # ignoring them would change the answer's meaning silently
-        if body.get(name) not in (None, False, {}):
-            raise RequestError(f"{name} is not supported", name)
+    if body.get("echo") not in (None, False):  # ignoring it would change the answer's meaning silently
+        raise RequestError("echo is not supported", "echo")
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     name = next((n for n in names if body.get(n) is not None), names[-1])
     max_tokens = _number(body, name, default_max_tokens, 1, math.inf, integer=True)
@@ -412,7 +430,8 @@ def _settings(body: dict, default_max_tokens: int, chat: bool) -> Settings:
         min_p=float(_number(body, "min_p", 0.0, 0, 1)),
         presence_penalty=float(_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)),
         frequency_penalty=float(_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY)),
-        seed=_number(body, "seed", None, 0, 2**64 - 1, integer=True))
+        seed=_number(body, "seed", None, 0, 2**64 - 1, integer=True),
+        logit_bias=_logit_bias(body, vocab_size))
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -604,7 +623,7 @@ class Service:
         return b"".join(chunks)
 
     def _job(self, body: dict, chat: bool) -> tuple[Job, Settings]:
-        settings = _settings(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, chat)
+        settings = _settings(body, CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS, chat, self.model.cfg.vocab_size)
         try:
             if chat:
                 if self.template is None:

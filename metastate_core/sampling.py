@@ -18,6 +18,9 @@ class SamplingError(MetaStateError, ValueError):
     """Invalid sampling parameters or logits of the wrong shape."""
 
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias: +-100 bans or forces a token
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0        # 0 = greedy
@@ -27,6 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's, in [-100, 100])
 
     def __post_init__(self):
         def check(ok, msg):
@@ -43,6 +47,17 @@ class SamplingParams:
             check(math.isfinite(getattr(self, name)), f"{name} must be finite, got {getattr(self, name)}")
         check(self.seed is None or (isinstance(self.seed, (int, np.integer)) and self.seed >= 0),
               f"seed must be None or an integer >= 0, got {self.seed!r}")
+        check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+              _is_int(i) and i >= 0 and _is_number(b) and abs(b) <= MAX_LOGIT_BIAS for i, b in self.logit_bias.items())),
+              f"logit_bias must map token ids >= 0 to numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def apply_penalties(logits: np.ndarray, counts: np.ndarray | None,
@@ -54,6 +69,18 @@ def apply_penalties(logits: np.ndarray, counts: np.ndarray | None,
     if counts.shape != logits.shape:
         raise SamplingError(f"counts shape {counts.shape} does not match logits shape {logits.shape}")
     return logits - presence * (counts > 0) - frequency * counts
+
+
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float] | None) -> np.ndarray:
+    """logits with bias[i] added to token i's logit (a new array). [..., V] -> [..., V]."""
+    if not bias:
+        return logits
+    ids = np.fromiter(bias, np.int64, len(bias))
+    if ids.max() >= logits.shape[-1]:
+        raise SamplingError(f"logit_bias names token id {int(ids.max())}, past the vocabulary of {logits.shape[-1]}")
+    logits = logits.copy()
+    logits[..., ids] += np.fromiter(bias.values(), np.float64, len(bias))
+    return logits
 
 
 def filter_logits(logits: np.ndarray, top_k: int = 0, top_p: float = 1.0,
@@ -120,6 +147,7 @@ class Sampler:
         if np.isneginf(logits).all(axis=-1).any():  # -inf masks a token out; here every token is
             raise SamplingError("every logit of a row is -inf: no token can be drawn")
         x = apply_penalties(logits.astype(np.float64), counts, p.presence_penalty, p.frequency_penalty)
+        x = apply_logit_bias(x, p.logit_bias)
         if p.temperature == 0:
             ids = x.argmax(axis=-1)
         else:

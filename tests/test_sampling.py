@@ -17,6 +17,8 @@ def kept(x):
     dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.01),
     dict(top_k=-1), dict(top_k=2.5), dict(min_p=-0.01), dict(min_p=1.5),
     dict(presence_penalty=float("inf")), dict(seed=-3),
+    dict(logit_bias=[1]), dict(logit_bias={-1: 1.0}), dict(logit_bias={1: 100.5}), dict(logit_bias={1: float("nan")}),
+    dict(logit_bias={True: 1.0}), dict(logit_bias={1.0: 1.0}), dict(logit_bias={1: "1"}),
 ])
 def test_invalid_params_raise(kw):
     with pytest.raises(SamplingError):
@@ -182,3 +184,15 @@ def test_top_p_large_vocab_matches_full_sort(scale, top_p):
     while p[order[:n]].sum() < top_p:
         n += 1
     assert kept(filter_logits(x, top_p=top_p)) == set(order[:n].tolist())
+
+
+def test_logit_bias_is_added_to_the_logits():
+    logits = np.array([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 1.0, 2.0]])
+    greedy = Sampler(SamplingParams(temperature=0, logit_bias={2: 1.6, 3: -0.5}))
+    assert greedy(logits).tolist() == [2, 1]  # 0.5 + 1.6 > 2.0; 2.0 - 0.5 < 3.0
+    assert Sampler(SamplingParams(temperature=0, logit_bias={1: -100})).__call__(logits[1]) == 3
+    drawn = Sampler(SamplingParams(temperature=1.0, seed=0, logit_bias={3: 100}))
+    assert all(drawn(logits[0]) == 3 for _ in range(50))  # e^-96 for the others: never
+    assert logits[0, 2] == 0.5  # the input is not modified
+    with pytest.raises(SamplingError, match="past the vocabulary"):
+        Sampler(SamplingParams(logit_bias={4: 1.0}))(logits)

@@ -217,6 +217,14 @@ BAD = [  # (path, body): each must get a 4xx with an OpenAI error body
     ("/v1/completions", {"prompt": "a", "logprobs": 99}),
     ("/v1/completions", {"prompt": "a", "n": 2}),
     ("/v1/completions", {"prompt": "a", "echo": True}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": [1, 2]}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"the": 5}}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"-1": 5}}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"99999": 5}}),                # past the vocabulary
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": "up"}}),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": True}}),
+    ("/v1/completions", b'{"prompt": "a", "logit_bias": {"5": NaN}}'),
     ("/v1/completions", {"prompt": "a", "stream": "yes"}),
     ("/v1/completions", {"prompt": "a", "presence_penalty": 3}),
     ("/v1/completions", {"max_tokens": 5}),                                     # no prompt
@@ -549,3 +557,28 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
         conn.close()
     status, reply = post(address, "/v1/completions", {"prompt": "a", "max_tokens": 2, "user": "x" * (limit // 2)})
     assert status == 200 and reply["usage"]["completion_tokens"] == 2  # under it: answered
+
+
+def test_logit_bias_forces_and_bans_tokens(server, model):
+    """OpenAI's logit_bias, added to the logits before sampling: +100 makes one token every
+    token of an answer; -100 on the unbiased greedy first token gives the runner-up of the
+    model's own logits (from `Engine.logits`) instead."""
+    address, _ = server
+    engine, tok = model
+    c, prompt = client(address), "ROMEO.\n"
+    ids = tok.encode(prompt)
+
+    def continuation(new):  # the text of token ids `new` after the prompt
+        return tok.decode(ids + list(new))[len(tok.decode(ids)):]
+
+    forced = tok.encode(" the")[-1]
+    r = c.completions.create(model="default", prompt=prompt, max_tokens=6, temperature=0.7, seed=3,
+                             logit_bias={str(forced): 100})
+    assert r.choices[0].text == continuation([forced] * 6) and r.choices[0].text.split() == ["the"] * 6
+    order = np.argsort(-engine.logits(ids)[-1].astype(np.float64))
+    r = c.completions.create(model="default", prompt=prompt, max_tokens=1, temperature=0,
+                             logit_bias={str(order[0]): -100})
+    assert r.choices[0].text == continuation([order[1]]) != continuation([order[0]])
+    r = c.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hail!"}], max_tokens=4,
+                                  temperature=0, logit_bias={str(forced): 100})
+    assert r.choices[0].message.content.split() == ["the"] * 4
