@@ -491,13 +491,15 @@ def choose_by_measurement(cfg: ModelConfig, args, backends: list[str] | None = N
         entries = entries if isinstance(entries, dict) else {}
     except (OSError, ValueError):
         entries = {}
+
     def too_big(backend) -> BackendError | None:
         """numpy's float copy (twice a bfloat16 model) where it would not fit beside what is held
         now: the OOM killer ends a process without a word, so it is left out unloaded (unless it
         is the only backend: then its loader's own check decides)."""
-        free = available_memory()
-        need = numpy_engine_bytes(cfg, args[2])
-        if backend == "numpy" and len(backends) > 1 and free is not None and need > free:
+        if backend != "numpy" or len(backends) == 1:
+            return None
+        free, need = available_memory(), numpy_engine_bytes(cfg, args[2])
+        if free is not None and need > free:
             return BackendError(f"the numpy backend would need {need / 2**30:.1f} GiB while loading, "
                                 f"{free / 2**30:.1f} GiB is available")
         return None

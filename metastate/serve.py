@@ -918,12 +918,12 @@ def read_api_key(path: str) -> str:
     if len(data) > 4096:
         raise ServeError(f"--api-key-file {path} is over 4 KiB: expected one line holding the key")
     try:
-        key = data.decode("utf-8-sig").strip().splitlines()[0].strip() if data.strip() else ""  # a BOM: Notepad
+        lines = data.decode("utf-8-sig").strip().splitlines()  # utf-8-sig: a BOM (Notepad) is not the key's
     except UnicodeDecodeError:
         raise ServeError(f"--api-key-file {path} is not UTF-8 text") from None
-    if not key:
+    if not lines:
         raise ServeError(f"--api-key-file {path} holds no key on its first line")
-    return key
+    return lines[0].strip()
 
 
 def cmd_serve(args) -> int:

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -30,18 +29,6 @@ from metastate.train.plot import read_metrics  # noqa: E402
 from weights import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the king queen lord sword crown night day love death speak hear my thou art".split()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    rng = random.Random(0)
-    for i in range(4):
-        lines = (" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60))
-        (root / f"doc{i}.txt").write_text("\n".join(lines))
-    prepare_data([root], root / "data", vocab_size=300, val_fraction=0.1)
-    return root / "data"
 
 
 def tiny(data_dir, out, **kw) -> TrainConfig:

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -24,24 +23,10 @@ from metastate.train import tune  # noqa: E402
 from metastate.cli import main  # noqa: E402
 from metastate.train.checkpoints import list_checkpoints  # noqa: E402
 from metastate.train.config import TrainConfig, TrainError  # noqa: E402
-from metastate.train.data import prepare_data  # noqa: E402
 from metastate.train.loop import Trainer, train  # noqa: E402
 from weights import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the king queen lord sword crown night day love death speak hear my thou art".split()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune_data")
-    rng = random.Random(0)
-    for i in range(4):
-        lines = (" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(60))
-        (root / f"doc{i}.txt").write_text("\n".join(lines))
-    assert main(["prepare-data", str(root), "--vocab-size", "300", "--val-fraction", "0.1",
-                 "--out", str(root / "data")]) == 0
-    return root / "data"
 
 
 @pytest.fixture(scope="module")
