@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_train import _launch, data_dir, tiny  # noqa: E402,F401  (data_dir: the fixture)
+from test_train import _launch, tiny  # noqa: E402  (data_dir: the fixture of conftest.py)
 
 from backends.cuda.ops.product_keys import naive  # noqa: E402
 from metastate.train import loop  # noqa: E402
